@@ -1,0 +1,107 @@
+"""Default hyperparameters: the fields every config has.
+
+Variant configs import this module and override a few fields. Any field can
+be overridden on the command line, e.g. `--config.sam.rho=0` for the baseline.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default config: ResNet-20 with SAM on CIFAR-10."""
+  config = ml_collections.ConfigDict()
+  # Seed of the model initialization, the data order and the augmentation.
+  config.seed = 0
+  # Distribution strategy: 'auto' (TPU VM -> tpu, TF_CONFIG set ->
+  # multi_worker, GPUs -> mirrored, else default), 'tpu', 'multi_worker',
+  # 'mirrored' or 'default' (one device).
+  config.strategy = 'auto'
+  # TPU name or address for TPUClusterResolver; '' means the local TPU VM.
+  config.tpu = ''
+
+  config.dataset = ml_collections.ConfigDict()
+  # One of cifar10, cifar100, fashion_mnist, synthetic.
+  config.dataset.name = 'cifar10'
+  # Where the data is: the tfds data_dir (may be gs://), or for fashion_mnist
+  # the directory of the IDX .gz files. '' means the library's default
+  # (~/tensorflow_datasets; /usr/share/datasets/fashion-mnist).
+  config.dataset.data_dir = ''
+  # Whether tfds may download and prepare a data set that is not on disk.
+  config.dataset.download = False
+  # Training augmentation: 'basic' (pad 4, random crop, flip) or 'none'.
+  config.dataset.augment = 'basic'
+  # Train on a fixed random subset of this many examples; -1 uses all.
+  config.dataset.train_subset = -1
+  # The synthetic data set: noisy class prototypes (learnable, offline).
+  config.dataset.synthetic_num_classes = 10
+  config.dataset.synthetic_image_shape = (32, 32, 3)
+  config.dataset.synthetic_train_size = 1024
+  config.dataset.synthetic_test_size = 256
+  # Weight of the noise against the class prototype, in [0, 1].
+  config.dataset.synthetic_noise = 0.5
+  config.dataset.synthetic_seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  # A name from sam.models.MODELS, e.g. resnet20, resnet56, wrn28_10, cnn.
+  config.model.name = 'resnet20'
+
+  config.sam = ml_collections.ConfigDict()
+  # Neighbourhood radius; 0 trains with the plain base optimizer.
+  config.sam.rho = 0.05
+  # ASAM (Kwon et al. 2021): perturbation scaled by |w| + eta.
+  config.sam.adaptive = False
+  # ASAM's offset eta; ignored unless adaptive.
+  config.sam.eta = 0.01
+  # Share one perturbation across replicas (the ascent gradient is summed
+  # over all replicas); False perturbs each replica with its own gradient.
+  config.sam.sync_perturbation = True
+
+  config.optimizer = ml_collections.ConfigDict()
+  # 'sgd' (with momentum, optionally Nesterov) or 'adam'.
+  config.optimizer.name = 'sgd'
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  # Adam's betas and epsilon.
+  config.optimizer.beta1 = 0.9
+  config.optimizer.beta2 = 0.999
+  config.optimizer.epsilon = 1e-7
+  # Weight decay strength; 0 disables it.
+  config.optimizer.weight_decay = 5e-4
+  # 'l2': 0.5 * wd * ||w||^2 over kernels (ndim > 1) added to the loss, as in
+  # the SAM paper, so SAM sees it; 'decoupled': w -= lr * wd * w (AdamW).
+  config.optimizer.weight_decay_type = 'l2'
+  # Clip the cross-replica gradient by this global norm; 0 disables it.
+  config.optimizer.grad_clip_norm = 0.0
+  # Label smoothing of the cross-entropy, in [0, 1).
+  config.optimizer.label_smoothing = 0.0
+
+  config.schedule = ml_collections.ConfigDict()
+  # 'constant', 'step' or 'cosine' (each after a linear warm-up).
+  config.schedule.name = 'cosine'
+  # Peak learning rate, reached after the warm-up.
+  config.schedule.learning_rate = 0.1
+  # Linear warm-up from 0, in epochs.
+  config.schedule.warmup_epochs = 0.0
+  # 'step': multiply by decay_factor at each of these epochs.
+  config.schedule.decay_epochs = (60, 120, 160)
+  config.schedule.decay_factor = 0.2
+
+  # Global batch size, split over all replicas.
+  config.batch_size = 128
+  # Global batch size of evaluation.
+  config.eval_batch_size = 500
+  config.num_epochs = 200.0
+  # Number of training steps; -1 derives it from num_epochs.
+  config.num_train_steps = -1
+  # Training steps per call of the compiled loop (host round trip).
+  config.steps_per_loop = 100
+  # Intervals in steps; -1 means once per epoch. Need not be multiples of
+  # steps_per_loop: a loop stops early at the next interval.
+  config.log_every_steps = 100
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = -1
+  # Seconds between progress reports (steps/s, ETA) in the log.
+  config.progress_every_secs = 30.0
+  # How many checkpoints to keep in workdir/checkpoints.
+  config.keep_checkpoints = 3
+  return config

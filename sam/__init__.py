@@ -1,0 +1,1 @@
+"""Sharpness-Aware Minimization (SAM) in TensorFlow 2."""

@@ -1,0 +1,79 @@
+"""Builds the tf.distribute strategy that a config and the machine ask for."""
+
+import glob
+import json
+import os
+
+from absl import logging
+import tensorflow as tf
+
+STRATEGIES = ('auto', 'tpu', 'multi_worker', 'mirrored', 'default')
+
+
+def _on_tpu_vm() -> bool:
+  # TPU VMs expose their chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5+);
+  # TPU_NAME is set where a remote TPU is named.
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or
+              os.environ.get('TPU_NAME'))
+
+
+def resolve_name(name: str) -> str:
+  """Maps 'auto' to the strategy this machine and environment call for."""
+  if name not in STRATEGIES:
+    raise ValueError(f'config.strategy={name!r} is not one of {STRATEGIES}.')
+  if name != 'auto':
+    return name
+  if _on_tpu_vm():
+    return 'tpu'
+  if os.environ.get('TF_CONFIG'):
+    return 'multi_worker'
+  if tf.config.list_physical_devices('GPU'):
+    return 'mirrored'
+  return 'default'
+
+
+def create_strategy(name: str = 'auto', tpu: str = '') -> tf.distribute.Strategy:
+  """Creates the strategy; call it first, before any other TensorFlow op.
+
+  Args:
+    name: one of STRATEGIES (config.strategy).
+    tpu: TPU name or address for the cluster resolver; '' is the local VM.
+
+  Returns:
+    The strategy.
+  """
+  name = resolve_name(name)
+  if name == 'tpu':
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=tpu or 'local')
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    strategy = tf.distribute.TPUStrategy(resolver)
+  elif name == 'multi_worker':
+    task = json.loads(os.environ.get('TF_CONFIG', '{}')).get('task', {})
+    logging.info('Multi-worker task: %s', task)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  elif name == 'mirrored':
+    strategy = tf.distribute.MirroredStrategy()
+  else:
+    strategy = tf.distribute.get_strategy()
+  logging.info('Strategy %s (%s) with %d replicas.', name,
+               type(strategy).__name__, strategy.num_replicas_in_sync)
+  return strategy
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes summaries, checkpoints and results."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    # A pod slice runs one client per host; the Cloud TPU runtime numbers
+    # the hosts in TPU_WORKER_ID, and host 0 is the chief.
+    return int(os.environ.get('TPU_WORKER_ID', '0')) == 0
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if resolver is None or not resolver.task_type:
+    return True
+  if resolver.task_type == 'chief':
+    return True
+  # Without a 'chief' task, worker 0 is the chief by convention.
+  has_chief = 'chief' in resolver.cluster_spec().as_dict()
+  return not has_chief and resolver.task_type == 'worker' and (
+      resolver.task_id == 0)

@@ -1,0 +1,275 @@
+"""Input pipelines: data sets in memory, a deterministic stream, sharding.
+
+Every data set here fits in host memory (CIFAR-10/100: 150 MB, Fashion-MNIST:
+47 MB), so each host loads its split into NumPy once and builds `tf.data`
+pipelines from index permutations. That buys two properties the trainer
+relies on:
+
+* The training stream is a pure function of (seed, step): epoch e visits the
+  examples in `stateless_shuffle(range(N), seed=(seed, e))` order, each
+  example's augmentation is seeded by (seed, epoch, index), and a pipeline
+  started at step s yields exactly what an uninterrupted one would have
+  yielded from step s on. So resuming needs no iterator checkpoint.
+* Batches never straddle epochs: each epoch uses its first
+  `steps_per_epoch * global_batch` examples of the permutation.
+
+With several hosts (input pipelines), pipeline p takes every P-th example of
+each epoch's permutation and of the test set, and its replicas take
+consecutive per-replica batches, as `distribute_datasets_from_function`
+expects.
+"""
+
+import dataclasses
+import gzip
+import os
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'synthetic')
+AUGMENTATIONS = ('none', 'basic')
+
+# Where Debian's `dataset-fashion-mnist` package installs the IDX files.
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+_IDX_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'fashion_mnist': 10}
+# Padding of the basic augmentation (pad by 4 and crop back, as in the paper).
+_CROP_PADDING = 4
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The data set is neither on disk nor allowed to be downloaded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split held in memory: uint8 images [N, H, W, C] and int labels."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A data set in memory, with what the model and the pipelines need."""
+  train: Split
+  test: Split
+  num_classes: int
+  # Per-channel statistics of the training images, in [0, 1] units.
+  mean: np.ndarray
+  std: np.ndarray
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train.images.shape[1:])
+
+
+def load(config: ml_collections.ConfigDict) -> Data:
+  """Loads `config.dataset` into memory, or says where to get it.
+
+  Args:
+    config: the run's config; reads `config.dataset` and `config.seed`.
+
+  Returns:
+    The data set.
+
+  Raises:
+    DataNotFoundError: if the data is not where the config points and may not
+      be downloaded; the message names the places looked and the fix.
+  """
+  dc = config.dataset
+  if dc.name == 'synthetic':
+    train, test, num_classes = _synthetic(dc)
+  elif dc.name == 'fashion_mnist':
+    train, test = _fashion_mnist(dc)
+    num_classes = _NUM_CLASSES[dc.name]
+  else:
+    train, test = _tfds(dc)
+    num_classes = _NUM_CLASSES[dc.name]
+  if dc.train_subset > 0:
+    # A fixed random subset (seeded by config.seed), e.g. for quick studies.
+    rng = np.random.default_rng(config.seed)
+    keep = np.sort(rng.permutation(len(train))[:dc.train_subset])
+    train = Split(train.images[keep], train.labels[keep])
+  pixels = train.images.reshape(-1, train.images.shape[-1]) / 255.0
+  logging.info('Loaded %s: %d train, %d test examples of shape %s.', dc.name,
+               len(train), len(test), train.images.shape[1:])
+  return Data(train=train, test=test, num_classes=num_classes,
+              mean=pixels.mean(0).astype(np.float32),
+              std=pixels.std(0).astype(np.float32))
+
+
+def _synthetic(dc) -> tuple[Split, Split, int]:
+  """Class prototypes plus noise: learnable, deterministic, offline."""
+  rng = np.random.default_rng(dc.synthetic_seed)
+  shape = tuple(dc.synthetic_image_shape)
+  height, width, channels = shape
+  # Prototypes are blocks of 8x8 pixels, so that a 4-pixel crop or a flip
+  # keeps most of a class's pattern and augmented data stays learnable.
+  coarse = rng.uniform(0, 255, (dc.synthetic_num_classes, height // 8 + 1,
+                                width // 8 + 1, channels))
+  prototypes = coarse.repeat(8, axis=1).repeat(8, axis=2)[:, :height, :width]
+
+  def make(n):
+    labels = rng.integers(0, dc.synthetic_num_classes, n)
+    noise = rng.uniform(0, 255, (n,) + shape)
+    images = (1 - dc.synthetic_noise) * prototypes[labels]
+    images += dc.synthetic_noise * noise
+    return Split(images.astype(np.uint8), labels.astype(np.int32))
+
+  return (make(dc.synthetic_train_size), make(dc.synthetic_test_size),
+          dc.synthetic_num_classes)
+
+
+def _read_idx(path: str) -> np.ndarray:
+  """Reads one gzipped IDX file (the MNIST format) into a uint8 array."""
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    raw = gzip.decompress(f.read())
+  if raw[:2] != b'\x00\x00' or raw[2] != 0x08:
+    raise ValueError(f'{path} is not a uint8 IDX file.')
+  ndim = raw[3]
+  dims = np.frombuffer(raw, '>u4', count=ndim, offset=4)
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist(dc) -> tuple[Split, Split]:
+  """Fashion-MNIST from IDX files in a directory, else from tfds."""
+  data_dir = dc.data_dir or FASHION_MNIST_DIR
+  paths = {s: [os.path.join(data_dir, f) for f in files]
+           for s, files in _IDX_FILES.items()}
+  if all(tf.io.gfile.exists(p) for ps in paths.values() for p in ps):
+    splits = []
+    for split in ('train', 'test'):
+      images, labels = (_read_idx(p) for p in paths[split])
+      splits.append(Split(images[..., None], labels.astype(np.int32)))
+    return splits[0], splits[1]
+  try:
+    return _tfds(dc)
+  except DataNotFoundError as e:
+    raise DataNotFoundError(
+        f'Fashion-MNIST not found: no IDX files ({", ".join(_IDX_FILES["train"] + _IDX_FILES["test"])}) '
+        f'in {data_dir} (config.dataset.data_dir), and {e} On Debian or '
+        'Ubuntu, `apt-get install dataset-fashion-mnist` puts the IDX files '
+        f'in {FASHION_MNIST_DIR}.') from None
+
+
+def _tfds(dc) -> tuple[Split, Split]:
+  """A prepared tfds data set, downloaded first if config allows it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(dc.name, data_dir=dc.data_dir or None)
+  if not tf.io.gfile.exists(os.path.join(builder.data_dir,
+                                         'dataset_info.json')):
+    if not dc.download:
+      raise DataNotFoundError(
+          f'tfds has no prepared {dc.name} in {builder.data_dir} '
+          '(config.dataset.data_dir). Prepare it where there is network '
+          f'(`tfds build {dc.name} --data_dir=DIR`, DIR may be gs://) and '
+          'point config.dataset.data_dir at DIR, or set '
+          '--config.dataset.download=True.')
+    builder.download_and_prepare()
+  splits = []
+  for split in ('train', 'test'):
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    splits.append(Split(arrays['image'], arrays['label'].astype(np.int32)))
+  return splits[0], splits[1]
+
+
+def _normalize(images: tf.Tensor, data: Data) -> tf.Tensor:
+  return (tf.cast(images, tf.float32) / 255.0 - data.mean) / data.std
+
+
+def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str) -> tf.Tensor:
+  """Seeded (stateless) augmentation of one uint8 image."""
+  if kind == 'none':
+    return image
+  height, width, _ = image.shape
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2))
+  padded = tf.pad(image, [[_CROP_PADDING] * 2, [_CROP_PADDING] * 2, [0, 0]])
+  image = tf.image.stateless_random_crop(padded, image.shape, crop_seed)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def steps_per_epoch(data: Data, global_batch_size: int) -> int:
+  return len(data.train) // global_batch_size
+
+
+def train_dataset(data: Data, config: ml_collections.ConfigDict,
+                  input_context: tf.distribute.InputContext,
+                  start_step: int = 0) -> tf.data.Dataset:
+  """The endless training stream of one input pipeline, from `start_step`.
+
+  Args:
+    data: the data set.
+    config: the run's config (`seed`, `batch_size`, `dataset.augment`).
+    input_context: from `distribute_datasets_from_function`.
+    start_step: the global step the first batch belongs to.
+
+  Returns:
+    Per-replica batches (images float32 normalized, labels int32).
+  """
+  num_pipelines = input_context.num_input_pipelines
+  pipeline = input_context.input_pipeline_id
+  per_replica = input_context.get_per_replica_batch_size(config.batch_size)
+  per_pipeline = config.batch_size // num_pipelines
+  epoch_steps = steps_per_epoch(data, config.batch_size)
+  n = len(data.train)
+  images = tf.constant(data.train.images)
+  labels = tf.constant(data.train.labels)
+  seed = tf.constant(config.seed, tf.int64)
+
+  def epoch_indices(epoch):
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+    mine = perm[:epoch_steps * config.batch_size][pipeline::num_pipelines]
+    return tf.data.Dataset.from_tensor_slices(
+        (tf.fill(tf.shape(mine), epoch), mine))
+
+  def example(epoch, index):
+    aug_seed = tf.stack([seed, epoch * n + index])
+    image = _augment(tf.gather(images, index), aug_seed, config.dataset.augment)
+    return _normalize(image, data), tf.gather(labels, index)
+
+  start_epoch, offset = divmod(start_step, epoch_steps)
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_indices)
+  ds = ds.skip(offset * per_pipeline)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(per_replica, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def num_eval_steps(data: Data, global_batch_size: int) -> int:
+  return -(-len(data.test) // global_batch_size)
+
+
+def eval_dataset(data: Data, config: ml_collections.ConfigDict,
+                 input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+  """The test set, each example exactly once, padded to full batches.
+
+  Returns:
+    Per-replica batches of (images, labels, mask); mask is 0 on padding, so
+    that every pipeline runs the same number of fixed-shape steps.
+  """
+  num_pipelines = input_context.num_input_pipelines
+  pipeline = input_context.input_pipeline_id
+  per_replica = input_context.get_per_replica_batch_size(
+      config.eval_batch_size)
+  steps = num_eval_steps(data, config.eval_batch_size)
+  padded_size = steps * config.eval_batch_size // num_pipelines
+  images = data.test.images[pipeline::num_pipelines]
+  labels = data.test.labels[pipeline::num_pipelines]
+  pad = padded_size - len(labels)
+  mask = np.concatenate([np.ones(len(labels)), np.zeros(pad)]).astype(np.float32)
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  ds = tf.data.Dataset.from_tensor_slices((images, labels, mask))
+  ds = ds.map(lambda x, y, m: (_normalize(x, data), y, m),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,178 @@
+"""Sharpness-Aware Minimization: the SAM gradient.
+
+This is the module to read first and to fork. It holds one rule, used by the
+training loop of this package and usable in any TensorFlow training step:
+
+  g      = sum_r grad L_r(w)                  (ascent gradient, all replicas)
+  eps    = rho * g / (||g|| + 1e-12)          (SAM)
+  eps    = rho * T^2 g / (||T g|| + 1e-12)    (ASAM, T = |w| + eta)
+  g_SAM  = grad L_r(w + eps)                  (per replica; the optimizer sums)
+
+where L_r is replica r's share of the global-batch loss. The base optimizer
+then updates w (never w + eps) with g_SAM. Everything is functional: the
+weights are never perturbed in place, so no checkpoint, summary or evaluation
+can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
+
+Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
+Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
+"""
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import tensorflow as tf
+
+# Guards the division by ||g|| when the gradient vanishes (as in the paper's
+# reference code).
+_EPSILON = 1e-12
+
+LossFn = Callable[[list[tf.Tensor]], tuple[tf.Tensor, Any]]
+
+
+class SAMOutput(NamedTuple):
+  """Everything one SAM evaluation computes.
+
+  Attributes:
+    loss: the loss at `params` (the clean loss), as `loss_fn` returned it.
+    grads: the gradients to hand to the optimizer: at `params + eps` if SAM is
+      on, at `params` if `rho == 0`. Per replica, not summed across replicas.
+    aux: the auxiliary output of `loss_fn` at `params` (first pass only).
+    perturbed_loss: the loss at `params + eps` (equal to `loss` if rho == 0);
+      `perturbed_loss - loss` estimates the sharpness.
+    grad_norm: the norm of the ascent gradient that scaled eps (of `T g` for
+      ASAM), over all params jointly; summed across replicas first unless
+      `sync_perturbation=False`. Zero if rho == 0 (nothing was reduced).
+  """
+  loss: tf.Tensor
+  grads: list[tf.Tensor]
+  aux: Any
+  perturbed_loss: tf.Tensor
+  grad_norm: tf.Tensor
+
+
+def _replica_context_to_sync() -> tf.distribute.ReplicaContext | None:
+  """The replica context if the ascent gradient must be summed over it."""
+  ctx = tf.distribute.get_replica_context()
+  # Outside `strategy.run` under a non-default strategy the context is None
+  # (cross-replica); with one replica a sum would be a needless no-op.
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return None
+  return ctx
+
+
+def _value_and_grad(
+    loss_fn: LossFn, params: Sequence[tf.Tensor]
+) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
+  with tf.GradientTape(watch_accessed_variables=False) as tape:
+    tape.watch(params)
+    loss, aux = loss_fn(list(params))
+  grads = tape.gradient(
+      loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return loss, grads, aux
+
+
+def perturbation(
+    grads: Sequence[tf.Tensor],
+    params: Sequence[tf.Tensor],
+    rho: float | tf.Tensor,
+    adaptive: bool = False,
+    eta: float = 0.0,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+  """The SAM (or ASAM) perturbation for a given ascent gradient.
+
+  Args:
+    grads: the ascent gradient g, one tensor per param (already summed across
+      replicas if the perturbation is to be shared).
+    params: the params w (only read for ASAM).
+    rho: the neighbourhood radius.
+    adaptive: ASAM: scale by T = |w| + eta, eps = rho T^2 g / ||T g||.
+    eta: ASAM's offset that keeps zero weights perturbable.
+
+  Returns:
+    (eps, norm): eps per param, and the norm that scaled it.
+  """
+  if adaptive:
+    scales = [tf.abs(p) + eta for p in params]
+    scaled = [s * g for s, g in zip(scales, grads)]
+    norm = tf.linalg.global_norm(scaled)
+    eps = [rho * s * sg / (norm + _EPSILON) for s, sg in zip(scales, scaled)]
+  else:
+    norm = tf.linalg.global_norm(grads)
+    eps = [rho * g / (norm + _EPSILON) for g in grads]
+  return eps, norm
+
+
+def sam_step(
+    loss_fn: LossFn,
+    params: Sequence[tf.Tensor],
+    rho: float | tf.Tensor,
+    adaptive: bool = False,
+    sync_perturbation: bool = True,
+    eta: float = 0.0,
+) -> SAMOutput:
+  """Like `sam_gradients`, and also returns the perturbed loss and ||g||.
+
+  See `sam_gradients` for the arguments.
+  """
+  params = [tf.convert_to_tensor(p) for p in params]
+  loss, grads, aux = _value_and_grad(loss_fn, params)
+  if isinstance(rho, (int, float)) and rho == 0:
+    # The plain base optimizer: one pass and no cross-replica traffic.
+    return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype))
+
+  ascent = grads
+  ctx = _replica_context_to_sync() if sync_perturbation else None
+  if ctx is not None:
+    ascent = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+  eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta)
+  # tf.stop_gradient: eps is a constant of the second pass (the paper drops
+  # its second-order term), and w + eps is a new tensor, not a new variable.
+  perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]
+  perturbed_loss, sam_grads, _ = _value_and_grad(loss_fn, perturbed)
+  return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm)
+
+
+def sam_gradients(
+    loss_fn: LossFn,
+    params: Sequence[tf.Tensor],
+    rho: float | tf.Tensor,
+    adaptive: bool = False,
+    sync_perturbation: bool = True,
+    eta: float = 0.0,
+) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
+  """SAM gradients: the gradient at params + eps, for any base optimizer.
+
+  Call it where you would call `tape.gradient`, inside your own
+  `strategy.run` replica function, under `tf.function`, or eagerly:
+
+    def loss_fn(params):
+      logits, new_state = model.stateless_call(params, state, x, training=True)
+      return loss(y, logits) / global_batch_size, new_state
+    loss, grads, new_state = sam_gradients(
+        loss_fn, [v.value for v in model.trainable_variables], rho=0.05)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+  Args:
+    loss_fn: `loss_fn(params) -> (loss, aux)`, a pure function of `params`;
+      under a strategy, `loss` is this replica's share of the global-batch
+      loss (sum of per-example losses / global batch size). `aux` is anything
+      (logits, new batch-norm statistics); only the first pass's is returned.
+    params: the trainable values, a list of tensors (not variables: nothing is
+      assigned, and the second pass runs on new tensors w + eps).
+    rho: the neighbourhood radius; a Python 0 means the plain base optimizer
+      (one forward/backward pass, no all-reduce). A tensor always runs SAM.
+    adaptive: ASAM, eps = rho T^2 g / ||T g|| with T = |w| + eta.
+    sync_perturbation: in a replica context with several replicas, sum the
+      ascent gradient across replicas before its norm, so that every replica
+      perturbs by the same eps (the SAM of the paper with the global batch).
+      False: each replica perturbs with its own gradient (m-sharpness with m
+      the per-replica batch).
+    eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
+
+  Returns:
+    (loss, grads, aux): the loss at params, the SAM gradients (per replica,
+    for a Keras optimizer to sum across replicas) and the first pass's aux.
+  """
+  out = sam_step(loss_fn, params, rho, adaptive=adaptive,
+                 sync_perturbation=sync_perturbation, eta=eta)
+  return out.loss, out.grads, out.aux

@@ -1,0 +1,412 @@
+"""train_and_evaluate: the host loop around a compiled multi-step SAM step.
+
+One call of the compiled `train_loop` runs up to `config.steps_per_loop`
+steps (`for _ in tf.range(n): strategy.run(train_step, ...)`). Between calls,
+on the host: metrics are read, summaries written, progress reported, the
+model evaluated and checkpointed at their intervals, and a non-finite loss
+stops the run before anything is saved. A loop ends early at the next
+interval, so intervals need not be multiples of `steps_per_loop`; `n` is a
+tensor, so a shorter loop does not retrace.
+
+Resuming: the latest checkpoint in `workdir/checkpoints` holds the model, the
+optimizer (whose `iterations` is the step) and the metric accumulators; the
+data stream restarts at that step (see `input_pipeline`). A resumed run thus
+continues exactly where an uninterrupted one would be.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from sam import distribute
+from sam import input_pipeline
+from sam import models
+from sam import sam as sam_lib
+
+OPTIMIZERS = ('sgd', 'adam')
+SCHEDULES = ('constant', 'step', 'cosine')
+WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
+
+# Train metric accumulator layout: sums over steps (see `_train_step`).
+_TRAIN_FIELDS = ('loss', 'perturbed_loss', 'grad_norm', 'correct', 'examples',
+                 'steps')
+_EVAL_FIELDS = ('loss', 'correct', 'examples')
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_replicas: int) -> None:
+  """Checks the config before any data is loaded or model built.
+
+  Raises:
+    ValueError: naming the offending field, its value and what is allowed.
+  """
+  def check(ok, field, value, allowed):
+    if not ok:
+      raise ValueError(f'config.{field}={value!r} is invalid: {allowed}.')
+
+  def one_of(field, value, options):
+    check(value in options, field, value, f'use one of {tuple(options)}')
+
+  one_of('dataset.name', config.dataset.name, input_pipeline.DATASETS)
+  one_of('dataset.augment', config.dataset.augment,
+         input_pipeline.AUGMENTATIONS)
+  one_of('model.name', config.model.name, models.MODELS)
+  one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
+  one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
+         WEIGHT_DECAY_TYPES)
+  one_of('schedule.name', config.schedule.name, SCHEDULES)
+  one_of('strategy', config.strategy, distribute.STRATEGIES)
+  for field in ('sam.rho', 'sam.eta', 'optimizer.weight_decay',
+                'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
+    value = config[field.split('.')[0]][field.split('.')[1]]
+    check(value >= 0, field, value, 'it must be >= 0')
+  check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
+        config.schedule.learning_rate, 'it must be > 0')
+  check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
+        config.optimizer.label_smoothing, 'it must be in [0, 1)')
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    check(value > 0 and value % num_replicas == 0, field, value,
+          f'it must be a positive multiple of the {num_replicas} replicas')
+  check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
+        'it must be >= 1')
+  check(config.num_train_steps > 0 or config.num_epochs > 0,
+        'num_train_steps', config.num_train_steps,
+        'set it > 0, or -1 with config.num_epochs > 0')
+  for field in ('log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps'):
+    check(config[field] == -1 or config[field] >= 1, field, config[field],
+          'it must be >= 1, or -1 for once per epoch')
+  check(config.dataset.train_subset == -1 or
+        config.dataset.train_subset >= config.batch_size,
+        'dataset.train_subset', config.dataset.train_subset,
+        'it must be -1 (all) or at least config.batch_size')
+
+
+class Schedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up to the peak, then constant, step or cosine decay."""
+
+  def __init__(self, name: str, learning_rate: float, warmup_steps: int,
+               total_steps: int, boundaries: tuple[int, ...] = (),
+               decay_factor: float = 1.0):
+    self.name = name
+    self.learning_rate = learning_rate
+    self.warmup_steps = warmup_steps
+    self.total_steps = total_steps
+    self.boundaries = tuple(boundaries)
+    self.decay_factor = decay_factor
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    lr = tf.constant(self.learning_rate, tf.float32)
+    if self.warmup_steps:
+      # Step 0 already gets a nonzero rate, so no step is wasted.
+      lr *= tf.minimum(1.0, (step + 1) / self.warmup_steps)
+    if self.name == 'cosine':
+      progress = (step - self.warmup_steps) / max(
+          1, self.total_steps - self.warmup_steps)
+      lr *= 0.5 * (1 + tf.cos(math.pi * tf.clip_by_value(progress, 0, 1)))
+    elif self.name == 'step' and self.boundaries:
+      passed = tf.reduce_sum(
+          tf.cast(step >= tf.constant(self.boundaries, tf.float32), tf.float32))
+      lr *= self.decay_factor**passed
+    return lr
+
+  def get_config(self) -> dict[str, Any]:
+    return dict(name=self.name, learning_rate=self.learning_rate,
+                warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                boundaries=self.boundaries, decay_factor=self.decay_factor)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: Schedule) -> keras.optimizers.Optimizer:
+  """The base optimizer; decoupled weight decay is applied by it."""
+  oc = config.optimizer
+  decoupled = oc.weight_decay if oc.weight_decay_type == 'decoupled' else None
+  if oc.name == 'sgd':
+    return keras.optimizers.SGD(schedule, momentum=oc.momentum,
+                                nesterov=oc.nesterov, weight_decay=decoupled)
+  return keras.optimizers.Adam(schedule, beta_1=oc.beta1, beta_2=oc.beta2,
+                               epsilon=oc.epsilon, weight_decay=decoupled)
+
+
+def _decayed(variables) -> list[bool]:
+  # Weight decay applies to kernels only, not to biases or batch-norm scales
+  # (as in the SAM paper's code: params with ndim > 1).
+  return [len(v.shape) > 1 for v in variables]
+
+
+class Trainer:
+  """The model, optimizer, metric state and compiled loops of one run."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               strategy: tf.distribute.Strategy, num_classes: int,
+               image_shape: tuple[int, int, int], steps_per_epoch: int,
+               total_steps: int):
+    self.config = config
+    self.strategy = strategy
+    oc = config.optimizer
+    self.schedule = Schedule(
+        config.schedule.name, config.schedule.learning_rate,
+        warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
+        total_steps=total_steps,
+        boundaries=tuple(round(e * steps_per_epoch)
+                         for e in config.schedule.decay_epochs),
+        decay_factor=config.schedule.decay_factor)
+    self.num_classes = num_classes
+    self.l2 = oc.weight_decay if oc.weight_decay_type == 'l2' else 0.0
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+      self.model = models.get_model(config.model.name, num_classes,
+                                    image_shape)
+      self.optimizer = create_optimizer(config, self.schedule)
+      self.optimizer.build(self.model.trainable_variables)
+      if oc.weight_decay_type == 'decoupled':
+        self.optimizer.exclude_from_weight_decay(var_list=[
+            v for v, d in zip(self.model.trainable_variables,
+                              _decayed(self.model.trainable_variables))
+            if not d])
+      # Replica steps all-reduce their metrics before adding them, so the
+      # first replica's value is everyone's.
+      first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+      self.train_sums = tf.Variable(tf.zeros(len(_TRAIN_FIELDS)),
+                                    trainable=False, aggregation=first)
+      self.eval_sums = tf.Variable(tf.zeros(len(_EVAL_FIELDS)),
+                                   trainable=False, aggregation=first)
+    self.checkpoint = tf.train.Checkpoint(
+        model=self.model, optimizer=self.optimizer, train_sums=self.train_sums)
+    self.train_loop = tf.function(self._train_loop)
+    self.eval_loop = tf.function(self._eval_loop)
+
+  @property
+  def step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def _loss_fn(self, images, labels, state):
+    """The replica's share of the global-batch loss, as a function of params."""
+    config = self.config
+    decayed = _decayed(self.model.trainable_variables)
+    num_replicas = self.strategy.num_replicas_in_sync
+    smoothing = config.optimizer.label_smoothing
+    targets = tf.one_hot(labels, self.num_classes)
+    targets = targets * (1 - smoothing) + smoothing / self.num_classes
+
+    def loss_fn(params):
+      logits, new_state = self.model.stateless_call(
+          params, state, images, training=True)
+      logits = tf.cast(logits, tf.float32)
+      per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+      loss = tf.reduce_sum(per_example) / config.batch_size
+      if self.l2:
+        # Each replica adds its 1/R share, so the sum over replicas is the
+        # full L2 term of the global-batch loss.
+        l2 = tf.add_n([tf.reduce_sum(tf.square(p))
+                       for p, d in zip(params, decayed) if d])
+        loss += 0.5 * self.l2 * l2 / num_replicas
+      return loss, (logits, new_state)
+
+    return loss_fn
+
+  def _train_step(self, batch):
+    """One SAM step in replica context."""
+    images, labels = batch
+    config = self.config
+    ctx = tf.distribute.get_replica_context()
+    num_replicas = ctx.num_replicas_in_sync
+    model = self.model
+    state = [v.value for v in model.non_trainable_variables]
+    out = sam_lib.sam_step(
+        self._loss_fn(images, labels, state),
+        [v.value for v in model.trainable_variables], config.sam.rho,
+        adaptive=config.sam.adaptive,
+        sync_perturbation=config.sam.sync_perturbation, eta=config.sam.eta)
+    logits, new_state = out.aux
+    if new_state:
+      # Batch-norm moving statistics come from the first pass only. Replicas
+      # saw different batches, so average them: the copies stay identical.
+      if num_replicas > 1:
+        new_state = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, new_state)
+      for variable, value in zip(model.non_trainable_variables, new_state):
+        variable.assign(value)
+    grads = out.grads
+    if config.optimizer.grad_clip_norm:
+      # Clip by the norm of the summed gradient (what the optimizer applies),
+      # not each replica's part of it.
+      total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+      norm = tf.linalg.global_norm(total)
+      scale = tf.minimum(1.0, config.optimizer.grad_clip_norm / (norm + 1e-12))
+      grads = [g * scale for g in grads]
+    # Keras optimizers sum per-replica gradients across replicas themselves.
+    self.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    correct = tf.reduce_sum(tf.cast(
+        tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+        tf.float32))
+    count = tf.cast(tf.shape(labels)[0], tf.float32)
+    local = tf.stack([out.loss, out.perturbed_loss,
+                      out.grad_norm / num_replicas, correct, count,
+                      1.0 / num_replicas])
+    self.train_sums.assign_add(ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
+
+  def _train_loop(self, iterator, num_steps):
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._train_step, args=(next(iterator),))
+
+  def _eval_step(self, batch):
+    images, labels, mask = batch
+    logits = tf.cast(self.model(images, training=False), tf.float32)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    correct = tf.cast(
+        tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+        tf.float32)
+    local = tf.stack([tf.reduce_sum(loss * mask),
+                      tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
+    ctx = tf.distribute.get_replica_context()
+    self.eval_sums.assign_add(ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
+
+  def _eval_loop(self, iterator, num_steps):
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._eval_step, args=(next(iterator),))
+
+  def read_train_metrics(self) -> dict[str, float]:
+    """Means since the last call, and resets the sums."""
+    sums = dict(zip(_TRAIN_FIELDS, self.train_sums.numpy().tolist()))
+    self.train_sums.assign(tf.zeros_like(self.train_sums))
+    steps = max(sums['steps'], 1.0)
+    loss = sums['loss'] / steps
+    metrics = {
+        'train/loss': loss,
+        'train/accuracy': sums['correct'] / max(sums['examples'], 1.0),
+        'train/learning_rate': float(self.schedule(self.step - 1)),
+    }
+    if self.config.sam.rho:
+      perturbed = sums['perturbed_loss'] / steps
+      metrics.update({'train/perturbed_loss': perturbed,
+                      'train/sharpness': perturbed - loss,
+                      'train/grad_norm': sums['grad_norm'] / steps})
+    return metrics
+
+  def evaluate(self, dataset, num_steps: int) -> dict[str, float]:
+    self.eval_sums.assign(tf.zeros_like(self.eval_sums))
+    self.eval_loop(iter(dataset), tf.constant(num_steps))
+    sums = dict(zip(_EVAL_FIELDS, self.eval_sums.numpy().tolist()))
+    return {'eval/loss': sums['loss'] / sums['examples'],
+            'eval/accuracy': sums['correct'] / sums['examples'],
+            'eval/examples': sums['examples']}
+
+
+def _every(interval: int, steps_per_epoch: int) -> int:
+  return steps_per_epoch if interval == -1 else interval
+
+
+def _next_stop(step: int, total: int, intervals: list[int]) -> int:
+  """The first step after `step` where the host loop must act."""
+  return min([total] + [(step // i + 1) * i for i in intervals])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       strategy: tf.distribute.Strategy | None = None
+                       ) -> dict[str, float]:
+  """Trains and evaluates, resuming from `workdir` if it has a checkpoint.
+
+  Args:
+    config: the run's config (see configs/default.py).
+    workdir: where checkpoints, summaries, config.json and results.json go;
+      local or gs://.
+    strategy: the distribution strategy; the current one if None.
+
+  Returns:
+    The final metrics, as also written to `workdir/results.json`.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  validate_config(config, strategy.num_replicas_in_sync)
+  chief = distribute.is_chief(strategy)
+  tf.io.gfile.makedirs(workdir)
+  if chief:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  data = input_pipeline.load(config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0 else
+                 math.ceil(config.num_epochs * steps_per_epoch))
+  trainer = Trainer(config, strategy, data.num_classes, data.image_shape,
+                    steps_per_epoch, total_steps)
+  logging.info('Model %s: %d trainable parameters.', config.model.name,
+               sum(int(np.prod(v.shape))
+                   for v in trainer.model.trainable_variables))
+
+  manager = tf.train.CheckpointManager(
+      trainer.checkpoint, os.path.join(workdir, 'checkpoints'),
+      max_to_keep=config.keep_checkpoints)
+  if manager.latest_checkpoint:
+    trainer.checkpoint.restore(
+        manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info('Resumed from %s at step %d.', manager.latest_checkpoint,
+                 trainer.step)
+  step = trainer.step
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=not chief, asynchronous=False)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_steps=None,
+      every_secs=config.progress_every_secs)
+  train_iter = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(data, config, ctx, step)))
+  eval_ds = strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.eval_dataset(data, config, ctx))
+  eval_steps = input_pipeline.num_eval_steps(data, config.eval_batch_size)
+
+  log_every = _every(config.log_every_steps, steps_per_epoch)
+  eval_every = _every(config.eval_every_steps, steps_per_epoch)
+  ckpt_every = _every(config.checkpoint_every_steps, steps_per_epoch)
+  start_time = time.time()
+  train_metrics, eval_metrics = {}, {}
+  logging.info('Training from step %d to %d (%d steps per epoch).', step,
+               total_steps, steps_per_epoch)
+  report_progress(step)
+  while step < total_steps:
+    stop = _next_stop(step, total_steps,
+                      [config.steps_per_loop, log_every, eval_every,
+                       ckpt_every])
+    trainer.train_loop(train_iter, tf.constant(stop - step))
+    step = stop
+    # Before anything is written: a non-finite loss (or gradient norm) in any
+    # step of the loop leaves its sum non-finite.
+    if not np.isfinite(trainer.train_sums.numpy()).all():
+      raise FloatingPointError(
+          f'Non-finite training loss or gradient norm in the steps up to '
+          f'{step}; nothing was saved after the last good checkpoint, '
+          f'{manager.latest_checkpoint}.')
+    report_progress(step)
+    if step % log_every == 0 or step == total_steps:
+      train_metrics = trainer.read_train_metrics()
+      writer.write_scalars(step, train_metrics)
+    if step % eval_every == 0 or step == total_steps:
+      eval_metrics = trainer.evaluate(eval_ds, eval_steps)
+      writer.write_scalars(step, eval_metrics)
+    if step % ckpt_every == 0 or step == total_steps:
+      if chief:
+        manager.save(checkpoint_number=step)
+  if not eval_metrics:
+    # Resumed a finished run: evaluate the final weights again.
+    eval_metrics = trainer.evaluate(eval_ds, eval_steps)
+  writer.flush()
+
+  results = {'step': step, **train_metrics, **eval_metrics,
+             'train_seconds': time.time() - start_time}
+  if chief:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  logging.info('Final test accuracy %.2f%% at step %d.',
+               100 * eval_metrics['eval/accuracy'], step)
+  return results

@@ -1,0 +1,31 @@
+"""Test set-up: four virtual CPU devices stand in for TPU cores or GPUs."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NUM_VIRTUAL_DEVICES = 4
+
+_cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_DEVICES)
+
+
+def mirrored(num_replicas: int) -> tf.distribute.Strategy:
+  """MirroredStrategy over the first `num_replicas` virtual CPUs.
+
+  Reductions go through one device: CPU collectives remember their groups per
+  process, so strategies of different sizes in one process would clash.
+  """
+  return tf.distribute.MirroredStrategy(
+      [f'/cpu:{i}' for i in range(num_replicas)],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+@pytest.fixture(name='mirrored')
+def mirrored_fixture():
+  return mirrored

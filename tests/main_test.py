@@ -1,0 +1,55 @@
+"""main.py as users run it: flags, the workdir it fills, stray arguments."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    '--config.dataset.name=synthetic', '--config.dataset.augment=none',
+    '--config.dataset.synthetic_image_shape=(8, 8, 3)',
+    '--config.dataset.synthetic_train_size=64',
+    '--config.dataset.synthetic_test_size=32', '--config.model.name=cnn',
+    '--config.batch_size=16', '--config.eval_batch_size=16',
+    '--config.num_train_steps=2', '--config.steps_per_loop=1',
+]
+
+
+def _main(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  return subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/default.py', *args],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_steps_fill_the_workdir(tmp_path):
+  run = _main(f'--workdir={tmp_path}', *TINY)
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['step'] == 2
+  assert os.path.exists(tmp_path / 'config.json')
+  assert any(n.startswith('events.out.tfevents') for n in os.listdir(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints')
+  with open(tmp_path / 'log.txt') as f:
+    log = f.read()
+  assert 'Final test accuracy' in log and 'Config:' in log
+
+
+def test_stray_arguments_are_refused(tmp_path):
+  run = _main(f'--workdir={tmp_path}', 'extra', *TINY)
+  assert run.returncode != 0
+  assert 'Unexpected arguments' in run.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_workdir_is_required():
+  run = _main(*TINY)
+  assert run.returncode != 0
+  assert 'workdir' in run.stderr
+
+
+def test_bad_override_names_the_field(tmp_path):
+  run = _main(f'--workdir={tmp_path}', *TINY, '--config.sam.rho=-1')
+  assert run.returncode != 0
+  assert 'config.sam.rho' in run.stderr

@@ -1,0 +1,248 @@
+"""Tests for the model zoo in sam.models."""
+
+import keras
+import numpy as np
+import pytest
+
+from sam import models
+from sam.models import resnet
+from sam.models import wide_resnet
+
+CIFAR = (32, 32, 3)
+MNIST = (28, 28, 1)
+
+# Trainable parameters for 10 classes on 32x32x3 inputs: conv kernels, BN
+# gamma and beta, dense kernel and bias (BN moving statistics excluded).
+#
+# ResNet-20, option A, by hand (n = 3 blocks per stage):
+#   stem         3*3*3*16 + 2*16                                  =     464
+#   stage 1      3 * (2 * 3*3*16*16 + 2 * 2*16)                   =  14,016
+#   stage 2      (3*3*16*32 + 3*3*32*32 + 2 * 2*32)
+#                  + 2 * (2 * 3*3*32*32 + 2 * 2*32)               =  51,072
+#   stage 3      (3*3*32*64 + 3*3*64*64 + 2 * 2*64)
+#                  + 2 * (2 * 3*3*64*64 + 2 * 2*64)               = 203,520
+#   logits       64*10 + 10                                       =     650
+#   total                                                         = 269,722
+# i.e. the paper's 0.27M. Option B adds 16*32 + 2*32 + 32*64 + 2*64 = 2,752
+# for the two projection shortcuts (272,474). `_resnet_params` and
+# `_wrn_params` below generalize these sums; WRN-28-10's 36,479,194 is the
+# figure of the authors' code.
+TRAINABLE_PARAMS = {
+    'cnn': 545_098,
+    'resnet20': 269_722,
+    'resnet32': 464_154,
+    'resnet56': 853_018,
+    'resnet20_b': 272_474,
+    'resnet32_b': 466_906,
+    'resnet56_b': 855_770,
+    'wrn16_4': 2_748_890,
+    'wrn16_8': 10_961_370,
+    'wrn28_10': 36_479_194,
+}
+
+# As the papers and the usual tables round them.
+PARAMS_IN_MILLIONS = {
+    'resnet20': 0.27,
+    'resnet32': 0.46,
+    'resnet56': 0.85,
+    'wrn16_4': 2.7,
+    'wrn16_8': 11.0,
+    'wrn28_10': 36.5,
+}
+
+# Cheap enough to run forward on CPU in a test.
+SMALL_MODELS = ('cnn', 'resnet20', 'resnet20_b', 'wrn16_4')
+
+
+def _trainable_params(model: keras.Model) -> int:
+  return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def _conv(k: int, c_in: int, c_out: int) -> int:
+  return k * k * c_in * c_out
+
+
+def _bn(c: int) -> int:
+  return 2 * c  # gamma and beta
+
+
+def _resnet_params(n: int, shortcut: str, classes: int = 10) -> int:
+  """Trainable parameters of ResNet-(6n+2) on RGB inputs, summed by hand."""
+  total = _conv(3, 3, 16) + _bn(16)
+  c_in = 16
+  for c in (16, 32, 64):
+    for _ in range(n):
+      total += _conv(3, c_in, c) + _conv(3, c, c) + 2 * _bn(c)
+      if shortcut == 'B' and c_in != c:
+        total += _conv(1, c_in, c) + _bn(c)
+      c_in = c
+  return total + 64 * classes + classes
+
+
+def _wrn_params(n: int, k: int, classes: int = 10) -> int:
+  """Trainable parameters of WRN-(6n+4)-k on RGB inputs, summed by hand."""
+  total = _conv(3, 3, 16)
+  c_in = 16
+  for c in (16 * k, 32 * k, 64 * k):
+    for _ in range(n):
+      total += _bn(c_in) + _conv(3, c_in, c) + _bn(c) + _conv(3, c, c)
+      if c_in != c:
+        total += _conv(1, c_in, c)
+      c_in = c
+  return total + _bn(c_in) + c_in * classes + classes
+
+
+def test_models_lists_every_name():
+  assert set(models.MODELS) == set(TRAINABLE_PARAMS)
+
+
+@pytest.mark.parametrize('name', sorted(TRAINABLE_PARAMS))
+def test_trainable_params(name):
+  model = models.get_model(name, 10, CIFAR)
+  count = _trainable_params(model)
+  assert count == TRAINABLE_PARAMS[name]
+  if name in PARAMS_IN_MILLIONS:
+    digits = 2 if count < 1e6 else 1
+    assert round(count / 1e6, digits) == PARAMS_IN_MILLIONS[name]
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('resnet20', _resnet_params(3, 'A')),
+    ('resnet32', _resnet_params(5, 'A')),
+    ('resnet56', _resnet_params(9, 'A')),
+    ('resnet20_b', _resnet_params(3, 'B')),
+    ('resnet32_b', _resnet_params(5, 'B')),
+    ('resnet56_b', _resnet_params(9, 'B')),
+    ('wrn16_4', _wrn_params(2, 4)),
+    ('wrn16_8', _wrn_params(2, 8)),
+    ('wrn28_10', _wrn_params(4, 10)),
+])
+def test_trainable_params_match_hand_count(name, expected):
+  assert TRAINABLE_PARAMS[name] == expected
+
+
+def test_batch_norm_statistics_are_not_trainable():
+  model = models.get_model('resnet20', 10, CIFAR)
+  # Moving mean and variance of 1 + 3 * 3 * 2 batch norms; 688 channels.
+  assert sum(int(np.prod(w.shape)) for w in model.non_trainable_weights) == (
+      2 * (16 + 6 * (16 + 32 + 64)))
+
+
+@pytest.mark.parametrize('input_shape', [CIFAR, MNIST])
+@pytest.mark.parametrize('name', SMALL_MODELS)
+def test_forward_pass_shape(name, input_shape):
+  model = models.get_model(name, 7, input_shape)
+  images = np.random.default_rng(0).normal(size=(2, *input_shape))
+  for training in (False, True):
+    logits = model(images.astype('float32'), training=training)
+    assert tuple(logits.shape) == (2, 7)
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(logits)))
+
+
+@pytest.mark.parametrize('name', ('resnet56', 'resnet56_b', 'wrn16_8'))
+def test_builds_for_mnist(name):
+  model = models.get_model(name, 10, MNIST)
+  assert model.input_shape == (None, *MNIST)
+  assert model.output_shape == (None, 10)
+
+
+def test_static_shapes():
+  model = models.get_model('resnet20', 10, MNIST)
+  # 28 -> 14 -> 7 through the two stride-2 stages.
+  assert model.get_layer('stage3_block3_out').output.shape == (None, 7, 7, 64)
+
+
+def test_layer_conventions():
+  for name in ('resnet20', 'resnet20_b', 'wrn16_4'):
+    model = models.get_model(name, 10, CIFAR)
+    for layer in model.layers:
+      if isinstance(layer, keras.layers.Conv2D):
+        assert not layer.use_bias, layer.name
+        assert layer.kernel_regularizer is None, layer.name
+        assert isinstance(layer.kernel_initializer,
+                          keras.initializers.HeNormal), layer.name
+      if isinstance(layer, keras.layers.BatchNormalization):
+        assert layer.momentum == 0.9, layer.name
+        assert layer.epsilon == 1e-5, layer.name
+    logits = model.get_layer('logits')
+    assert logits.activation is keras.activations.linear
+    assert logits.kernel_regularizer is None
+
+
+def test_option_a_shortcut_is_parameter_free():
+  model = models.get_model('resnet20', 10, CIFAR)
+  shortcuts = [layer for layer in model.layers
+               if isinstance(layer, resnet.ZeroPadShortcut)]
+  assert [layer.name for layer in shortcuts] == [
+      'stage2_block1_shortcut', 'stage3_block1_shortcut']
+  assert all(not layer.weights for layer in shortcuts)
+
+
+def test_zero_pad_shortcut_values():
+  x = np.arange(2 * 7 * 7 * 3, dtype='float32').reshape(2, 7, 7, 3)
+  layer = resnet.ZeroPadShortcut(8, strides=2)
+  y = keras.ops.convert_to_numpy(layer(x))
+  assert y.shape == (2, 4, 4, 8)
+  assert layer.compute_output_shape((None, 7, 7, 3)) == (None, 4, 4, 8)
+  # 5 zero channels: 2 before the input's 3, 3 after.
+  np.testing.assert_array_equal(y[..., 2:5], x[:, ::2, ::2, :])
+  np.testing.assert_array_equal(y[..., :2], 0)
+  np.testing.assert_array_equal(y[..., 5:], 0)
+
+
+def test_zero_pad_shortcut_rejects_fewer_channels():
+  with pytest.raises(ValueError, match='cannot reduce'):
+    resnet.ZeroPadShortcut(2)(np.zeros((1, 4, 4, 3), 'float32'))
+
+
+def test_build_is_deterministic():
+  def build_weights(seed):
+    keras.utils.set_random_seed(seed)
+    return models.get_model('resnet20', 10, CIFAR).get_weights()
+
+  first, second, other = build_weights(1), build_weights(1), build_weights(2)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, c) for a, c in zip(first, other))
+
+
+def test_layer_names_do_not_depend_on_build_order():
+  first = models.get_model('resnet20_b', 10, CIFAR)
+  second = models.get_model('resnet20_b', 10, CIFAR)
+  assert [w.path for w in first.weights] == [w.path for w in second.weights]
+
+
+def test_save_and_load_round_trip(tmp_path):
+  model = models.get_model('resnet20', 10, MNIST)
+  path = str(tmp_path / 'resnet20.keras')
+  model.save(path)
+  loaded = keras.saving.load_model(path)
+  images = np.random.default_rng(0).normal(size=(2, *MNIST)).astype('float32')
+  np.testing.assert_allclose(
+      keras.ops.convert_to_numpy(loaded(images, training=False)),
+      keras.ops.convert_to_numpy(model(images, training=False)),
+      rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_name_raises():
+  with pytest.raises(ValueError, match='config.model.name') as error:
+    models.get_model('resnet18', 10, CIFAR)
+  for name in models.MODELS:
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize('depth', [18, 2, 0])
+def test_resnet_rejects_bad_depth(depth):
+  with pytest.raises(ValueError, match='6n \\+ 2'):
+    resnet.resnet(depth, 10, CIFAR)
+
+
+def test_resnet_rejects_bad_shortcut():
+  with pytest.raises(ValueError, match='shortcut'):
+    resnet.resnet(20, 10, CIFAR, shortcut='C')
+
+
+@pytest.mark.parametrize('depth', [20, 4])
+def test_wide_resnet_rejects_bad_depth(depth):
+  with pytest.raises(ValueError, match='6n \\+ 4'):
+    wide_resnet.wide_resnet(depth, 2, 10, CIFAR)

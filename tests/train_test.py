@@ -1,0 +1,251 @@
+"""The trainer: replica equivalence, replica sync, rho = 0, exact resume."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import default
+from sam import input_pipeline
+from sam import train
+
+
+def tiny_config(**overrides):
+  """Synthetic 8x8 data, a tiny model, constant learning rate."""
+  config = default.get_config()
+  config.dataset.name = 'synthetic'
+  config.dataset.augment = 'none'
+  config.dataset.synthetic_image_shape = (8, 8, 3)
+  config.dataset.synthetic_train_size = 64
+  config.dataset.synthetic_test_size = 40  # Not a multiple of the batch.
+  config.model.name = 'cnn'
+  config.schedule.name = 'constant'
+  config.schedule.learning_rate = 0.05
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 4
+  config.steps_per_loop = 2
+  config.log_every_steps = 1
+  config.progress_every_secs = 0.0
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for name in path:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def _train(config, strategy, steps):
+  """Runs `steps` steps with a fresh Trainer; returns it."""
+  data = input_pipeline.load(config)
+  epoch_steps = input_pipeline.steps_per_epoch(data, config.batch_size)
+  trainer = train.Trainer(config, strategy, data.num_classes,
+                          data.image_shape, epoch_steps, steps)
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(data, config, ctx))
+  trainer.train_loop(iter(dataset), tf.constant(steps))
+  return trainer
+
+
+def _values(variables, replica=0, strategy=None):
+  if strategy is None:
+    return [v.numpy() for v in variables]
+  return [strategy.experimental_local_results(v.value)[replica].numpy()
+          for v in variables]
+
+
+@pytest.mark.parametrize('num_replicas', [2, 4])
+@pytest.mark.parametrize('adaptive', [False, True])
+def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
+  """Same global batch: same weights after SAM steps, on 1 or R replicas."""
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.adaptive': adaptive,
+                          'optimizer.grad_clip_norm': 1.0})
+  one = _train(config, mirrored(1), 3)
+  many_strategy = mirrored(num_replicas)
+  many = _train(config, many_strategy, 3)
+  for a, b in zip(_values(one.model.variables),
+                  _values(many.model.variables, 0, many_strategy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _manual_sam_sgd(config, steps):
+  """SAM + SGD computed another way: perturb Keras variables in place."""
+  data = input_pipeline.load(config)
+  keras.utils.set_random_seed(config.seed)
+  from sam import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model(config.model.name, data.num_classes,
+                           data.image_shape)
+  batches = iter(input_pipeline.train_dataset(
+      data, config, tf.distribute.InputContext()))
+  wd = config.optimizer.weight_decay
+  rho = config.sam.rho
+
+  def loss_of(images, labels):
+    logits = model(images, training=True)
+    loss = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    return loss + 0.5 * wd * sum(
+        tf.reduce_sum(v**2) for v in model.trainable_variables
+        if len(v.shape) > 1)
+
+  for _ in range(steps):
+    images, labels = next(batches)
+    with tf.GradientTape() as tape:
+      loss = loss_of(images, labels)
+    grads = tape.gradient(loss, model.trainable_variables)
+    saved = [v.numpy() for v in model.trainable_variables]
+    if rho:
+      norm = tf.linalg.global_norm(grads)
+      for v, g in zip(model.trainable_variables, grads):
+        v.assign_add(rho * g / norm)
+      with tf.GradientTape() as tape:
+        loss = loss_of(images, labels)
+      grads = tape.gradient(loss, model.trainable_variables)
+    for v, s, g in zip(model.trainable_variables, saved, grads):
+      v.assign(s - config.schedule.learning_rate * g)
+  return [v.numpy() for v in model.trainable_variables]
+
+
+@pytest.mark.parametrize('rho', [0.0, 0.1])
+def test_matches_manual_reference(rho):
+  """The trainer's SAM (functional) equals in-place perturb-and-restore."""
+  config = tiny_config(**{'sam.rho': rho, 'optimizer.momentum': 0.0})
+  trainer = _train(config, tf.distribute.get_strategy(), 3)
+  for got, want in zip(_values(trainer.model.trainable_variables),
+                       _manual_sam_sgd(config, 3)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rho_zero_is_plain_optimizer():
+  """rho = 0 with SGD momentum equals a plain Keras tape-and-apply loop."""
+  config = tiny_config(**{'sam.rho': 0.0})
+  trainer = _train(config, tf.distribute.get_strategy(), 3)
+  data = input_pipeline.load(config)
+  keras.utils.set_random_seed(config.seed)
+  from sam import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model('cnn', data.num_classes, data.image_shape)
+  optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+  batches = iter(input_pipeline.train_dataset(
+      data, config, tf.distribute.InputContext()))
+  for _ in range(3):
+    images, labels = next(batches)
+    with tf.GradientTape() as tape:
+      logits = model(images, training=True)
+      loss = tf.reduce_mean(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+      loss += 0.5 * 5e-4 * sum(tf.reduce_sum(v**2)
+                               for v in model.trainable_variables
+                               if len(v.shape) > 1)
+    optimizer.apply_gradients(
+        zip(tape.gradient(loss, model.trainable_variables),
+            model.trainable_variables))
+  for got, want in zip(_values(trainer.model.trainable_variables),
+                       _values(model.trainable_variables)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_replicas_stay_identical_with_batch_norm(mirrored):
+  """Weights, BN moving statistics and optimizer slots match on replicas."""
+  strategy = mirrored(2)
+  config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05})
+  trainer = _train(config, strategy, 3)
+  variables = trainer.model.variables + trainer.optimizer.variables
+  moving = [v for v in trainer.model.non_trainable_variables]
+  assert moving, 'resnet20 should have batch-norm moving statistics'
+  for a, b in zip(_values(variables, 0, strategy),
+                  _values(variables, 1, strategy)):
+    np.testing.assert_array_equal(a, b)
+  # The moving statistics did move (from the first pass).
+  assert any(np.abs(v).max() > 0 for v in _values(moving, 0, strategy)
+             if v.ndim == 1)
+
+
+def _scalars(workdir):
+  """{tag: {step: value}} from the TensorBoard event files in workdir."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(workdir)
+  acc.Reload()
+  return {tag: {e.step: float(tf.make_ndarray(e.tensor_proto))
+                for e in acc.Tensors(tag)}
+          for tag in acc.Tags()['tensors']}
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+  config = tiny_config(**{'num_train_steps': 6, 'steps_per_loop': 4,
+                          'model.name': 'resnet20'})
+  straight = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  half = tiny_config(**{'num_train_steps': 3, 'steps_per_loop': 4,
+                        'model.name': 'resnet20'})
+  train.train_and_evaluate(half, str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert resumed['step'] == straight['step'] == 6
+  reader_a = tf.train.load_checkpoint(str(tmp_path / 'a' / 'checkpoints'))
+  reader_b = tf.train.load_checkpoint(str(tmp_path / 'b' / 'checkpoints'))
+  names = [n for n in reader_a.get_variable_to_shape_map()
+           if 'VARIABLE_VALUE' in n and 'save_counter' not in n]
+  assert any('model' in n for n in names)
+  for name in names:
+    np.testing.assert_allclose(reader_a.get_tensor(name),
+                               reader_b.get_tensor(name), rtol=1e-6,
+                               atol=1e-7, err_msg=name)
+  logged_a, logged_b = _scalars(str(tmp_path / 'a')), _scalars(
+      str(tmp_path / 'b'))
+  for tag in ('train/loss', 'train/accuracy', 'train/perturbed_loss'):
+    assert sorted(logged_a[tag]) == list(range(1, 7))
+    for step, value in logged_a[tag].items():
+      np.testing.assert_allclose(logged_b[tag][step], value, rtol=1e-5,
+                                 err_msg=f'{tag} at step {step}')
+  assert straight['eval/accuracy'] == pytest.approx(resumed['eval/accuracy'])
+
+
+def test_end_to_end_learns_and_writes_workdir(tmp_path):
+  """A trivially learnable set reaches ~100% with SAM; the workdir is full."""
+  config = tiny_config(**{
+      'model.name': 'resnet20', 'sam.rho': 0.05, 'num_train_steps': 60,
+      'steps_per_loop': 10, 'log_every_steps': 10, 'eval_every_steps': 30,
+      'checkpoint_every_steps': 30, 'dataset.synthetic_image_shape': (
+          16, 16, 3), 'dataset.synthetic_train_size': 512, 'batch_size': 32,
+      'schedule.name': 'cosine'})
+  workdir = str(tmp_path)
+  results = train.train_and_evaluate(config, workdir)
+  assert results['eval/accuracy'] >= 0.97
+  assert results['eval/examples'] == 40  # Every test example exactly once.
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['step'] == 60
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['sam']['rho'] == 0.05
+  assert tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
+  logged = _scalars(workdir)
+  assert sorted(logged['eval/accuracy']) == [30, 60]
+  for tag in ('train/loss', 'train/perturbed_loss', 'train/sharpness',
+              'train/grad_norm', 'train/learning_rate'):
+    assert sorted(logged[tag]) == [10, 20, 30, 40, 50, 60], tag
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.name', 'resnet7', 'config.model.name'),
+    ('dataset.name', 'imagenet', 'config.dataset.name'),
+    ('sam.rho', -0.1, 'config.sam.rho'),
+    ('batch_size', 15, 'config.batch_size'),
+    ('optimizer.name', 'rmsprop', 'config.optimizer.name'),
+])
+def test_bad_config_fails_before_training(mirrored, tmp_path, field, value,
+                                          message):
+  config = tiny_config(**{field: value})
+  with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+    train.train_and_evaluate(config, str(tmp_path), mirrored(2))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_missing_data_names_where_it_looked(tmp_path):
+  config = tiny_config(**{'dataset.name': 'fashion_mnist',
+                          'dataset.data_dir': str(tmp_path / 'nowhere')})
+  with pytest.raises(input_pipeline.DataNotFoundError,
+                     match='config.dataset.data_dir') as e:
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert 'nowhere' in str(e.value)
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
