@@ -176,8 +176,11 @@ def _tfds(dc) -> tuple[Split, Split]:
     builder.download_and_prepare()
   splits = []
   for split in ('train', 'test'):
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    splits.append(Split(arrays['image'], arrays['label'].astype(np.int32)))
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda e: (e['image'], e['label'])).batch(10_000)
+    images, labels = zip(*tfds.as_numpy(ds))
+    splits.append(Split(np.concatenate(images),
+                        np.concatenate(labels).astype(np.int32)))
   return splits[0], splits[1]
 
 

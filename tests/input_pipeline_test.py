@@ -86,3 +86,26 @@ def test_train_subset_is_fixed_by_seed():
   a, b = input_pipeline.load(config), input_pipeline.load(config)
   assert len(a.train) == 32
   np.testing.assert_array_equal(a.train.images, b.train.images)
+
+
+@pytest.mark.parametrize('name,num_classes', [('cifar10', 10),
+                                              ('cifar100', 100)])
+def test_tfds_datasets_load_with_mock_data(tmp_path, name, num_classes):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{'dataset.name': name, 'dataset.download': True,
+                          'dataset.data_dir': str(tmp_path)})
+  with tfds.testing.mock_data(num_examples=24):
+    data = input_pipeline.load(config)
+  assert data.num_classes == num_classes
+  assert data.image_shape == (32, 32, 3)
+  assert len(data.train) == 24 and data.train.images.dtype == np.uint8
+
+
+def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
+  config = tiny_config(**{'dataset.name': 'cifar10',
+                          'dataset.data_dir': str(tmp_path)})
+  with pytest.raises(input_pipeline.DataNotFoundError,
+                     match='tfds build cifar10') as e:
+    input_pipeline.load(config)
+  assert str(tmp_path) in str(e.value)
+  assert 'config.dataset.download' in str(e.value)

@@ -249,3 +249,57 @@ def test_missing_data_names_where_it_looked(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'w'))
   assert 'nowhere' in str(e.value)
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_clipping_uses_the_cross_replica_norm(mirrored):
+  """One SGD step of a clipped gradient moves w by exactly lr * clip."""
+  clip = 1e-3
+  config = tiny_config(**{'sam.rho': 0.0, 'optimizer.momentum': 0.0,
+                          'optimizer.grad_clip_norm': clip})
+  strategy = mirrored(2)
+  data = input_pipeline.load(config)
+  before = train.Trainer(config, tf.distribute.get_strategy(),
+                         data.num_classes, data.image_shape, 4, 4)
+  initial = _values(before.model.trainable_variables)
+  after = _train(config, strategy, 1)
+  moved = np.sqrt(sum(((a - b)**2).sum() for a, b in zip(
+      _values(after.model.trainable_variables, 0, strategy), initial)))
+  # float32 round-off of w - w' limits the precision; clipping per replica
+  # would be off by a factor of about sqrt(2).
+  np.testing.assert_allclose(moved, config.schedule.learning_rate * clip,
+                             rtol=1e-3)
+
+
+def test_decoupled_weight_decay_shrinks_kernels_only():
+  """One step: w = w0 - lr * g - lr * wd * w0 on kernels; biases: no decay."""
+  def one_step(weight_decay):
+    config = tiny_config(**{'sam.rho': 0.0, 'optimizer.momentum': 0.0,
+                            'optimizer.weight_decay': weight_decay,
+                            'optimizer.weight_decay_type': 'decoupled'})
+    trainer = _train(config, tf.distribute.get_strategy(), 1)
+    return _values(trainer.model.trainable_variables)
+
+  config = tiny_config()
+  data = input_pipeline.load(config)
+  initial = _values(train.Trainer(config, tf.distribute.get_strategy(),
+                                  data.num_classes, data.image_shape, 4,
+                                  4).model.trainable_variables)
+  decayed, plain = one_step(0.1), one_step(0.0)
+  lr = config.schedule.learning_rate
+  for w0, got, want in zip(initial, decayed, plain):
+    if w0.ndim > 1:
+      np.testing.assert_allclose(got, want - lr * 0.1 * w0, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('name,step,want', [
+    ('constant', 0, 0.01), ('constant', 4, 0.05), ('constant', 99, 0.1),
+    ('cosine', 9, 0.1), ('cosine', 55, 0.05), ('cosine', 100, 0.0),
+    ('step', 9, 0.1), ('step', 30, 0.02), ('step', 60, 0.004),
+])
+def test_schedules(name, step, want):
+  # 10 warm-up steps: step s < 10 gets (s + 1) / 10 of the peak.
+  schedule = train.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
+                            boundaries=(30, 60), decay_factor=0.2)
+  np.testing.assert_allclose(float(schedule(step)), want, atol=1e-7)
