@@ -16,6 +16,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from sam import distribute
+from sam import input_pipeline
 from sam import train
 
 _WORKDIR = flags.DEFINE_string(
@@ -24,6 +25,10 @@ _WORKDIR = flags.DEFINE_string(
 config_flags.DEFINE_config_file(
     'config', None, 'Path to an ml_collections config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+_USER_ERRORS = (ValueError, PermissionError, FloatingPointError,
+                input_pipeline.DataNotFoundError)
 
 
 class _GFileHandler(std_logging.Handler):
@@ -55,25 +60,41 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
-  # The strategy first: TPU and multi-worker set-up must precede other ops.
-  strategy = distribute.create_strategy(config.strategy, config.tpu)
-
-  tf.io.gfile.makedirs(workdir)
-  remote = '://' in workdir
-  handler = _GFileHandler(
-      os.path.join(workdir, f'log-{os.getpid()}.txt' if not
-                   distribute.is_chief(strategy) else 'log.txt'),
-      flush_secs=60.0 if remote else 0.0)
-  handler.setFormatter(logging.PythonFormatter())
-  logging.get_absl_logger().addHandler(handler)
+  try:
+    # The strategy first: TPU and multi-worker set-up must precede other ops.
+    strategy = distribute.create_strategy(config.strategy, config.tpu)
+    handler = _mirror_log(workdir, distribute.is_chief(strategy))
+  except _USER_ERRORS as e:
+    raise SystemExit(f'Error: {e}') from None
   try:
     logging.info('TensorFlow %s; devices: %s', tf.__version__,
                  tf.config.list_logical_devices())
     logging.info('Config:\n%s', config)
     train.train_and_evaluate(config, workdir, strategy)
+  except _USER_ERRORS as e:
+    # A bad config, missing data or a diverged run: the message says what to
+    # fix, and a traceback from deep inside TensorFlow would only hide it.
+    logging.error('%s: %s', type(e).__name__, e)
+    raise SystemExit(f'Error: {e}') from None
   finally:
     logging.get_absl_logger().removeHandler(handler)
     handler.close()
+
+
+def _mirror_log(workdir: str, chief: bool) -> _GFileHandler:
+  """Adds a handler that copies the absl log into the workdir."""
+  try:
+    tf.io.gfile.makedirs(workdir)
+    name = 'log.txt' if chief else f'log-{os.getpid()}.txt'
+    handler = _GFileHandler(os.path.join(workdir, name),
+                            flush_secs=60.0 if '://' in workdir else 0.0)
+  except (tf.errors.OpError, OSError) as e:
+    raise PermissionError(
+        f'Cannot write to --workdir={workdir} ({e}). Choose a writable '
+        'directory or bucket.') from None
+  handler.setFormatter(logging.PythonFormatter())
+  logging.get_absl_logger().addHandler(handler)
+  return handler
 
 
 if __name__ == '__main__':

@@ -104,4 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress_every_secs = 30.0
   # How many checkpoints to keep in workdir/checkpoints.
   config.keep_checkpoints = 3
+  # Resume even if the workdir's config differs in a field of
+  # sam.train.STRUCTURAL_FIELDS (model, data stream, optimizer kind).
+  config.allow_structural_changes = False
   return config

@@ -93,6 +93,14 @@ def load(config: ml_collections.ConfigDict) -> Data:
   else:
     train, test = _tfds(dc)
     num_classes = _NUM_CLASSES[dc.name]
+  for split_name, split in (('train', train), ('test', test)):
+    if len(split) and not 0 <= split.labels.min() <= split.labels.max() < (
+        num_classes):
+      raise ValueError(
+          f'config.dataset.name={dc.name!r}: {split_name} labels range over '
+          f'[{split.labels.min()}, {split.labels.max()}], not [0, '
+          f'{num_classes}); check the files in config.dataset.data_dir='
+          f'{dc.data_dir!r}.')
   if dc.train_subset > 0:
     # A fixed random subset (seeded by config.seed), e.g. for quick studies.
     rng = np.random.default_rng(config.seed)

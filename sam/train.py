@@ -14,9 +14,12 @@ data stream restarts at that step (see `input_pipeline`). A resumed run thus
 continues exactly where an uninterrupted one would be.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -304,6 +307,109 @@ class Trainer:
             'eval/examples': sums['examples']}
 
 
+# Fields that change the model, the data stream or the optimizer's state: a
+# resume with other values would not continue the same run.
+STRUCTURAL_FIELDS = (
+    'seed', 'batch_size', 'model', 'dataset.name', 'dataset.train_subset',
+    'dataset.synthetic_image_shape', 'dataset.synthetic_num_classes',
+    'optimizer.name', 'optimizer.momentum', 'optimizer.nesterov',
+    'optimizer.weight_decay_type')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(
+          value, (list, tuple)) else value
+  return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Structural fields whose values differ between two configs (as JSON)."""
+  old, new = _flatten(old), _flatten(new)
+  return sorted(
+      f'{key}: {old.get(key)!r} -> {new.get(key)!r}'
+      for key in set(old) | set(new)
+      if any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
+      and old.get(key) != new.get(key))
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str,
+                     chief: bool) -> None:
+  """Checks the workdir is writable and resumable; writes config.json.
+
+  Raises:
+    PermissionError: if the workdir cannot be written.
+    ValueError: if it holds checkpoints of a structurally different config.
+  """
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json_best_effort())
+  if tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints')):
+    with tf.io.gfile.GFile(path) as f:
+      changes = config_changes(json.load(f), new)
+    if changes and not config.allow_structural_changes:
+      raise ValueError(
+          f'{workdir} holds checkpoints of a run whose config differs in '
+          f'{"; ".join(changes)}. Use another --workdir, or resume anyway '
+          'with --config.allow_structural_changes=True.')
+  try:
+    tf.io.gfile.makedirs(workdir)
+    if chief:
+      with tf.io.gfile.GFile(path, 'w') as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  except (tf.errors.OpError, OSError) as e:
+    raise PermissionError(
+        f'Cannot write to --workdir={workdir} ({e}). Choose a writable '
+        'directory or bucket.') from None
+
+
+def _restore(checkpoint: tf.train.Checkpoint,
+             manager: tf.train.CheckpointManager) -> str | None:
+  """Restores the newest readable checkpoint; skips corrupt ones."""
+  for path in reversed(manager.checkpoints):
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    # What a truncated or corrupt file raises depends on where it breaks.
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError,
+            OSError) as e:
+      logging.error('Checkpoint %s is unreadable (%s: %s); trying the one '
+                    'before it.', path, type(e).__name__, e)
+  if manager.checkpoints:
+    raise RuntimeError(f'No readable checkpoint in {manager.directory}.')
+  return None
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (preemption, `gcloud ... stop`) into a flag the loop reads.
+
+  The host loop finishes its current call, saves a checkpoint and returns;
+  the same command resumes from there. Only the main thread can install
+  signal handlers, so elsewhere (tests in threads) this is inert.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: stopping after the current loop.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def _every(interval: int, steps_per_epoch: int) -> int:
   return steps_per_epoch if interval == -1 else interval
 
@@ -330,10 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   strategy = strategy or tf.distribute.get_strategy()
   validate_config(config, strategy.num_replicas_in_sync)
   chief = distribute.is_chief(strategy)
-  tf.io.gfile.makedirs(workdir)
-  if chief:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  _prepare_workdir(config, workdir, chief)
 
   data = input_pipeline.load(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(data, config.batch_size)
@@ -348,11 +451,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager = tf.train.CheckpointManager(
       trainer.checkpoint, os.path.join(workdir, 'checkpoints'),
       max_to_keep=config.keep_checkpoints)
-  if manager.latest_checkpoint:
-    trainer.checkpoint.restore(
-        manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info('Resumed from %s at step %d.', manager.latest_checkpoint,
-                 trainer.step)
+  restored = _restore(trainer.checkpoint, manager)
+  if restored:
+    logging.info('Resumed from %s at step %d.', restored, trainer.step)
   step = trainer.step
 
   writer = metric_writers.create_default_writer(
@@ -374,29 +475,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info('Training from step %d to %d (%d steps per epoch).', step,
                total_steps, steps_per_epoch)
   report_progress(step)
-  while step < total_steps:
-    stop = _next_stop(step, total_steps,
-                      [config.steps_per_loop, log_every, eval_every,
-                       ckpt_every])
-    trainer.train_loop(train_iter, tf.constant(stop - step))
-    step = stop
-    # Before anything is written: a non-finite loss (or gradient norm) in any
-    # step of the loop leaves its sum non-finite.
-    if not np.isfinite(trainer.train_sums.numpy()).all():
-      raise FloatingPointError(
-          f'Non-finite training loss or gradient norm in the steps up to '
-          f'{step}; nothing was saved after the last good checkpoint, '
-          f'{manager.latest_checkpoint}.')
-    report_progress(step)
-    if step % log_every == 0 or step == total_steps:
-      train_metrics = trainer.read_train_metrics()
-      writer.write_scalars(step, train_metrics)
-    if step % eval_every == 0 or step == total_steps:
-      eval_metrics = trainer.evaluate(eval_ds, eval_steps)
-      writer.write_scalars(step, eval_metrics)
-    if step % ckpt_every == 0 or step == total_steps:
-      if chief:
-        manager.save(checkpoint_number=step)
+  saved_step = step if restored else None
+  with _SigtermFlag() as sigterm:
+    while step < total_steps:
+      stop = _next_stop(step, total_steps,
+                        [config.steps_per_loop, log_every, eval_every,
+                         ckpt_every])
+      trainer.train_loop(train_iter, tf.constant(stop - step))
+      first, step = step + 1, stop
+      # Before anything is written: a non-finite loss (or gradient norm) in
+      # any step of the loop leaves its sum non-finite.
+      if not np.isfinite(trainer.train_sums.numpy()).all():
+        raise FloatingPointError(
+            f'Non-finite training loss or gradient norm in steps {first} to '
+            f'{step}; nothing after step {saved_step} was saved '
+            f'({manager.latest_checkpoint}).')
+      report_progress(step)
+      if step % log_every == 0 or step == total_steps:
+        train_metrics = trainer.read_train_metrics()
+        writer.write_scalars(step, train_metrics)
+      if step % eval_every == 0 or step == total_steps:
+        eval_metrics = trainer.evaluate(eval_ds, eval_steps)
+        writer.write_scalars(step, eval_metrics)
+      if (step % ckpt_every == 0 or step == total_steps or
+          sigterm.requested) and saved_step != step:
+        if chief:
+          manager.save(checkpoint_number=step)
+        saved_step = step
+      if sigterm.requested and step < total_steps:
+        writer.flush()
+        logging.warning('Stopped by SIGTERM at step %d, saved in %s; run the '
+                        'same command to resume.', step,
+                        manager.latest_checkpoint)
+        return {'step': step, 'preempted': True}
   if not eval_metrics:
     # Resumed a finished run: evaluate the final weights again.
     eval_metrics = trainer.evaluate(eval_ds, eval_steps)

@@ -1,0 +1,166 @@
+"""Nothing lost on faults: preemption, exact resume, NaN, corrupt checkpoints."""
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sam import input_pipeline
+from sam import train
+from tests.main_test import ROOT
+from tests.main_test import TINY
+from tests.train_test import tiny_config
+
+
+def _weights(workdir):
+  """{name: value} of the model and optimizer in the latest checkpoint."""
+  reader = tf.train.load_checkpoint(os.path.join(workdir, 'checkpoints'))
+  return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+          if 'VARIABLE_VALUE' in n and 'save_counter' not in n}
+
+
+def _assert_same_weights(a, b):
+  wa, wb = _weights(a), _weights(b)
+  assert sorted(wa) == sorted(wb) and wa
+  for name in wa:
+    np.testing.assert_allclose(wa[name], wb[name], rtol=1e-6, atol=1e-7,
+                               err_msg=name)
+
+
+def _run_main(workdir, *flags):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  return subprocess.Popen(
+      [sys.executable, 'main.py', '--config=configs/default.py',
+       f'--workdir={workdir}', *TINY, *flags],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
+  flags = ['--config.num_train_steps=600', '--config.steps_per_loop=10',
+           '--config.log_every_steps=10', '--config.schedule.name=constant',
+           '--config.checkpoint_every_steps=100000',
+           '--config.eval_every_steps=100000']
+  straight = _run_main(tmp_path / 'a', *flags)
+  killed = _run_main(tmp_path / 'b', *flags)
+  log = tmp_path / 'b' / 'log.txt'
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if log.exists() and '[10] train/' in log.read_text():
+      break
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGTERM)
+  out, _ = killed.communicate(timeout=240)
+  assert killed.returncode == 0, out[-3000:]
+  assert 'Stopped by SIGTERM' in out
+  step = int(tf.train.latest_checkpoint(
+      str(tmp_path / 'b' / 'checkpoints')).rsplit('-', 1)[1])
+  assert 10 <= step < 600
+  assert not (tmp_path / 'b' / 'results.json').exists()
+  resumed = _run_main(tmp_path / 'b', *flags)
+  out, _ = resumed.communicate(timeout=240)
+  assert resumed.returncode == 0, out[-3000:]
+  assert f'Resumed from' in out
+  out, _ = straight.communicate(timeout=240)
+  assert straight.returncode == 0, out[-3000:]
+  _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_resume_with_other_steps_per_loop(tmp_path):
+  config = tiny_config(**{'num_train_steps': 7, 'steps_per_loop': 3})
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  first = tiny_config(**{'num_train_steps': 2, 'steps_per_loop': 1})
+  train.train_and_evaluate(first, str(tmp_path / 'b'))
+  then = tiny_config(**{'num_train_steps': 7, 'steps_per_loop': 4})
+  train.train_and_evaluate(then, str(tmp_path / 'b'))
+  _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_nan_stops_and_keeps_only_finite_checkpoints(tmp_path):
+  config = tiny_config(**{'num_train_steps': 20, 'steps_per_loop': 1,
+                          'checkpoint_every_steps': 1,
+                          'schedule.learning_rate': 1e30})
+  with pytest.raises(FloatingPointError, match=r'in steps (\d+) to \1'):
+    train.train_and_evaluate(config, str(tmp_path))
+  checkpoints = tf.train.get_checkpoint_state(
+      str(tmp_path / 'checkpoints')).all_model_checkpoint_paths
+  assert checkpoints
+  for path in checkpoints:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      value = reader.get_tensor(name)
+      if isinstance(value, np.ndarray) and value.dtype.kind == 'f':
+        assert np.isfinite(value).all(), (path, name)
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+  config = tiny_config(**{'num_train_steps': 6, 'checkpoint_every_steps': 2})
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  first = tiny_config(**{'num_train_steps': 4, 'checkpoint_every_steps': 2})
+  train.train_and_evaluate(first, str(tmp_path / 'b'))
+  data_file = tmp_path / 'b' / 'checkpoints' / 'ckpt-4.data-00000-of-00001'
+  data_file.write_bytes(data_file.read_bytes()[:100])  # Truncated.
+  results = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert results['step'] == 6
+  _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_structural_config_change_is_refused(tmp_path):
+  train.train_and_evaluate(tiny_config(**{'num_train_steps': 2}),
+                           str(tmp_path))
+  changed = tiny_config(**{'num_train_steps': 4, 'model.name': 'resnet20',
+                           'optimizer.name': 'adam'})
+  with pytest.raises(ValueError, match='model.name.*optimizer.name'):
+    train.train_and_evaluate(changed, str(tmp_path))
+  # Longer training or another learning rate is no structural change...
+  train.train_and_evaluate(
+      tiny_config(**{'num_train_steps': 3, 'schedule.learning_rate': 0.01}),
+      str(tmp_path))
+  # ...and the override flag lets a structural change through.
+  train.train_and_evaluate(
+      tiny_config(**{'num_train_steps': 4, 'seed': 1,
+                     'allow_structural_changes': True}), str(tmp_path))
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(PermissionError, match='--workdir'):
+    train.train_and_evaluate(tiny_config(), str(blocker / 'run'))
+  run = _run_main(blocker / 'run')
+  out, _ = run.communicate(timeout=240)
+  assert run.returncode == 1
+  assert 'Error: Cannot write to --workdir' in out
+  assert 'Traceback' not in out
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 8, array.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_labels_out_of_range_are_reported(tmp_path):
+  for prefix, n in (('train', 32), ('t10k', 8)):
+    _write_idx(tmp_path / f'{prefix}-images-idx3-ubyte.gz',
+               np.zeros((n, 28, 28)))
+    _write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte.gz',
+               np.arange(n) % 12)  # 10 and 11 are not Fashion-MNIST classes.
+  config = tiny_config(**{'dataset.name': 'fashion_mnist',
+                          'dataset.data_dir': str(tmp_path)})
+  with pytest.raises(ValueError, match=r'train labels range over \[0, 11\]'):
+    input_pipeline.load(config)
+
+
+def test_bad_config_exits_1_without_traceback(tmp_path):
+  run = _run_main(tmp_path, '--config.batch_size=0')
+  out, _ = run.communicate(timeout=240)
+  assert run.returncode == 1
+  assert 'config.batch_size=0' in out and 'Traceback' not in out
