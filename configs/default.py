@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.strategy = 'auto'
   # TPU name or address for TPUClusterResolver; '' means the local TPU VM.
   config.tpu = ''
+  # Compile the train and eval steps with XLA on CPU/GPU: 'auto' (on with
+  # one GPU replica), 'true' or 'false'. On a TPU everything is compiled.
+  config.jit_compile = 'auto'
 
   config.dataset = ml_collections.ConfigDict()
   # One of cifar10, cifar100, fashion_mnist, synthetic.

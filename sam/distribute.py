@@ -44,11 +44,7 @@ def create_strategy(name: str = 'auto', tpu: str = '') -> tf.distribute.Strategy
   """
   name = resolve_name(name)
   if name == 'tpu':
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-        tpu=tpu or 'local')
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    strategy = tf.distribute.TPUStrategy(resolver)
+    strategy = _tpu_strategy(tpu)
   elif name == 'multi_worker':
     task = json.loads(os.environ.get('TF_CONFIG', '{}')).get('task', {})
     logging.info('Multi-worker task: %s', task)
@@ -60,6 +56,28 @@ def create_strategy(name: str = 'auto', tpu: str = '') -> tf.distribute.Strategy
   logging.info('Strategy %s (%s) with %d replicas.', name,
                type(strategy).__name__, strategy.num_replicas_in_sync)
   return strategy
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
+  """Connects to the local TPU VM's chips, or to the TPU named `tpu`."""
+  if not tpu and not _on_tpu_vm():
+    raise ValueError(
+        "config.strategy='tpu' but this machine is no TPU VM: found no "
+        '/dev/accel* or /dev/vfio/N devices and no TPU_NAME. Run on a Cloud '
+        'TPU VM (created with a tpu-vm-tf-* runtime version), name a TPU '
+        'with --config.tpu, or use --config.strategy=auto.')
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=tpu or 'local')
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    raise ValueError(
+        f'Could not initialize the TPU {tpu or "of this VM"} '
+        f'(config.tpu={tpu!r}): {e}. Check that the TPU exists and is '
+        'READY, that its runtime version matches this TensorFlow '
+        f'({tf.__version__}), and that no other process holds it.') from None
+  return tf.distribute.TPUStrategy(resolver)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -69,6 +69,7 @@ def validate_config(config: ml_collections.ConfigDict,
          WEIGHT_DECAY_TYPES)
   one_of('schedule.name', config.schedule.name, SCHEDULES)
   one_of('strategy', config.strategy, distribute.STRATEGIES)
+  one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
   for field in ('sam.rho', 'sam.eta', 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
@@ -143,6 +144,18 @@ def create_optimizer(config: ml_collections.ConfigDict,
                                epsilon=oc.epsilon, weight_decay=decoupled)
 
 
+def use_xla(setting: str, strategy: tf.distribute.Strategy) -> bool:
+  """Whether to compile the replica steps with XLA (config.jit_compile)."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return False  # The TPU compiles the whole loop anyway.
+  if setting == 'auto':
+    # A cross-replica all-reduce inside a jit-compiled function fails under
+    # MirroredStrategy (seen on CPU), so 'auto' only compiles one replica.
+    return bool(tf.config.list_physical_devices('GPU')) and (
+        strategy.num_replicas_in_sync == 1)
+  return setting == 'true'
+
+
 def _decayed(variables) -> list[bool]:
   # Weight decay applies to kernels only, not to biases or batch-norm scales
   # (as in the SAM paper's code: params with ndim > 1).
@@ -188,6 +201,11 @@ class Trainer:
                                    trainable=False, aggregation=first)
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, train_sums=self.train_sums)
+    self.jit_compile = use_xla(config.jit_compile, strategy)
+    self._train_step_fn = tf.function(self._train_step,
+                                      jit_compile=self.jit_compile)
+    self._eval_step_fn = tf.function(self._eval_step,
+                                     jit_compile=self.jit_compile)
     self.train_loop = tf.function(self._train_loop)
     self.eval_loop = tf.function(self._eval_loop)
 
@@ -262,7 +280,7 @@ class Trainer:
 
   def _train_loop(self, iterator, num_steps):
     for _ in tf.range(num_steps):
-      self.strategy.run(self._train_step, args=(next(iterator),))
+      self.strategy.run(self._train_step_fn, args=(next(iterator),))
 
   def _eval_step(self, batch):
     images, labels, mask = batch
@@ -278,7 +296,7 @@ class Trainer:
 
   def _eval_loop(self, iterator, num_steps):
     for _ in tf.range(num_steps):
-      self.strategy.run(self._eval_step, args=(next(iterator),))
+      self.strategy.run(self._eval_step_fn, args=(next(iterator),))
 
   def read_train_metrics(self) -> dict[str, float]:
     """Means since the last call, and resets the sums."""

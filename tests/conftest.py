@@ -1,5 +1,6 @@
 """Test set-up: four virtual CPU devices stand in for TPU cores or GPUs."""
 
+import importlib.metadata
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -13,6 +14,22 @@ NUM_VIRTUAL_DEVICES = 4
 _cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(
     _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_VIRTUAL_DEVICES)
+
+
+def _tensorflow_tpu_wheel() -> bool:
+  try:
+    importlib.metadata.distribution('tensorflow-tpu')
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+# The tensorflow-tpu wheel runs on a CPU (with TPU_LOAD_LIBRARY=0) but has no
+# XLA CPU backend: 'could not find registered transfer manager for platform
+# Host'. On a TPU, XLA is the TPU's own compiler.
+requires_xla_cpu = pytest.mark.skipif(
+    _tensorflow_tpu_wheel(),
+    reason='the tensorflow-tpu wheel cannot jit_compile on a CPU')
 
 
 def mirrored(num_replicas: int) -> tf.distribute.Strategy:

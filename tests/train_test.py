@@ -11,6 +11,7 @@ import tensorflow as tf
 from configs import default
 from sam import input_pipeline
 from sam import train
+from tests.conftest import requires_xla_cpu
 
 
 def tiny_config(**overrides):
@@ -303,3 +304,29 @@ def test_schedules(name, step, want):
   schedule = train.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
                             boundaries=(30, 60), decay_factor=0.2)
   np.testing.assert_allclose(float(schedule(step)), want, atol=1e-7)
+
+
+@requires_xla_cpu
+@pytest.mark.parametrize('model', ['resnet20', 'cnn'])
+def test_xla_step_matches_graph_step(model):
+  """The whole replica step (two SAM passes, update, metrics) compiles."""
+  results = {}
+  for jit in ('true', 'false'):
+    config = tiny_config(**{'model.name': model, 'jit_compile': jit,
+                            'sam.rho': 0.05, 'optimizer.grad_clip_norm': 1.0})
+    trainer = _train(config, tf.distribute.get_strategy(), 2)
+    assert trainer.jit_compile == (jit == 'true')
+    data = input_pipeline.load(config)
+    dataset = tf.distribute.get_strategy().distribute_datasets_from_function(
+        lambda ctx, data=data, config=config: input_pipeline.eval_dataset(
+            data, config, ctx))
+    results[jit] = (_values(trainer.model.variables),
+                    trainer.train_sums.numpy(),
+                    trainer.evaluate(dataset, input_pipeline.num_eval_steps(
+                        data, config.eval_batch_size)))
+  for a, b in zip(results['true'][0], results['false'][0]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(results['true'][1], results['false'][1],
+                             rtol=1e-4)
+  for key, value in results['false'][2].items():
+    assert results['true'][2][key] == pytest.approx(value, rel=1e-4), key

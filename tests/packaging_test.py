@@ -1,0 +1,62 @@
+"""The TPU install path (requirements.txt) never pulls the plain tensorflow.
+
+Cloud TPU VMs bring `tensorflow-tpu`; the `tensorflow` wheel provides the same
+module, so pulling it in beside the image's would break TPU support.
+"""
+
+import importlib.metadata
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TF_WHEELS = ('tensorflow', 'tensorflow-cpu', 'tensorflow-gpu', 'tf-nightly',
+              'tensorflow-intel')
+
+
+def _name(requirement: str) -> str:
+  return re.split(r'[\s\[<>=!~;]', requirement.strip(), maxsplit=1)[0].lower(
+  ).replace('_', '-')
+
+
+def _requirements(filename: str) -> list[str]:
+  """Requirement lines of a requirements file, following `-r` includes."""
+  lines = []
+  with open(os.path.join(ROOT, filename)) as f:
+    for line in f:
+      line = line.split('#', 1)[0].strip()
+      if line.startswith('-r'):
+        lines += _requirements(line[2:].strip())
+      elif line:
+        lines.append(line)
+  return lines
+
+
+def _unconditional_deps(package: str) -> list[str]:
+  try:
+    requires = importlib.metadata.requires(package) or []
+  except importlib.metadata.PackageNotFoundError:
+    return []
+  # Dependencies behind an extra ('; extra == "x"') are not installed.
+  return [_name(r) for r in requires if 'extra ==' not in r]
+
+
+def test_tpu_path_installs_no_tensorflow_wheel():
+  top = [_name(r) for r in _requirements('requirements.txt')]
+  assert not set(top) & set(_TF_WHEELS), top
+  # Walk what those requirements pull in, as installed here.
+  seen, todo = set(), list(top)
+  while todo:
+    package = todo.pop()
+    if package in seen:
+      continue
+    seen.add(package)
+    deps = _unconditional_deps(package)
+    assert not set(deps) & set(_TF_WHEELS), (package, deps)
+    todo += deps
+  assert 'clu' in seen and 'tensorflow-datasets' in seen
+
+
+def test_cpu_path_pins_a_supported_tensorflow():
+  tf_lines = [r for r in _requirements('requirements-cpu.txt')
+              if _name(r) == 'tensorflow']
+  assert tf_lines == ['tensorflow>=2.20,<2.22']
