@@ -31,8 +31,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.data_dir = ''
   # Whether tfds may download and prepare a data set that is not on disk.
   config.dataset.download = False
-  # Training augmentation: 'basic' (pad 4, random crop, flip) or 'none'.
+  # Training augmentation: 'basic' (pad 4, random crop, flip),
+  # 'basic_cutout' (and cutout), 'crop_brightness' (the TF SAM notebook's) or
+  # 'none'.
   config.dataset.augment = 'basic'
+  # Side of the cutout square in pixels (16 for CIFAR in DeVries & Taylor).
+  config.dataset.cutout_size = 16
+  # Fraction of training labels replaced by a uniformly drawn wrong class
+  # (symmetric label noise, fixed by config.seed; test labels stay clean).
+  config.dataset.label_noise = 0.0
+  # Training examples held out as a validation split (fixed by config.seed),
+  # evaluated beside the test set as val/*; 0 holds out none.
+  config.dataset.validation_size = 0
   # Train on a fixed random subset of this many examples; -1 uses all.
   config.dataset.train_subset = -1
   # The synthetic data set: noisy class prototypes (learnable, offline).

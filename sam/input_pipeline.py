@@ -29,7 +29,13 @@ import numpy as np
 import tensorflow as tf
 
 DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'synthetic')
-AUGMENTATIONS = ('none', 'basic')
+# basic: pad 4, random crop, horizontal flip (the SAM paper's basic
+# augmentation); basic_cutout: and a cutout square (DeVries & Taylor 2017);
+# crop_brightness: pad-and-crop plus random brightness (the original TF SAM
+# notebook's choice).
+AUGMENTATIONS = ('none', 'basic', 'basic_cutout', 'crop_brightness')
+# Largest brightness change of crop_brightness, in [0, 1] pixel units.
+_MAX_BRIGHTNESS_DELTA = 0.2
 
 # Where Debian's `dataset-fashion-mnist` package installs the IDX files.
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -62,6 +68,9 @@ class Data:
   train: Split
   test: Split
   num_classes: int
+  # Held out from the training split (config.dataset.validation_size), for
+  # model selection that never looks at the test set; None if not asked for.
+  validation: Split | None
   # Per-channel statistics of the training images, in [0, 1] units.
   mean: np.ndarray
   std: np.ndarray
@@ -101,17 +110,47 @@ def load(config: ml_collections.ConfigDict) -> Data:
           f'[{split.labels.min()}, {split.labels.max()}], not [0, '
           f'{num_classes}); check the files in config.dataset.data_dir='
           f'{dc.data_dir!r}.')
+  # Each random choice below has its own stream, fixed by config.seed.
   if dc.train_subset > 0:
-    # A fixed random subset (seeded by config.seed), e.g. for quick studies.
-    rng = np.random.default_rng(config.seed)
-    keep = np.sort(rng.permutation(len(train))[:dc.train_subset])
-    train = Split(train.images[keep], train.labels[keep])
+    # A fixed random subset, e.g. for quick studies.
+    rng = np.random.default_rng([config.seed, 0])
+    train = _take(train, np.sort(rng.permutation(len(train))[
+        :dc.train_subset]))
+  if dc.label_noise > 0:
+    train = _symmetric_label_noise(train, dc.label_noise, num_classes,
+                                   np.random.default_rng([config.seed, 1]))
+  validation = None
+  if dc.validation_size > 0:
+    order = np.random.default_rng([config.seed, 2]).permutation(len(train))
+    validation = _take(train, np.sort(order[:dc.validation_size]))
+    train = _take(train, np.sort(order[dc.validation_size:]))
   pixels = train.images.reshape(-1, train.images.shape[-1]) / 255.0
-  logging.info('Loaded %s: %d train, %d test examples of shape %s.', dc.name,
-               len(train), len(test), train.images.shape[1:])
+  logging.info('Loaded %s: %d train, %d validation, %d test examples of '
+               'shape %s.', dc.name, len(train),
+               len(validation) if validation else 0, len(test),
+               train.images.shape[1:])
   return Data(train=train, test=test, num_classes=num_classes,
-              mean=pixels.mean(0).astype(np.float32),
+              validation=validation, mean=pixels.mean(0).astype(np.float32),
               std=pixels.std(0).astype(np.float32))
+
+
+def _take(split: Split, indices: np.ndarray) -> Split:
+  return Split(split.images[indices], split.labels[indices])
+
+
+def _symmetric_label_noise(split: Split, fraction: float, num_classes: int,
+                           rng: np.random.Generator) -> Split:
+  """Gives a random `fraction` of the examples a wrong, uniform label.
+
+  Exactly round(fraction * N) labels change, each to one of the other
+  classes with equal probability (the symmetric noise of the SAM paper's
+  Table 4).
+  """
+  noisy = rng.choice(len(split), round(fraction * len(split)), replace=False)
+  labels = split.labels.copy()
+  shift = rng.integers(1, num_classes, len(noisy))
+  labels[noisy] = (labels[noisy] + shift) % num_classes
+  return Split(split.images, labels)
 
 
 def _synthetic(dc) -> tuple[Split, Split, int]:
@@ -196,16 +235,43 @@ def _normalize(images: tf.Tensor, data: Data) -> tf.Tensor:
   return (tf.cast(images, tf.float32) / 255.0 - data.mean) / data.std
 
 
-def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str) -> tf.Tensor:
-  """Seeded (stateless) augmentation of one uint8 image."""
+def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str,
+             data: Data, cutout_size: int) -> tf.Tensor:
+  """Seeded (stateless) augmentation of one uint8 image, then normalization."""
   if kind == 'none':
-    return image
-  height, width, _ = image.shape
-  crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 2))
+    return _normalize(image, data)
+  crop_seed, flip_seed, other_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
   padded = tf.pad(image, [[_CROP_PADDING] * 2, [_CROP_PADDING] * 2, [0, 0]])
   image = tf.image.stateless_random_crop(padded, image.shape, crop_seed)
-  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if kind == 'crop_brightness':
+    image = tf.cast(image, tf.float32) / 255.0
+    image = tf.image.stateless_random_brightness(
+        image, _MAX_BRIGHTNESS_DELTA, other_seed)
+    return _normalize(tf.clip_by_value(image, 0.0, 1.0) * 255.0, data)
+  image = _normalize(
+      tf.image.stateless_random_flip_left_right(image, flip_seed), data)
+  if kind == 'basic_cutout':
+    image = _cutout(image, cutout_size, other_seed)
+  return image
+
+
+def _cutout(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+  """Zeroes (the mean, after normalization) a size x size square.
+
+  The centre is uniform over the image, so the square may be cut by the
+  border, as in DeVries & Taylor (2017).
+  """
+  height, width, _ = image.shape
+  # A uniform point of the unit square, scaled: maxval must be a scalar.
+  center = tf.cast(tf.random.stateless_uniform([2], seed) *
+                   tf.constant([height, width], tf.float32), tf.int32)
+  top, left = center[0] - size // 2, center[1] - size // 2
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  inside = ((rows >= top) & (rows < top + size) &
+            (cols >= left) & (cols < left + size))
+  return tf.where(inside[:, :, None], 0.0, image)
 
 
 def steps_per_epoch(data: Data, global_batch_size: int) -> int:
@@ -245,8 +311,9 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
 
   def example(epoch, index):
     aug_seed = tf.stack([seed, epoch * n + index])
-    image = _augment(tf.gather(images, index), aug_seed, config.dataset.augment)
-    return _normalize(image, data), tf.gather(labels, index)
+    image = _augment(tf.gather(images, index), aug_seed,
+                     config.dataset.augment, data, config.dataset.cutout_size)
+    return image, tf.gather(labels, index)
 
   start_epoch, offset = divmod(start_step, epoch_steps)
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_indices)
@@ -256,13 +323,15 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def num_eval_steps(data: Data, global_batch_size: int) -> int:
-  return -(-len(data.test) // global_batch_size)
+def num_eval_steps(data: Data, global_batch_size: int,
+                   split: str = 'test') -> int:
+  return -(-len(getattr(data, split)) // global_batch_size)
 
 
 def eval_dataset(data: Data, config: ml_collections.ConfigDict,
-                 input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-  """The test set, each example exactly once, padded to full batches.
+                 input_context: tf.distribute.InputContext,
+                 split: str = 'test') -> tf.data.Dataset:
+  """A split ('test' or 'validation'), each example once, in full batches.
 
   Returns:
     Per-replica batches of (images, labels, mask); mask is 0 on padding, so
@@ -272,13 +341,15 @@ def eval_dataset(data: Data, config: ml_collections.ConfigDict,
   pipeline = input_context.input_pipeline_id
   per_replica = input_context.get_per_replica_batch_size(
       config.eval_batch_size)
-  steps = num_eval_steps(data, config.eval_batch_size)
+  steps = num_eval_steps(data, config.eval_batch_size, split)
   padded_size = steps * config.eval_batch_size // num_pipelines
-  images = data.test.images[pipeline::num_pipelines]
-  labels = data.test.labels[pipeline::num_pipelines]
+  images = getattr(data, split).images[pipeline::num_pipelines]
+  labels = getattr(data, split).labels[pipeline::num_pipelines]
   pad = padded_size - len(labels)
-  mask = np.concatenate([np.ones(len(labels)), np.zeros(pad)]).astype(np.float32)
-  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  mask = np.concatenate([np.ones(len(labels)), np.zeros(pad)]).astype(
+      np.float32)
+  images = np.concatenate(
+      [images, np.zeros((pad,) + images.shape[1:], images.dtype)])
   labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
   ds = tf.data.Dataset.from_tensor_slices((images, labels, mask))
   ds = ds.map(lambda x, y, m: (_normalize(x, data), y, m),

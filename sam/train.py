@@ -91,6 +91,12 @@ def validate_config(config: ml_collections.ConfigDict,
                 'checkpoint_every_steps'):
     check(config[field] == -1 or config[field] >= 1, field, config[field],
           'it must be >= 1, or -1 for once per epoch')
+  check(0 <= config.dataset.label_noise < 1, 'dataset.label_noise',
+        config.dataset.label_noise, 'it must be in [0, 1)')
+  check(config.dataset.validation_size >= 0, 'dataset.validation_size',
+        config.dataset.validation_size, 'it must be >= 0')
+  check(config.dataset.cutout_size >= 1, 'dataset.cutout_size',
+        config.dataset.cutout_size, 'it must be >= 1')
   check(config.dataset.train_subset == -1 or
         config.dataset.train_subset >= config.batch_size,
         'dataset.train_subset', config.dataset.train_subset,
@@ -316,13 +322,15 @@ class Trainer:
                       'train/grad_norm': sums['grad_norm'] / steps})
     return metrics
 
-  def evaluate(self, dataset, num_steps: int) -> dict[str, float]:
+  def evaluate(self, dataset, num_steps: int,
+               prefix: str = 'eval') -> dict[str, float]:
+    """Loss and accuracy over a padded eval dataset (see input_pipeline)."""
     self.eval_sums.assign(tf.zeros_like(self.eval_sums))
     self.eval_loop(iter(dataset), tf.constant(num_steps))
     sums = dict(zip(_EVAL_FIELDS, self.eval_sums.numpy().tolist()))
-    return {'eval/loss': sums['loss'] / sums['examples'],
-            'eval/accuracy': sums['correct'] / sums['examples'],
-            'eval/examples': sums['examples']}
+    return {f'{prefix}/loss': sums['loss'] / sums['examples'],
+            f'{prefix}/accuracy': sums['correct'] / sums['examples'],
+            f'{prefix}/examples': sums['examples']}
 
 
 # Fields that change the model, the data stream or the optimizer's state: a
@@ -481,9 +489,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       every_secs=config.progress_every_secs)
   train_iter = iter(strategy.distribute_datasets_from_function(
       lambda ctx: input_pipeline.train_dataset(data, config, ctx, step)))
-  eval_ds = strategy.distribute_datasets_from_function(
-      lambda ctx: input_pipeline.eval_dataset(data, config, ctx))
-  eval_steps = input_pipeline.num_eval_steps(data, config.eval_batch_size)
+  # (summary prefix, split): the test set, and the validation split if any.
+  eval_splits = [('eval', 'test')] + (
+      [('val', 'validation')] if data.validation else [])
+  eval_sets = [
+      (prefix, strategy.distribute_datasets_from_function(
+          lambda ctx, split=split: input_pipeline.eval_dataset(
+              data, config, ctx, split)),
+       input_pipeline.num_eval_steps(data, config.eval_batch_size, split))
+      for prefix, split in eval_splits]
+
+  def evaluate():
+    metrics = {}
+    for prefix, dataset, steps in eval_sets:
+      metrics.update(trainer.evaluate(dataset, steps, prefix))
+    return metrics
+
 
   log_every = _every(config.log_every_steps, steps_per_epoch)
   eval_every = _every(config.eval_every_steps, steps_per_epoch)
@@ -513,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         train_metrics = trainer.read_train_metrics()
         writer.write_scalars(step, train_metrics)
       if step % eval_every == 0 or step == total_steps:
-        eval_metrics = trainer.evaluate(eval_ds, eval_steps)
+        eval_metrics = evaluate()
         writer.write_scalars(step, eval_metrics)
       if (step % ckpt_every == 0 or step == total_steps or
           sigterm.requested) and saved_step != step:
@@ -528,7 +549,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return {'step': step, 'preempted': True}
   if not eval_metrics:
     # Resumed a finished run: evaluate the final weights again.
-    eval_metrics = trainer.evaluate(eval_ds, eval_steps)
+    eval_metrics = evaluate()
   writer.flush()
 
   results = {'step': step, **train_metrics, **eval_metrics,

@@ -109,3 +109,56 @@ def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
     input_pipeline.load(config)
   assert str(tmp_path) in str(e.value)
   assert 'config.dataset.download' in str(e.value)
+
+
+def test_label_noise_flips_exactly_the_fraction_of_train_labels():
+  clean = input_pipeline.load(tiny_config(**{
+      'dataset.synthetic_train_size': 1000}))
+  config = tiny_config(**{'dataset.synthetic_train_size': 1000,
+                          'dataset.label_noise': 0.4})
+  noisy = input_pipeline.load(config)
+  changed = noisy.train.labels != clean.train.labels
+  assert changed.sum() == 400  # Every changed label is a wrong class.
+  np.testing.assert_array_equal(noisy.train.images, clean.train.images)
+  np.testing.assert_array_equal(noisy.test.labels, clean.test.labels)
+  # Symmetric: the wrong labels spread over all other classes.
+  assert len(np.unique(noisy.train.labels[changed])) == 10
+  again = input_pipeline.load(config)
+  np.testing.assert_array_equal(again.train.labels, noisy.train.labels)
+
+
+def test_validation_split_is_held_out_and_evaluated_once():
+  config = tiny_config(**{'dataset.validation_size': 24})
+  data = input_pipeline.load(config)
+  assert len(data.validation) == 24 and len(data.train) == 64 - 24
+  whole = sorted(map(bytes, input_pipeline.load(tiny_config()).train.images))
+  parts = sorted(map(bytes, np.concatenate(
+      [data.train.images, data.validation.images])))
+  assert whole == parts
+  ds = input_pipeline.eval_dataset(data, config, _context(), 'validation')
+  assert sum(m.numpy().sum() for _, _, m in ds) == 24
+
+
+def test_cutout_zeroes_one_square():
+  config = tiny_config(**{'dataset.augment': 'basic_cutout',
+                          'dataset.cutout_size': 4,
+                          'dataset.synthetic_image_shape': (16, 16, 3)})
+  data = input_pipeline.load(config)
+  images, _ = next(iter(input_pipeline.train_dataset(data, config,
+                                                     _context())))
+  zero = np.all(images.numpy() == 0, axis=-1)  # [batch, 16, 16]
+  for mask in zero:
+    rows, cols = np.nonzero(mask)
+    assert 1 <= len(rows) <= 16  # At most 4x4, cut by the border.
+    assert rows.max() - rows.min() < 4 and cols.max() - cols.min() < 4
+
+
+def test_crop_brightness_changes_brightness_deterministically():
+  config = tiny_config(**{'dataset.augment': 'crop_brightness'})
+  data = input_pipeline.load(config)
+  a = next(iter(input_pipeline.train_dataset(data, config, _context())))[0]
+  b = next(iter(input_pipeline.train_dataset(data, config, _context())))[0]
+  np.testing.assert_array_equal(a, b)
+  plain = next(iter(input_pipeline.train_dataset(
+      data, tiny_config(), _context())))[0]
+  assert not np.allclose(a, plain)

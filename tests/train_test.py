@@ -330,3 +330,11 @@ def test_xla_step_matches_graph_step(model):
                              rtol=1e-4)
   for key, value in results['false'][2].items():
     assert results['true'][2][key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_validation_metrics_are_logged(tmp_path):
+  config = tiny_config(**{'dataset.validation_size': 16,
+                          'num_train_steps': 2})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['val/examples'] == 16 and results['eval/examples'] == 40
+  assert 'val/accuracy' in _scalars(str(tmp_path))
