@@ -68,6 +68,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Share one perturbation across replicas (the ascent gradient is summed
   # over all replicas); False perturbs each replica with its own gradient.
   config.sam.sync_perturbation = True
+  # GSAM (Zhuang et al. 2022): descend along h - alpha * f_perp (the clean
+  # gradient's part orthogonal to the SAM gradient); 0 is SAM. They use 0.1+.
+  config.sam.gsam_alpha = 0.0
+  # m-sharpness (SAM paper, section 4.1): one perturbation per micro-batch of
+  # this many examples inside each replica; 0 uses the whole replica batch.
+  config.sam.micro_batch_size = 0
+  # Run SAM every k-th step and the plain base optimizer in between, for
+  # about (k + 1) / (2k) of SAM's cost; 1 is SAM at every step.
+  config.sam.every_k_steps = 1
 
   config.optimizer = ml_collections.ConfigDict()
   # 'sgd' (with momentum, optionally Nesterov) or 'adam'.

@@ -13,6 +13,9 @@ then updates w (never w + eps) with g_SAM. Everything is functional: the
 weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
+Variants: ASAM (`adaptive`), GSAM (`gsam_alpha`), m-sharpness per replica
+(`sync_perturbation=False`) or per micro-batch (`micro_batch_sam_step`).
+
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
 Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
@@ -102,6 +105,45 @@ def perturbation(
   return eps, norm
 
 
+def surrogate_gap_guided(
+    clean: Sequence[tf.Tensor],
+    clean_total: Sequence[tf.Tensor],
+    perturbed: Sequence[tf.Tensor],
+    alpha: float,
+    ctx: tf.distribute.ReplicaContext | None,
+) -> list[tf.Tensor]:
+  """GSAM's descent direction (Zhuang et al., ICLR 2022).
+
+  With f = grad L(w) and h = grad L(w + eps) over the whole batch, the
+  surrogate gap L(w + eps) - L(w) is reduced without raising L(w + eps) by
+  adding the part of f orthogonal to h, ascending on it:
+
+    f_perp = f - (f.h / ||h||^2) h,     d = h - alpha * f_perp.
+
+  The rule is linear in (f, h) once the scalar f.h / ||h||^2 is known, so each
+  replica applies it to its own parts (the optimizer sums them) with that
+  scalar taken from the cross-replica totals.
+
+  Args:
+    clean: this replica's f, per param.
+    clean_total: f summed over the replicas that share eps.
+    perturbed: this replica's h, per param.
+    alpha: GSAM's alpha; 0 is SAM.
+    ctx: the replica context to sum h over, or None for a local rule.
+
+  Returns:
+    This replica's share of d, per param.
+  """
+  perturbed_total = perturbed
+  if ctx is not None:
+    perturbed_total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, perturbed)
+  dot = tf.add_n([tf.reduce_sum(f * h)
+                  for f, h in zip(clean_total, perturbed_total)])
+  coef = dot / (tf.add_n([tf.reduce_sum(tf.square(h))
+                          for h in perturbed_total]) + _EPSILON)
+  return [h - alpha * (f - coef * h) for f, h in zip(clean, perturbed)]
+
+
 def sam_step(
     loss_fn: LossFn,
     params: Sequence[tf.Tensor],
@@ -109,6 +151,7 @@ def sam_step(
     adaptive: bool = False,
     sync_perturbation: bool = True,
     eta: float = 0.0,
+    gsam_alpha: float = 0.0,
 ) -> SAMOutput:
   """Like `sam_gradients`, and also returns the perturbed loss and ||g||.
 
@@ -129,7 +172,46 @@ def sam_step(
   # its second-order term), and w + eps is a new tensor, not a new variable.
   perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]
   perturbed_loss, sam_grads, _ = _value_and_grad(loss_fn, perturbed)
+  if gsam_alpha:
+    sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
+                                     ctx)
   return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm)
+
+
+def micro_batch_sam_step(
+    loss_fns: Sequence[LossFn],
+    params: Sequence[tf.Tensor],
+    rho: float | tf.Tensor,
+    **kwargs,
+) -> SAMOutput:
+  """m-sharpness: one perturbation per micro-batch (SAM paper, section 4.1).
+
+  Each `loss_fns[i]` is the loss of micro-batch i (its share of the
+  global-batch loss, so the sum over micro-batches is the replica's loss).
+  Micro-batch i ascends with its own gradient, eps_i = rho g_i / ||g_i||,
+  and contributes grad L_i(w + eps_i); the results are summed. Smaller
+  micro-batches measure (and minimize) a sharper, more local notion of
+  sharpness; the paper finds m = 32..128 generalizes best.
+
+  Args:
+    loss_fns: one pure loss function of the params per micro-batch.
+    params: the trainable values.
+    rho: the neighbourhood radius.
+    **kwargs: further `sam_step` arguments (adaptive, eta, gsam_alpha);
+      sync_perturbation is False by definition.
+
+  Returns:
+    The summed loss, perturbed loss and gradients; the mean of the
+    micro-batches' gradient norms; and the list of their auxes.
+  """
+  outs = [sam_step(fn, params, rho, sync_perturbation=False, **kwargs)
+          for fn in loss_fns]
+  return SAMOutput(
+      loss=tf.add_n([o.loss for o in outs]),
+      grads=[tf.add_n(g) for g in zip(*[o.grads for o in outs])],
+      aux=[o.aux for o in outs],
+      perturbed_loss=tf.add_n([o.perturbed_loss for o in outs]),
+      grad_norm=tf.add_n([o.grad_norm for o in outs]) / len(outs))
 
 
 def sam_gradients(
@@ -139,6 +221,7 @@ def sam_gradients(
     adaptive: bool = False,
     sync_perturbation: bool = True,
     eta: float = 0.0,
+    gsam_alpha: float = 0.0,
 ) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
   """SAM gradients: the gradient at params + eps, for any base optimizer.
 
@@ -168,11 +251,14 @@ def sam_gradients(
       False: each replica perturbs with its own gradient (m-sharpness with m
       the per-replica batch).
     eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
+    gsam_alpha: GSAM (Zhuang et al. 2022): descend along
+      h - alpha * f_perp instead of h (see `surrogate_gap_guided`); 0 is SAM.
 
   Returns:
     (loss, grads, aux): the loss at params, the SAM gradients (per replica,
     for a Keras optimizer to sum across replicas) and the first pass's aux.
   """
   out = sam_step(loss_fn, params, rho, adaptive=adaptive,
-                 sync_perturbation=sync_perturbation, eta=eta)
+                 sync_perturbation=sync_perturbation, eta=eta,
+                 gsam_alpha=gsam_alpha)
   return out.loss, out.grads, out.aux

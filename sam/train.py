@@ -70,10 +70,19 @@ def validate_config(config: ml_collections.ConfigDict,
   one_of('schedule.name', config.schedule.name, SCHEDULES)
   one_of('strategy', config.strategy, distribute.STRATEGIES)
   one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
-  for field in ('sam.rho', 'sam.eta', 'optimizer.weight_decay',
+  for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha',
+                'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
     check(value >= 0, field, value, 'it must be >= 0')
+  sc = config.sam
+  check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
+        'it must be >= 1 (1 runs SAM at every step)')
+  per_replica = config.batch_size // max(num_replicas, 1)
+  check(sc.micro_batch_size == 0 or (
+      sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
+        'sam.micro_batch_size', sc.micro_batch_size,
+        f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
   check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
         config.schedule.learning_rate, 'it must be > 0')
   check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
@@ -219,11 +228,21 @@ class Trainer:
   def step(self) -> int:
     return int(self.optimizer.iterations.numpy())
 
-  def _loss_fn(self, images, labels, state):
-    """The replica's share of the global-batch loss, as a function of params."""
+  def _loss_fn(self, images, labels, state, l2_share):
+    """A share of the global-batch loss, as a function of params.
+
+    Args:
+      images: this replica's (micro-)batch.
+      labels: its labels.
+      state: the non-trainable values (batch-norm statistics, seeds).
+      l2_share: the fraction of the L2 term this (micro-)batch carries, so
+        that the shares of all replicas and micro-batches sum to one.
+
+    Returns:
+      loss_fn(params) -> (loss, (logits, new_state)).
+    """
     config = self.config
     decayed = _decayed(self.model.trainable_variables)
-    num_replicas = self.strategy.num_replicas_in_sync
     smoothing = config.optimizer.label_smoothing
     targets = tf.one_hot(labels, self.num_classes)
     targets = targets * (1 - smoothing) + smoothing / self.num_classes
@@ -235,11 +254,9 @@ class Trainer:
       per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
       loss = tf.reduce_sum(per_example) / config.batch_size
       if self.l2:
-        # Each replica adds its 1/R share, so the sum over replicas is the
-        # full L2 term of the global-batch loss.
         l2 = tf.add_n([tf.reduce_sum(tf.square(p))
                        for p, d in zip(params, decayed) if d])
-        loss += 0.5 * self.l2 * l2 / num_replicas
+        loss += 0.5 * self.l2 * l2 * l2_share
       return loss, (logits, new_state)
 
     return loss_fn
@@ -251,12 +268,7 @@ class Trainer:
     ctx = tf.distribute.get_replica_context()
     num_replicas = ctx.num_replicas_in_sync
     model = self.model
-    state = [v.value for v in model.non_trainable_variables]
-    out = sam_lib.sam_step(
-        self._loss_fn(images, labels, state),
-        [v.value for v in model.trainable_variables], config.sam.rho,
-        adaptive=config.sam.adaptive,
-        sync_perturbation=config.sam.sync_perturbation, eta=config.sam.eta)
+    out = self._gradients(images, labels)
     logits, new_state = out.aux
     if new_state:
       # Batch-norm moving statistics come from the first pass only. Replicas
@@ -283,6 +295,48 @@ class Trainer:
                       out.grad_norm / num_replicas, correct, count,
                       1.0 / num_replicas])
     self.train_sums.assign_add(ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
+
+  def _gradients(self, images, labels) -> sam_lib.SAMOutput:
+    """The SAM variant of config.sam, at this replica's batch.
+
+    Returns:
+      The SAM output, whose aux is (logits, new non-trainable state).
+    """
+    sc = self.config.sam
+    model = self.model
+    num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    state = [v.value for v in model.non_trainable_variables]
+    params = [v.value for v in model.trainable_variables]
+    kwargs = dict(adaptive=sc.adaptive, eta=sc.eta, gsam_alpha=sc.gsam_alpha)
+
+    def sam():
+      if sc.micro_batch_size:
+        chunks = images.shape[0] // sc.micro_batch_size
+        fns = [self._loss_fn(x, y, state, 1 / (num_replicas * chunks))
+               for x, y in zip(tf.split(images, chunks),
+                               tf.split(labels, chunks))]
+        out = sam_lib.micro_batch_sam_step(fns, params, sc.rho, **kwargs)
+        logits = tf.concat([a[0] for a in out.aux], 0)
+        # Each micro-batch updated the statistics from the same start; their
+        # mean is what one pass over the replica's batch gives, to first order.
+        new_state = [tf.add_n(s) / chunks
+                     for s in zip(*[a[1] for a in out.aux])]
+        return out._replace(aux=(logits, new_state))
+      return sam_lib.sam_step(
+          self._loss_fn(images, labels, state, 1 / num_replicas), params,
+          sc.rho, sync_perturbation=sc.sync_perturbation, **kwargs)
+
+    if sc.every_k_steps == 1 or not sc.rho:
+      return sam()
+
+    def plain():
+      return sam_lib.sam_step(
+          self._loss_fn(images, labels, state, 1 / num_replicas), params, 0.0)
+
+    # Every replica takes the same branch (the step is mirrored), so the
+    # all-reduce inside the SAM branch is matched on every replica.
+    return tf.cond(
+        tf.equal(self.optimizer.iterations % sc.every_k_steps, 0), sam, plain)
 
   def _train_loop(self, iterator, num_steps):
     for _ in tf.range(num_steps):

@@ -170,3 +170,59 @@ def test_works_under_tf_function_without_strategy():
   for got, ref in zip(fn(tf.constant(w), tf.constant(b)),
                       _np_sam(x, y, w, b, 0.5)):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def _np_gsam(x, y, w, b, rho, alpha):
+  f = _np_grad(x, y, w, b, len(y))
+  h = _np_sam(x, y, w, b, rho)
+  flat_f = np.concatenate([a.ravel() for a in f])
+  flat_h = np.concatenate([a.ravel() for a in h])
+  coef = flat_f @ flat_h / (flat_h @ flat_h)
+  return [hi - alpha * (fi - coef * hi) for fi, hi in zip(f, h)]
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+def test_gsam_matches_numpy(mirrored, num_replicas):
+  x, y, w, b = _problem()
+  strategy = mirrored(num_replicas)
+  per_replica = BATCH // num_replicas
+  shards = strategy.experimental_distribute_values_from_function(
+      lambda ctx: (x[ctx.replica_id_in_sync_group * per_replica:][
+          :per_replica], y[ctx.replica_id_in_sync_group * per_replica:][
+              :per_replica]))
+
+  @tf.function
+  def run(shard):
+    def replica_fn(shard):
+      xs, ys = shard
+      return sam.sam_gradients(
+          _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
+          rho=0.5, gsam_alpha=0.3)[1]
+    grads = strategy.run(replica_fn, args=(shard,))
+    return [strategy.reduce('SUM', g, axis=None) for g in grads]
+
+  want = _np_gsam(x, y, w, b, 0.5, 0.3)
+  for got, ref in zip(run(shards), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # The reference is not plain SAM.
+  assert np.abs(want[0] - _np_sam(x, y, w, b, 0.5)[0]).max() > 1e-4
+
+
+def test_micro_batches_perturb_separately():
+  x, y, w, b = _problem()
+  fns = [_loss_fn(x[i:i + 4], y[i:i + 4], BATCH) for i in (0, 4)]
+  out = sam.micro_batch_sam_step(fns, [tf.constant(w), tf.constant(b)],
+                                 rho=0.5)
+  want = [0, 0]
+  for i in (0, 4):
+    xs, ys = x[i:i + 4], y[i:i + 4]
+    g = _np_grad(xs, ys, w, b, BATCH)
+    norm = np.sqrt(sum((gi**2).sum() for gi in g))
+    part = _np_grad(xs, ys, w + 0.5 * g[0] / norm, b + 0.5 * g[1] / norm,
+                    BATCH)
+    want = [a + p for a, p in zip(want, part)]
+  for got, ref in zip(out.grads, want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.loss, _loss_fn(x, y, BATCH)([w, b])[0],
+                             rtol=1e-6)
+  assert len(out.aux) == 2

@@ -73,8 +73,11 @@ def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _manual_sam_sgd(config, steps):
-  """SAM + SGD computed another way: perturb Keras variables in place."""
+def _manual_sam_sgd(config, steps, sam_steps=None):
+  """SAM + SGD computed another way: perturb Keras variables in place.
+
+  `sam_steps` lists the steps that use SAM (default: all).
+  """
   data = input_pipeline.load(config)
   keras.utils.set_random_seed(config.seed)
   from sam import models  # pylint: disable=g-import-not-at-top
@@ -93,13 +96,13 @@ def _manual_sam_sgd(config, steps):
         tf.reduce_sum(v**2) for v in model.trainable_variables
         if len(v.shape) > 1)
 
-  for _ in range(steps):
+  for step in range(steps):
     images, labels = next(batches)
     with tf.GradientTape() as tape:
       loss = loss_of(images, labels)
     grads = tape.gradient(loss, model.trainable_variables)
     saved = [v.numpy() for v in model.trainable_variables]
-    if rho:
+    if rho and (sam_steps is None or step in sam_steps):
       norm = tf.linalg.global_norm(grads)
       for v, g in zip(model.trainable_variables, grads):
         v.assign_add(rho * g / norm)
@@ -338,3 +341,40 @@ def test_validation_metrics_are_logged(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results['val/examples'] == 16 and results['eval/examples'] == 40
   assert 'val/accuracy' in _scalars(str(tmp_path))
+
+
+def test_sam_every_k_steps_alternates_with_plain_steps():
+  config = tiny_config(**{'sam.rho': 0.1, 'optimizer.momentum': 0.0,
+                          'sam.every_k_steps': 2})
+  trainer = _train(config, tf.distribute.get_strategy(), 4)
+  for got, want in zip(_values(trainer.model.trainable_variables),
+                       _manual_sam_sgd(config, 4, sam_steps=(0, 2))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('num_replicas', [2, 4])
+def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
+                                                         num_replicas):
+  """m = 4: the same 4-example micro-batches, however they are placed."""
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.micro_batch_size': 4,
+                          'model.name': 'resnet20'})
+  one = _train(config, mirrored(1), 2)
+  many_strategy = mirrored(num_replicas)
+  many = _train(config, many_strategy, 2)
+  for a, b in zip(_values(one.model.trainable_variables),
+                  _values(many.model.trainable_variables, 0, many_strategy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  plain = _train(tiny_config(**{'sam.rho': 0.1, 'model.name': 'resnet20'}),
+                 mirrored(1), 2)
+  assert not np.allclose(_values(one.model.trainable_variables)[0],
+                         _values(plain.model.trainable_variables)[0])
+
+
+def test_gsam_runs_in_the_trainer(mirrored):
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.gsam_alpha': 0.2})
+  one = _train(config, mirrored(1), 2)
+  two_strategy = mirrored(2)
+  two = _train(config, two_strategy, 2)
+  for a, b in zip(_values(one.model.trainable_variables),
+                  _values(two.model.trainable_variables, 0, two_strategy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
