@@ -97,5 +97,10 @@ def _mirror_log(workdir: str, chief: bool) -> _GFileHandler:
   return handler
 
 
-if __name__ == '__main__':
+def run():
+  """The `sam-train` console script of `pip install .`."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

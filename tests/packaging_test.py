@@ -60,3 +60,14 @@ def test_cpu_path_pins_a_supported_tensorflow():
   tf_lines = [r for r in _requirements('requirements-cpu.txt')
               if _name(r) == 'tensorflow']
   assert tf_lines == ['tensorflow>=2.20,<2.22']
+
+
+def test_pyproject_dependencies_match_requirements():
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    project = tomllib.load(f)['project']
+  assert sorted(project['dependencies']) == sorted(
+      _requirements('requirements.txt'))
+  extras = project['optional-dependencies']
+  assert extras['cpu'] == ['tensorflow>=2.20,<2.22']
+  assert [_name(r) for r in extras['tpu']] == ['tensorflow-tpu']
