@@ -1,0 +1,245 @@
+"""SAM for Keras 3 `fit`: a model wrapper whose `train_step` is SAM.
+
+  with strategy.scope():
+    model = sam.models.get_model('resnet20', 10, (32, 32, 3))
+    sam_model = SAMModel(model, rho=0.05)
+    sam_model.compile(
+        optimizer='adam',
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=['accuracy'])
+  sam_model.fit(x, y, validation_split=0.1, callbacks=[...])
+
+The SAM rule itself is `sam.sam.sam_step`, the same function the custom
+training loop (`sam.train`) calls; this module only feeds it a loss and
+applies what it returns, the Keras way. Keras 3 has no SAM of its own (the
+Keras 2 `SharpnessAwareMinimization` model lives on only in `tf_keras`).
+
+Why a wrapper, `SAMModel(model)`, and not a `train_step` mix-in: it is the
+shape of the original TF 2 SAM notebook and of Keras 2's
+`SharpnessAwareMinimization(model, rho)`, so code written for either ports by
+changing one line; it takes any Keras model (functional, `Sequential`,
+subclassed, the `sam.models` zoo) without a new class per model, which a
+functional model could not get from a mix-in without being rebuilt; and the
+wrapped model stays a plain Keras model that `sam_model.model` hands back for
+export, inference or a later run without SAM.
+"""
+
+import numbers
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from sam import sam as sam_lib
+
+__all__ = ['SAMModel']
+
+
+def _check(ok: bool, argument: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f'SAMModel: {argument}={value!r} is invalid: {allowed}.')
+
+
+def _is_number(value: Any) -> bool:
+  # bool is an int to Python, but rho=True is a bug, not a radius of 1.
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@keras.saving.register_keras_serializable(package='sam')
+class SAMModel(keras.Model):
+  """Wraps a Keras model so that `fit` trains it with SAM (or ASAM).
+
+  Build the model and the wrapper under the strategy's scope, then compile
+  and fit the wrapper as any Keras model: metrics, `validation_data` or
+  `validation_split`, `class_weight`, `sample_weight`, callbacks
+  (`ModelCheckpoint`, `EarlyStopping`, `ReduceLROnPlateau`, `TensorBoard`),
+  `steps_per_execution` and `jit_compile` all work; `evaluate` and `predict`
+  run the wrapped model. Each training step:
+
+  1. evaluates the compiled loss (with `add_loss` and regularizer terms and
+     the sample weights) at the weights w, and its gradient g, through
+     `keras.StatelessScope`, so no variable is touched;
+  2. perturbs to w + eps, eps = rho g / ||g|| (ASAM: rho T^2 g / ||T g||),
+     with g summed across replicas first (`sync_perturbation`), exactly as
+     `sam.sam.sam_step` does in the custom loop;
+  3. hands the gradient at w + eps to the compiled optimizer, which updates
+     w (never w + eps; the variables never hold w + eps, so no callback,
+     checkpoint or `save` can see it);
+  4. keeps the batch-norm moving statistics (and any other state) of the
+     first pass only, averaged across replicas so every copy stays
+     identical, and updates the loss and metrics with the first pass: the
+     logged loss and accuracy are those at w.
+
+  Under a `tf.distribute` strategy Keras scales the compiled loss to each
+  replica's share of the global-batch loss and its optimizers sum the
+  replicas' gradients, so the update is that of SAM on the global batch.
+  Both passes run in training mode with the same dropout masks.
+
+  Saving: `sam_model.save('x.keras')` and `ModelCheckpoint` write the
+  wrapper (unperturbed weights, optimizer state, compile config);
+  `keras.saving.load_model('x.keras')` (with this module imported) gives a
+  `SAMModel` back, ready to resume, whose `.model` is the plain Keras model.
+  A weights file written by the wrapper loads into a plain model through a
+  fresh wrapper: `SAMModel(plain).load_weights('x.weights.h5')`. To export a
+  plain model, save `sam_model.model`.
+
+  XLA: `compile(jit_compile=True)` compiles both passes into one program.
+  On CPU, XLA cannot compile the cross-replica sum, so under a strategy with
+  several CPU replicas leave `jit_compile` at 'auto' (off under a strategy).
+
+  Clipping: a Keras optimizer's `clipnorm`/`global_clipnorm` clips each
+  replica's part of the gradient, not the summed gradient; under a strategy
+  with several replicas prefer `sam.train`, which clips the global norm.
+
+  Attributes:
+    model: the wrapped Keras model, whose variables are trained.
+    rho: the neighbourhood radius; 0 is the plain optimizer in one pass.
+    adaptive: whether the perturbation is ASAM's.
+    sync_perturbation: whether replicas share one perturbation.
+    eta: ASAM's offset.
+  """
+
+  def __init__(self, model: keras.Model, rho: float = 0.05,
+               adaptive: bool = False, sync_perturbation: bool = True,
+               eta: float = 0.01, **kwargs: Any):
+    """Wraps `model`.
+
+    Args:
+      model: the Keras 3 model to train, built or not (it is built on the
+        first batch if not).
+      rho: the neighbourhood radius, >= 0; 0 trains with the plain compiled
+        optimizer, one forward/backward pass per step. The paper's default
+        for SGD is 0.05; with Adam, much larger values (0.5 to 1) have paid
+        off, notably on noisy labels.
+      adaptive: ASAM (Kwon et al., 2021): eps = rho T^2 g / ||T g|| with
+        T = |w| + eta. ASAM's rho is typically 10x SAM's.
+      sync_perturbation: with several replicas, sum the ascent gradient
+        across replicas before its norm so every replica perturbs by the
+        same eps (SAM on the global batch). False: each replica perturbs with
+        its own gradient (m-sharpness, m = the per-replica batch).
+      eta: ASAM's offset, >= 0; ignored unless `adaptive`.
+      **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Raises:
+      TypeError: if `model` is not a Keras 3 model.
+      ValueError: naming the argument, if `rho` or `eta` is negative or not
+        a number, or `adaptive` or `sync_perturbation` is not a bool.
+    """
+    # Checked before anything is built: a bad argument fails here, not at
+    # the first trace inside `fit`.
+    if not isinstance(model, keras.Model):
+      raise TypeError(
+          f'SAMModel: model must be a Keras 3 model (keras.Model), got '
+          f'{type(model).__module__}.{type(model).__qualname__}.')
+    _check(_is_number(rho) and rho >= 0, 'rho', rho, 'it must be a number >= 0')
+    _check(_is_number(eta) and eta >= 0, 'eta', eta, 'it must be a number >= 0')
+    for name, value in (('adaptive', adaptive),
+                        ('sync_perturbation', sync_perturbation)):
+      _check(isinstance(value, bool), name, value, 'it must be True or False')
+    super().__init__(**kwargs)
+    self.model = model
+    # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
+    self.rho = float(rho)
+    self.adaptive = adaptive
+    self.sync_perturbation = sync_perturbation
+    self.eta = float(eta)
+    if model.built:
+      self.built = True
+
+  def call(self, inputs: Any, training: bool | None = None) -> Any:
+    return self.model(inputs, training=training)
+
+  def train_step(self, data: Any) -> dict[str, Any]:
+    """One SAM step on a (per-replica) batch; returns the metrics' results."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if not self.model.built:
+      # Without a strategy, Keras builds a model at the first trace of its
+      # step, but SAM needs the variables before its first pass. Building
+      # on symbolic inputs runs nothing and updates no state.
+      self.compute_output_spec(
+          tf.nest.map_structure(
+              lambda t: keras.KerasTensor(t.shape, t.dtype.name), x),
+          training=False)
+    ctx = tf.distribute.get_replica_context()
+    num_replicas = ctx.num_replicas_in_sync
+    trainable = self.trainable_variables
+    state_vars = self.non_trainable_variables
+    metric_vars = self.metrics_variables
+    state = [v.value for v in state_vars]
+
+    def loss_fn(params):
+      # Both passes start from the same state (batch-norm statistics, the
+      # dropout seed); `collect_losses` gathers `add_loss` terms and the
+      # scope maps regularizers to `params`, so they see w + eps too.
+      mapping = list(zip(trainable, params)) + list(zip(state_vars, state))
+      with keras.StatelessScope(state_mapping=mapping,
+                                collect_losses=True) as scope:
+        y_pred = self(x, training=True)
+        # Under a strategy, Keras scales this to the replica's share of the
+        # global-batch loss (sum over the replicas = the global loss).
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred,
+                                 sample_weight=sample_weight, training=True)
+      new_state = [scope.get_current_value(v) for v in state_vars]
+      # Per-output loss metrics of a multi-output model update inside the
+      # scope; None where nothing was updated.
+      new_metrics = [scope.get_current_value(v) for v in metric_vars]
+      # A LossScaleOptimizer's scale cancels in eps = rho g / ||g||.
+      return self.optimizer.scale_loss(loss), (loss, y_pred, new_state,
+                                               new_metrics)
+
+    out = sam_lib.sam_step(
+        loss_fn, [v.value for v in trainable], self.rho,
+        adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
+        eta=self.eta)
+    loss, y_pred, new_state, new_metrics = out.aux
+    self._assign_state(state_vars, new_state, ctx)
+    for variable, value in zip(metric_vars, new_metrics):
+      # Metric variables are per replica (ON_READ): each keeps its own.
+      if value is not None:
+        variable.assign(value)
+    # Keras 3 optimizers sum the per-replica gradients themselves.
+    self.optimizer.apply_gradients(zip(out.grads, trainable))
+    # As Keras's own train_step: the tracker averages per-replica means
+    # weighted by the replica batch, so undo the 1/R share scaling.
+    batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
+    self._loss_tracker.update_state(
+        loss * tf.cast(num_replicas, loss.dtype), sample_weight=batch_size)
+    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+  @staticmethod
+  def _assign_state(variables: list[keras.Variable], values: list[Any],
+                    ctx: tf.distribute.ReplicaContext) -> None:
+    """Assigns the first pass's state, identical on every replica."""
+    if ctx.num_replicas_in_sync > 1:
+      # Keras 3 variables have aggregation NONE: an assign in replica
+      # context writes only this replica's copy. Replicas saw different
+      # batches, so average the float state (moving statistics) first.
+      # Integer state (dropout seeds) advances identically everywhere.
+      floats = [i for i, v in enumerate(values) if v.dtype.is_floating]
+      if floats:
+        means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                               [values[i] for i in floats])
+        values = list(values)
+        for i, mean in zip(floats, means):
+          values[i] = mean
+    for variable, value in zip(variables, values):
+      variable.assign(value)
+
+  def get_config(self) -> dict[str, Any]:
+    return {
+        'name': self.name,
+        'trainable': self.trainable,
+        'model': keras.saving.serialize_keras_object(self.model),
+        'rho': self.rho,
+        'adaptive': self.adaptive,
+        'sync_perturbation': self.sync_perturbation,
+        'eta': self.eta,
+    }
+
+  @classmethod
+  def from_config(cls, config: dict[str, Any],
+                  custom_objects: dict[str, Any] | None = None) -> 'SAMModel':
+    config = dict(config)
+    model = keras.saving.deserialize_keras_object(
+        config.pop('model'), custom_objects=custom_objects)
+    return cls(model, **config)
