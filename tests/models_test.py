@@ -38,6 +38,15 @@ TRAINABLE_PARAMS = {
     'wrn16_4': 2_748_890,
     'wrn16_8': 10_961_370,
     'wrn28_10': 36_479_194,
+    # Hand counts in models_shake_test.py. PyramidNet widths truncated as
+    # in its paper; ShakeDrop adds no parameters.
+    'pyramidnet110_a48': 1_739_730,
+    'pyramidnet110_a48_shakedrop': 1_739_730,
+    'pyramidnet272_a200': 26_049_562,
+    'pyramidnet272_a200_shakedrop': 26_049_562,
+    'shake_shake_26_2x32d': 2_923_162,
+    'shake_shake_26_2x64d': 11_653_978,
+    'shake_shake_26_2x96d': 26_192_922,
 }
 
 # As the papers and the usual tables round them.
@@ -48,6 +57,15 @@ PARAMS_IN_MILLIONS = {
     'wrn16_4': 2.7,
     'wrn16_8': 11.0,
     'wrn28_10': 36.5,
+    # Han et al. (2017), CIFAR results.
+    'pyramidnet110_a48': 1.7,
+    'pyramidnet110_a48_shakedrop': 1.7,
+    'pyramidnet272_a200': 26.0,
+    'pyramidnet272_a200_shakedrop': 26.0,
+    # Gastaldi (2017), CIFAR-10 results.
+    'shake_shake_26_2x32d': 2.9,
+    'shake_shake_26_2x64d': 11.7,
+    'shake_shake_26_2x96d': 26.2,
 }
 
 # Cheap enough to run forward on CPU in a test.

@@ -4,9 +4,16 @@
 `config.model.name` holds; `MODELS` lists the names. All models output
 logits (no softmax), use bias-free He-normal convs before batch norm
 (momentum 0.9, epsilon 1e-5) and no kernel regularizer: weight decay is the
-trainer's business. The general builders are `resnet.resnet(depth, ...)`
-and `wide_resnet.wide_resnet(depth, width, ...)`. Every layer has a fixed
-name, so two models built in one process have the same weight paths.
+trainer's business. The general builders are `resnet.resnet(depth, ...)`,
+`wide_resnet.wide_resnet(depth, width, ...)`, `pyramidnet.pyramidnet(depth,
+alpha, ...)` and `shake_shake.shake_shake(depth, width, ...)`. Every layer
+has a fixed name, so two models built in one process have the same weight
+paths.
+
+ShakeDrop and Shake-Shake draw their per-example coefficients in training
+from seed generators whose states are non-trainable variables: the two SAM
+passes of a step, `model.stateless_call`s with the same state, draw the same
+coefficients, and the state returned by the first advances them.
 
   cnn                         a tiny convnet for quick CPU runs
   resnet20, resnet32,         CIFAR ResNets (He et al., 2016), option-A
@@ -14,6 +21,17 @@ name, so two models built in one process have the same weight paths.
   resnet20_b, resnet32_b,     the same with option-B (1x1 conv + BN
   resnet56_b                  projection) shortcuts
   wrn16_4, wrn16_8, wrn28_10  WideResNets (Zagoruyko & Komodakis, 2016)
+  pyramidnet110_a48,          PyramidNets (Han et al., 2017): 110 layers
+  pyramidnet272_a200          with basic blocks and alpha 48 (1.7M
+                              parameters); 272 with bottlenecks and alpha
+                              200 (26.0M)
+  pyramidnet110_a48_shakedrop,
+  pyramidnet272_a200_shakedrop
+                              the same with ShakeDrop (Yamada et al., 2018);
+                              the SAM paper's Table 1 trains the 272 one
+  shake_shake_26_2x32d,       Shake-Shake-Image ResNet-26s (Gastaldi, 2017)
+  shake_shake_26_2x64d,       with 2.9M, 11.7M and 26.2M parameters; the
+  shake_shake_26_2x96d        SAM paper's Table 1 trains 2x96d
 """
 
 import functools
@@ -23,8 +41,10 @@ import keras
 
 # Modules, not their builder functions: a package attribute named `resnet`
 # must stay the submodule. Importing `resnet` also registers its custom layer
-# for `keras.saving.load_model`.
+# for `keras.saving.load_model`, as do `pyramidnet` and `shake_shake`.
+from sam.models import pyramidnet
 from sam.models import resnet
+from sam.models import shake_shake
 from sam.models import simple
 from sam.models import wide_resnet
 
@@ -42,6 +62,17 @@ _REGISTRY: dict[str, _Builder] = {
     'wrn16_4': functools.partial(wide_resnet.wide_resnet, 16, 4),
     'wrn16_8': functools.partial(wide_resnet.wide_resnet, 16, 8),
     'wrn28_10': functools.partial(wide_resnet.wide_resnet, 28, 10),
+    'pyramidnet110_a48': functools.partial(
+        pyramidnet.pyramidnet, 110, 48, block='basic'),
+    'pyramidnet110_a48_shakedrop': functools.partial(
+        pyramidnet.pyramidnet, 110, 48, block='basic', shakedrop=True),
+    'pyramidnet272_a200': functools.partial(
+        pyramidnet.pyramidnet, 272, 200, block='bottleneck'),
+    'pyramidnet272_a200_shakedrop': functools.partial(
+        pyramidnet.pyramidnet, 272, 200, block='bottleneck', shakedrop=True),
+    'shake_shake_26_2x32d': functools.partial(shake_shake.shake_shake, 26, 32),
+    'shake_shake_26_2x64d': functools.partial(shake_shake.shake_shake, 26, 64),
+    'shake_shake_26_2x96d': functools.partial(shake_shake.shake_shake, 26, 96),
 }
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
