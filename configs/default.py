@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.decay_epochs = (60, 120, 160)
   config.schedule.decay_factor = 0.2
 
+  # Decay of an exponential moving average of the weights (and batch-norm
+  # statistics), evaluated beside them as ema_eval/*; 0 keeps none.
+  config.ema_decay = 0.0
+
   # Global batch size, split over all replicas.
   config.batch_size = 128
   # Global batch size of evaluation.

@@ -36,15 +36,6 @@ from sam import input_pipeline
 from sam import models
 from sam import train
 
-_MODELS = flags.DEFINE_list('models', ['resnet20_b'], 'Models to time.')
-_BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Steps per timed loop.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed loops per row.')
-_RHO = flags.DEFINE_float('rho', 0.05, 'SAM radius.')
-_XLA = flags.DEFINE_bool('xla', False, 'Also time XLA-compiled steps.')
-_KERAS2 = flags.DEFINE_bool('keras2', True, 'Time the tf_keras rows.')
-
-
 def _config(model: str, batch_size: int, **sam):
   config = default.get_config()
   config.dataset.name = 'synthetic'
@@ -240,10 +231,23 @@ def run_all(model_names, batch_size, steps, repeats, rho, xla=False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  print('\n'.join(run_all(_MODELS.value, _BATCH.value, _STEPS.value,
-                          _REPEATS.value, _RHO.value, _XLA.value,
-                          _KERAS2.value)))
+  f = flags.FLAGS
+  print('\n'.join(run_all(f.models, f.batch_size, f.steps, f.repeats, f.rho,
+                          f.xla, f.keras2)))
+
+
+def _define_flags():
+  # Defined only when run as a program, so that importing this module (in
+  # tests, beside other command-line modules) defines no flags.
+  flags.DEFINE_list('models', ['resnet20_b'], 'Models to time.')
+  flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
+  flags.DEFINE_integer('steps', 20, 'Steps per timed loop.')
+  flags.DEFINE_integer('repeats', 5, 'Timed loops per row.')
+  flags.DEFINE_float('rho', 0.05, 'SAM radius.')
+  flags.DEFINE_bool('xla', False, 'Also time XLA-compiled steps.')
+  flags.DEFINE_bool('keras2', True, 'Time the tf_keras rows.')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -14,7 +14,7 @@ data stream restarts at that step (see `input_pipeline`). A resumed run thus
 continues exactly where an uninterrupted one would be.
 """
 
-import contextlib
+import functools
 import json
 import math
 import os
@@ -43,7 +43,9 @@ WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
 # Train metric accumulator layout: sums over steps (see `_train_step`).
 _TRAIN_FIELDS = ('loss', 'perturbed_loss', 'grad_norm', 'correct', 'examples',
                  'steps')
-_EVAL_FIELDS = ('loss', 'correct', 'examples')
+_EVAL_FIELDS = ('loss', 'correct', 'top5', 'examples')
+# Top-5 accuracy is reported from this many classes on (CIFAR-100).
+_TOP5_FROM_CLASSES = 100
 
 
 def validate_config(config: ml_collections.ConfigDict,
@@ -83,6 +85,8 @@ def validate_config(config: ml_collections.ConfigDict,
       sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
         'sam.micro_batch_size', sc.micro_batch_size,
         f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
+  check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
+        'it must be in [0, 1); 0 turns the moving average off')
   check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
         config.schedule.learning_rate, 'it must be > 0')
   check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
@@ -214,13 +218,23 @@ class Trainer:
                                     trainable=False, aggregation=first)
       self.eval_sums = tf.Variable(tf.zeros(len(_EVAL_FIELDS)),
                                    trainable=False, aggregation=first)
+      # Exponential moving averages of the weights and statistics, evaluated
+      # as ema_eval/*. Every replica computes the same average.
+      self.ema = [
+          [tf.Variable(v.numpy(), trainable=False, aggregation=first)
+           for v in variables] if config.ema_decay else []
+          for variables in (self.model.trainable_variables,
+                            self.model.non_trainable_variables)]
     self.checkpoint = tf.train.Checkpoint(
-        model=self.model, optimizer=self.optimizer, train_sums=self.train_sums)
+        model=self.model, optimizer=self.optimizer, train_sums=self.train_sums,
+        ema=self.ema)
     self.jit_compile = use_xla(config.jit_compile, strategy)
     self._train_step_fn = tf.function(self._train_step,
                                       jit_compile=self.jit_compile)
-    self._eval_step_fn = tf.function(self._eval_step,
-                                     jit_compile=self.jit_compile)
+    self._eval_step_fn = {
+        ema: tf.function(functools.partial(self._eval_step, ema=ema),
+                         jit_compile=self.jit_compile)
+        for ema in (False, True)}
     self.train_loop = tf.function(self._train_loop)
     self.eval_loop = tf.function(self._eval_loop)
 
@@ -273,8 +287,15 @@ class Trainer:
     if new_state:
       # Batch-norm moving statistics come from the first pass only. Replicas
       # saw different batches, so average them: the copies stay identical.
-      if num_replicas > 1:
-        new_state = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, new_state)
+      # Integer state (the seeds of ShakeDrop and Shake-Shake) is the same
+      # on every replica by construction, and a mean would not be an int.
+      floats = [i for i, v in enumerate(new_state) if v.dtype.is_floating]
+      if num_replicas > 1 and floats:
+        means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                               [new_state[i] for i in floats])
+        new_state = list(new_state)
+        for i, mean in zip(floats, means):
+          new_state[i] = mean
       for variable, value in zip(model.non_trainable_variables, new_state):
         variable.assign(value)
     grads = out.grads
@@ -287,6 +308,15 @@ class Trainer:
       grads = [g * scale for g in grads]
     # Keras optimizers sum per-replica gradients across replicas themselves.
     self.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    if config.ema_decay:
+      decay = config.ema_decay
+      for averages, variables in zip(self.ema, (
+          model.trainable_variables, model.non_trainable_variables)):
+        for average, variable in zip(averages, variables):
+          if tf.as_dtype(variable.dtype).is_floating:
+            average.assign(decay * average + (1 - decay) * variable.value)
+          else:  # Seeds are not averaged.
+            average.assign(variable.value)
     correct = tf.reduce_sum(tf.cast(
         tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
         tf.float32))
@@ -342,21 +372,31 @@ class Trainer:
     for _ in tf.range(num_steps):
       self.strategy.run(self._train_step_fn, args=(next(iterator),))
 
-  def _eval_step(self, batch):
+  def _eval_step(self, batch, ema: bool):
     images, labels, mask = batch
-    logits = tf.cast(self.model(images, training=False), tf.float32)
+    if ema:
+      trainable, state = ([v.read_value() for v in variables]
+                          for variables in self.ema)
+      logits, _ = self.model.stateless_call(trainable, state, images,
+                                            training=False)
+    else:
+      logits = self.model(images, training=False)
+    logits = tf.cast(logits, tf.float32)
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
     correct = tf.cast(
         tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
         tf.float32)
+    top5 = tf.cast(tf.math.in_top_k(labels, logits, min(5, self.num_classes)),
+                   tf.float32)
     local = tf.stack([tf.reduce_sum(loss * mask),
-                      tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
+                      tf.reduce_sum(correct * mask),
+                      tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)])
     ctx = tf.distribute.get_replica_context()
     self.eval_sums.assign_add(ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
 
-  def _eval_loop(self, iterator, num_steps):
+  def _eval_loop(self, iterator, num_steps, ema: bool):
     for _ in tf.range(num_steps):
-      self.strategy.run(self._eval_step_fn, args=(next(iterator),))
+      self.strategy.run(self._eval_step_fn[ema], args=(next(iterator),))
 
   def read_train_metrics(self) -> dict[str, float]:
     """Means since the last call, and resets the sums."""
@@ -376,15 +416,29 @@ class Trainer:
                       'train/grad_norm': sums['grad_norm'] / steps})
     return metrics
 
-  def evaluate(self, dataset, num_steps: int,
-               prefix: str = 'eval') -> dict[str, float]:
-    """Loss and accuracy over a padded eval dataset (see input_pipeline)."""
+  def evaluate(self, dataset, num_steps: int, prefix: str = 'eval',
+               ema: bool = False) -> dict[str, float]:
+    """Loss and accuracy over a padded eval dataset (see input_pipeline).
+
+    Args:
+      dataset: a distributed eval dataset.
+      num_steps: its number of batches.
+      prefix: of the metric names.
+      ema: evaluate the moving average of the weights instead.
+
+    Returns:
+      {prefix/loss, prefix/accuracy, prefix/examples}, and
+      prefix/top5_accuracy for 100 classes or more.
+    """
     self.eval_sums.assign(tf.zeros_like(self.eval_sums))
-    self.eval_loop(iter(dataset), tf.constant(num_steps))
+    self.eval_loop(iter(dataset), tf.constant(num_steps), ema)
     sums = dict(zip(_EVAL_FIELDS, self.eval_sums.numpy().tolist()))
-    return {f'{prefix}/loss': sums['loss'] / sums['examples'],
-            f'{prefix}/accuracy': sums['correct'] / sums['examples'],
-            f'{prefix}/examples': sums['examples']}
+    metrics = {f'{prefix}/loss': sums['loss'] / sums['examples'],
+               f'{prefix}/accuracy': sums['correct'] / sums['examples'],
+               f'{prefix}/examples': sums['examples']}
+    if self.num_classes >= _TOP5_FROM_CLASSES:
+      metrics[f'{prefix}/top5_accuracy'] = sums['top5'] / sums['examples']
+    return metrics
 
 
 # Fields that change the model, the data stream or the optimizer's state: a
@@ -393,7 +447,7 @@ STRUCTURAL_FIELDS = (
     'seed', 'batch_size', 'model', 'dataset.name', 'dataset.train_subset',
     'dataset.synthetic_image_shape', 'dataset.synthetic_num_classes',
     'optimizer.name', 'optimizer.momentum', 'optimizer.nesterov',
-    'optimizer.weight_decay_type')
+    'optimizer.weight_decay_type', 'ema_decay')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -557,6 +611,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     metrics = {}
     for prefix, dataset, steps in eval_sets:
       metrics.update(trainer.evaluate(dataset, steps, prefix))
+      if config.ema_decay:
+        metrics.update(trainer.evaluate(dataset, steps, f'ema_{prefix}',
+                                        ema=True))
     return metrics
 
 

@@ -378,3 +378,43 @@ def test_gsam_runs_in_the_trainer(mirrored):
   for a, b in zip(_values(one.model.trainable_variables),
                   _values(two.model.trainable_variables, 0, two_strategy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_of_weights(mirrored):
+  decay = 0.5
+  config = tiny_config(**{'ema_decay': decay, 'model.name': 'resnet20'})
+  strategy = mirrored(2)
+  data = input_pipeline.load(config)
+  trainer = train.Trainer(config, strategy, data.num_classes,
+                          data.image_shape, 4, 4)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
+  variables = (trainer.model.trainable_variables +
+               trainer.model.non_trainable_variables)
+  want = _values(variables, 0, strategy)
+  for _ in range(3):
+    trainer.train_loop(iterator, tf.constant(1))
+    want = [decay * w + (1 - decay) * v
+            for w, v in zip(want, _values(variables, 0, strategy))]
+  averages = trainer.ema[0] + trainer.ema[1]
+  for replica in (0, 1):
+    got = [strategy.experimental_local_results(a)[replica].numpy()
+           for a in averages]
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.eval_dataset(data, config, ctx))
+  steps = input_pipeline.num_eval_steps(data, config.eval_batch_size)
+  plain = trainer.evaluate(dataset, steps)
+  ema = trainer.evaluate(dataset, steps, 'ema_eval', ema=True)
+  assert ema['ema_eval/examples'] == 40
+  assert ema['ema_eval/loss'] != pytest.approx(plain['eval/loss'])
+
+
+def test_top5_accuracy_for_100_classes(tmp_path):
+  config = tiny_config(**{'dataset.synthetic_num_classes': 100,
+                          'num_train_steps': 2})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['eval/top5_accuracy'] >= results['eval/accuracy']
+  assert 'eval/top5_accuracy' not in train.train_and_evaluate(
+      tiny_config(**{'num_train_steps': 2}), str(tmp_path / 'ten'))
