@@ -237,12 +237,14 @@ def landscapes(runs: Sequence[Run], strategy: tf.distribute.Strategy,
     seed: of the directions.
 
   Returns:
-    The paths written, by kind.
+    The paths written, by kind, and `loss_rise`: split -> label -> the
+    mean loss increase at distances span/4, span/2 and span from the
+    checkpoint (`landscape.loss_rise`), to compare basins by.
   """
   if dims not in (1, 2):
     raise ValueError(f'dims={dims} must be 1 or 2.')
   coordinates = _coordinates(grid_points, span)
-  one_d, two_d = {}, {}
+  one_d, two_d, rise = {}, {}, {}
   for run in runs:
     size = batch_size or run.config.eval_batch_size
     params = run.params
@@ -257,6 +259,9 @@ def landscapes(runs: Sequence[Run], strategy: tf.distribute.Strategy,
       middle = len(coordinates) // 2
       logging.info('%s %s: loss %.4f at the centre.', run.label, split,
                    result['loss'][(middle,) * dims])
+      rise.setdefault(split, {})[run.label] = {
+          f'{r:g}': v for r, v in landscape.loss_rise(
+              result, (span / 4, span / 2, span)).items()}
       if dims == 2:
         two_d.setdefault(split, {})[run.label] = result
         result = {'coordinates': [coordinates],
@@ -276,7 +281,7 @@ def landscapes(runs: Sequence[Run], strategy: tf.distribute.Strategy,
     landscape.plot_surfaces(results, prefix + '_surface.png', title)
     written[f'2d_{split}'] = [prefix + ext for ext in (
         '.npz', '.json', '_contour.png', '_surface.png')]
-  return written
+  return {'paths': written, 'loss_rise': rise}
 
 
 def _write_1d(results, prefix, xlabel, metadata):

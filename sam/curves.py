@@ -15,10 +15,12 @@ import io
 import os
 from typing import Mapping
 
-from matplotlib.backends import backend_agg
 from matplotlib import figure
+from matplotlib.backends import backend_agg
 import numpy as np
 import tensorflow as tf
+
+from sam import landscape
 
 Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -74,6 +76,7 @@ def plot_curves(runs: Mapping[str, Scalars], path: str,
   fig = figure.Figure(figsize=(9, 3.4), dpi=90)
   axes = fig.subplots(1, 2)
   palette = ['tab:red', 'tab:blue', 'tab:green', 'tab:purple', 'tab:orange']
+  losses = []
   for (label, scalars), color in zip(runs.items(), palette * 10):
     for ax, metric in zip(axes, ('loss', 'accuracy')):
       for split, style, name in (('train', '--', 'train'),
@@ -83,12 +86,14 @@ def plot_curves(runs: Mapping[str, Scalars], path: str,
         if tag not in scalars:
           continue
         steps, values = scalars[tag]
+        if metric == 'loss':
+          losses.append(values)
         scale = 100 if metric == 'accuracy' else 1
         ax.plot(steps, scale * values, style, color=color,
                 label=f'{label} ({name})', marker='.' if len(steps) < 20
                 else None)
   axes[0].set_ylabel('loss')
-  axes[0].set_yscale('log')
+  landscape.loss_axis(axes[0], losses)
   axes[1].set_ylabel('accuracy (%)')
   for ax in axes:
     ax.set_xlabel('step')

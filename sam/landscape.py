@@ -23,8 +23,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from matplotlib import cm
 from matplotlib import colors
-from matplotlib.backends import backend_agg
 from matplotlib import figure
+from matplotlib import ticker
+from matplotlib.backends import backend_agg
 import numpy as np
 import tensorflow as tf
 
@@ -97,6 +98,34 @@ def surface(evaluate: Evaluate, params: Params, directions: Sequence[Params],
                             zip(coordinates, index, directions)])
     loss[index], accuracy[index] = evaluate(point)
   return {'coordinates': coordinates, 'loss': loss, 'accuracy': accuracy}
+
+
+def loss_rise(result: Mapping[str, Any], radii: Sequence[float]
+              ) -> dict[float, float]:
+  """How fast the loss of a 1-D or 2-D grid rises away from its centre.
+
+  A number to compare basins by: the mean of L - L(centre) over the grid
+  points at distance r (within half a grid step) from the centre, which is
+  the point of the grid closest to the origin.
+
+  Args:
+    result: from `surface`.
+    radii: the distances r, in direction units.
+
+  Returns:
+    r -> the mean rise (NaN where no grid point lies at that distance).
+  """
+  coordinates = [np.asarray(c) for c in result['coordinates']]
+  grids = np.meshgrid(*coordinates, indexing='ij')
+  distance = np.sqrt(sum(g**2 for g in grids))
+  loss = np.asarray(result['loss'])
+  centre = loss[np.unravel_index(np.argmin(distance), distance.shape)]
+  half_step = max(np.min(np.diff(c)) for c in coordinates) / 2
+  rise = {}
+  for r in radii:
+    ring = np.abs(distance - r) <= half_step + 1e-9
+    rise[r] = float(np.mean(loss[ring] - centre)) if ring.any() else np.nan
+  return rise
 
 
 def line(evaluate: Evaluate, params_a: Params, params_b: Params,
@@ -176,9 +205,20 @@ def _save(fig: figure.Figure, path: str) -> None:
 _LINESTYLES = {'train': '--', 'validation': ':', 'test': '-'}
 
 
+def loss_axis(ax: Any, values: Sequence[np.ndarray]) -> None:
+  """A log scale for losses spanning decades, with plain tick labels."""
+  values = np.concatenate([np.ravel(v) for v in values])
+  values = values[np.isfinite(values) & (values > 0)]
+  if values.size and values.max() > 20 * values.min():
+    ax.set_yscale('log')
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_curves_1d(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
                    path: str, xlabel: str, title: str = '') -> None:
-  """Loss (log scale) and accuracy along one coordinate, side by side.
+  """Loss and accuracy along one coordinate, side by side.
 
   Args:
     results: label -> split -> a 1-D result of `surface` or `line`.
@@ -189,15 +229,17 @@ def plot_curves_1d(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
   fig = figure.Figure(figsize=(9, 3.4), dpi=90)
   loss_ax, acc_ax = fig.subplots(1, 2)
   palette = ['tab:red', 'tab:blue', 'tab:green', 'tab:purple', 'tab:orange']
+  losses = []
   for (label, splits), color in zip(results.items(), palette * 10):
     for split, result in splits.items():
       x = result['coordinates'][0]
       style = _LINESTYLES.get(split, '-')
       name = f'{label} ({split})'
       loss_ax.plot(x, result['loss'], style, color=color, label=name)
+      losses.append(np.asarray(result['loss']))
       acc_ax.plot(x, 100 * np.asarray(result['accuracy']), style,
                   color=color, label=name)
-  loss_ax.set_yscale('log')
+  loss_axis(loss_ax, losses)
   loss_ax.set_ylabel('loss')
   acc_ax.set_ylabel('accuracy (%)')
   for ax in (loss_ax, acc_ax):
@@ -246,6 +288,9 @@ def plot_contours(results: Mapping[str, Mapping[str, Any]], path: str,
     ax.set_aspect('equal')
   axes[0].set_ylabel('direction 2')
   bar = fig.colorbar(mappable, ax=list(axes), shrink=0.9)
+  bar.set_ticks(levels[::2])
+  bar.ax.yaxis.set_major_formatter(ticker.FormatStrFormatter('%.3g'))
+  bar.ax.yaxis.set_minor_locator(ticker.NullLocator())
   bar.set_label('loss')
   if title:
     fig.suptitle(title)
@@ -254,7 +299,11 @@ def plot_contours(results: Mapping[str, Mapping[str, Any]], path: str,
 
 def plot_surfaces(results: Mapping[str, Mapping[str, Any]], path: str,
                   title: str = '') -> None:
-  """3-D loss surfaces, side by side on the same z scale.
+  """3-D loss surfaces, side by side on the same log z scale.
+
+  The height is log10 of the loss (labelled with the loss itself): on a
+  linear scale the basin, where the runs differ, is a flat floor under the
+  walls far from the minimum.
 
   Args:
     results: label -> a 2-D result of `surface`.
@@ -264,19 +313,25 @@ def plot_surfaces(results: Mapping[str, Mapping[str, Any]], path: str,
   grids = [np.asarray(r['loss']) for r in results.values()]
   levels = _levels(grids)
   n = len(results)
-  fig = figure.Figure(figsize=(4.2 * n, 3.8), dpi=80)
+  low, high = np.log10(levels[0]), np.log10(levels[-1])
+  ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50,
+                       100) if low <= np.log10(t) <= high]
+  fig = figure.Figure(figsize=(4.2 * n, 4.0), dpi=80)
   for k, (label, result) in enumerate(results.items()):
     ax = fig.add_subplot(1, n, k + 1, projection='3d')
     a, b = np.meshgrid(*result['coordinates'], indexing='ij')
-    loss = np.clip(np.asarray(result['loss']), None, levels[-1])
-    ax.plot_surface(a, b, loss, cmap=cm.viridis, rstride=1, cstride=1,
-                    linewidth=0, antialiased=False,
-                    norm=colors.Normalize(levels[0], levels[-1]))
-    ax.set_zlim(0, levels[-1])
-    ax.set_title(label)
+    height = np.log10(np.clip(np.asarray(result['loss']), levels[0],
+                              levels[-1]))
+    ax.plot_surface(a, b, height, cmap=cm.viridis, rstride=1, cstride=1,
+                    linewidth=0.1, edgecolor='k', antialiased=False,
+                    norm=colors.Normalize(low, high))
+    ax.set_zlim(low, high)
+    ax.set_zticks(np.log10(ticks))
+    ax.set_zticklabels([f'{t:g}' for t in ticks])
+    ax.set_title(label, y=1.0)
     ax.set_xlabel('direction 1')
     ax.set_ylabel('direction 2')
-    ax.set_zlabel('loss')
+    ax.set_zlabel('loss (log)')
   if title:
     fig.suptitle(title)
   _save(fig, path)

@@ -59,6 +59,16 @@ def test_surface_line_grids_and_plots(tmp_path):
   one = landscape.surface(_quadratic_evaluate, params, [d1], [coords])
   np.testing.assert_allclose(one['loss'], expected[:, 2], rtol=1e-6)
 
+  origin = [np.zeros(2, np.float32), np.zeros((1, 1), np.float32)]
+  bowl = landscape.surface(_quadratic_evaluate, origin, [d1], [coords])
+  assert landscape.loss_rise(bowl, [0.5, 1.0]) == {0.5: 0.25, 1.0: 1.0}
+  fine = np.linspace(-1, 1, 41)
+  bowl = landscape.surface(_quadratic_evaluate, origin, [d1, d2],
+                           [fine, fine])
+  rise = landscape.loss_rise(bowl, [0.5, 3.0])
+  assert rise[0.5] == pytest.approx(0.25, abs=0.02)  # The ring's r^2.
+  assert np.isnan(rise[3.0])  # Off the grid.
+
   other = [np.array([-1.0, 0.0], np.float32), np.array([[1.0]], np.float32)]
   ts = np.array([-0.5, 0.0, 0.5, 1.0])
   path = landscape.line(_quadratic_evaluate, params, other, ts)
