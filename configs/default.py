@@ -112,6 +112,19 @@ def get_config() -> ml_collections.ConfigDict:
   # statistics), evaluated beside them as ema_eval/*; 0 keeps none.
   config.ema_decay = 0.0
 
+  # ReduceLROnPlateau (schedule.name='plateau') and early stopping, after
+  # each evaluation, on a metric of the validation split.
+  config.plateau = ml_collections.ConfigDict()
+  # 'val/loss' or 'val/accuracy' (needs dataset.validation_size > 0).
+  config.plateau.monitor = 'val/loss'
+  # Multiply the learning rate by factor after patience evaluations without
+  # improvement, down to min_scale times the initial rate.
+  config.plateau.factor = 0.5
+  config.plateau.patience = 3
+  config.plateau.min_scale = 0.0
+  # Stop after this many evaluations without improvement; 0 never stops.
+  config.plateau.early_stopping_patience = 0
+
   # Global batch size, split over all replicas.
   config.batch_size = 128
   # Global batch size of evaluation.

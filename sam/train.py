@@ -34,10 +34,11 @@ import tensorflow as tf
 from sam import distribute
 from sam import input_pipeline
 from sam import models
+from sam import plateau
 from sam import sam as sam_lib
 
 OPTIMIZERS = ('sgd', 'adam')
-SCHEDULES = ('constant', 'step', 'cosine')
+SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
 WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
 
 # Train metric accumulator layout: sums over steps (see `_train_step`).
@@ -87,6 +88,14 @@ def validate_config(config: ml_collections.ConfigDict,
         f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
   check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
         'it must be in [0, 1); 0 turns the moving average off')
+  pc = config.plateau
+  one_of('plateau.monitor', pc.monitor, plateau.MONITORS)
+  if config.schedule.name == 'plateau' or pc.early_stopping_patience:
+    check(config.dataset.validation_size > 0, 'dataset.validation_size',
+          config.dataset.validation_size,
+          f'schedule.name=plateau and early stopping watch {pc.monitor}, '
+          'so hold out a validation split (> 0)')
+  check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
   check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
         config.schedule.learning_rate, 'it must be > 0')
   check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
@@ -117,12 +126,17 @@ def validate_config(config: ml_collections.ConfigDict,
 
 
 class Schedule(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up to the peak, then constant, step or cosine decay."""
+  """Linear warm-up to the peak, then constant, step or cosine decay.
+
+  With `scale` (a variable of the plateau logic), the rate is also multiplied
+  by it: 'plateau' is a constant rate that `sam.plateau` scales down.
+  """
 
   def __init__(self, name: str, learning_rate: float, warmup_steps: int,
                total_steps: int, boundaries: tuple[int, ...] = (),
-               decay_factor: float = 1.0):
+               decay_factor: float = 1.0, scale: tf.Variable | None = None):
     self.name = name
+    self.scale = scale
     self.learning_rate = learning_rate
     self.warmup_steps = warmup_steps
     self.total_steps = total_steps
@@ -143,6 +157,8 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
       passed = tf.reduce_sum(
           tf.cast(step >= tf.constant(self.boundaries, tf.float32), tf.float32))
       lr *= self.decay_factor**passed
+    if self.scale is not None:
+      lr *= self.scale[0]
     return lr
 
   def get_config(self) -> dict[str, Any]:
@@ -191,17 +207,21 @@ class Trainer:
     self.config = config
     self.strategy = strategy
     oc = config.optimizer
-    self.schedule = Schedule(
-        config.schedule.name, config.schedule.learning_rate,
-        warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
-        total_steps=total_steps,
-        boundaries=tuple(round(e * steps_per_epoch)
-                         for e in config.schedule.decay_epochs),
-        decay_factor=config.schedule.decay_factor)
     self.num_classes = num_classes
     self.l2 = oc.weight_decay if oc.weight_decay_type == 'l2' else 0.0
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
+      # Read by the schedule inside the step, written on the host.
+      self.plateau_state = tf.Variable(plateau.initial_state(),
+                                       trainable=False)
+      self.schedule = Schedule(
+          config.schedule.name, config.schedule.learning_rate,
+          warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
+          total_steps=total_steps,
+          boundaries=tuple(round(e * steps_per_epoch)
+                           for e in config.schedule.decay_epochs),
+          decay_factor=config.schedule.decay_factor,
+          scale=self.plateau_state)
       self.model = models.get_model(config.model.name, num_classes,
                                     image_shape)
       self.optimizer = create_optimizer(config, self.schedule)
@@ -227,7 +247,8 @@ class Trainer:
                             self.model.non_trainable_variables)]
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, train_sums=self.train_sums,
-        ema=self.ema)
+        ema=self.ema, plateau=self.plateau_state)
+    self.plateau = plateau.Plateau(config, self.plateau_state)
     self.jit_compile = use_xla(config.jit_compile, strategy)
     self._train_step_fn = tf.function(self._train_step,
                                       jit_compile=self.jit_compile)
@@ -627,7 +648,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   report_progress(step)
   saved_step = step if restored else None
   with _SigtermFlag() as sigterm:
-    while step < total_steps:
+    while step < total_steps and not trainer.plateau.stopped:
       stop = _next_stop(step, total_steps,
                         [config.steps_per_loop, log_every, eval_every,
                          ckpt_every])
@@ -647,8 +668,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % eval_every == 0 or step == total_steps:
         eval_metrics = evaluate()
         writer.write_scalars(step, eval_metrics)
+        note = trainer.plateau.update(eval_metrics)
+        if note:
+          logging.info('Step %d: %s.', step, note)
       if (step % ckpt_every == 0 or step == total_steps or
-          sigterm.requested) and saved_step != step:
+          sigterm.requested or trainer.plateau.stopped) and saved_step != step:
         if chief:
           manager.save(checkpoint_number=step)
         saved_step = step
@@ -664,6 +688,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.flush()
 
   results = {'step': step, **train_metrics, **eval_metrics,
+             'early_stopped': trainer.plateau.stopped,
              'train_seconds': time.time() - start_time}
   if chief:
     with tf.io.gfile.GFile(os.path.join(workdir, 'results.json'), 'w') as f:

@@ -1,0 +1,34 @@
+"""Every config builds its model and trains two steps on synthetic data."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from sam import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+    if not p.endswith('__init__.py'))
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_runs_two_steps(name, tmp_path):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  train.validate_config(config, 1)
+  # The recipe's model, optimizer, schedule and augmentation, on tiny data.
+  config.dataset.name = 'synthetic'
+  config.dataset.synthetic_image_shape = (16, 16, 3)
+  config.dataset.synthetic_train_size = 64
+  config.dataset.synthetic_test_size = 16
+  config.dataset.train_subset = -1
+  config.dataset.validation_size = min(config.dataset.validation_size, 16)
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 2
+  config.steps_per_loop = 1
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 2
