@@ -15,6 +15,7 @@ import io
 import os
 from typing import Mapping
 
+from absl import logging
 from matplotlib import figure
 from matplotlib.backends import backend_agg
 import numpy as np
@@ -43,25 +44,38 @@ def read_scalars(workdir: str) -> Scalars:
   # (wall_time, step, value) per tag, so later writes of a step win.
   points: dict[str, list[tuple[float, int, float]]] = {}
   for path in paths:
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.HasField('tensor'):
-          array = tf.make_ndarray(value.tensor)
-          if array.ndim or not np.issubdtype(array.dtype, np.number):
-            continue  # Not a scalar (text, image or histogram summaries).
-          number = float(array)
-        elif value.HasField('simple_value'):
-          number = float(value.simple_value)
-        else:
-          continue
-        points.setdefault(value.tag, []).append(
-            (event.wall_time, event.step, number))
+    try:
+      _read_events(path, points)
+    except tf.errors.DataLossError:
+      # A run still writing (or killed mid-write) leaves a truncated last
+      # record: keep what came before it.
+      logging.warning('%s ends in a truncated record; read up to it.', path)
   scalars = {}
   for tag, rows in points.items():
     by_step = {step: number for _, step, number in sorted(rows)}
     steps = np.array(sorted(by_step))
     scalars[tag] = (steps, np.array([by_step[s] for s in steps]))
   return scalars
+
+
+def _read_events(path: str,
+                 points: dict[str, list[tuple[float, int, float]]]) -> None:
+  """Appends the scalars of one event file to `points`."""
+  # tf.data rather than summary_iterator, which warns of its deprecation.
+  for record in tf.data.TFRecordDataset(path):
+    event = tf.compat.v1.Event.FromString(record.numpy())
+    for value in event.summary.value:
+      if value.HasField('tensor'):
+        array = tf.make_ndarray(value.tensor)
+        if array.ndim or not np.issubdtype(array.dtype, np.number):
+          continue  # Not a scalar (text, image or histogram summaries).
+        number = float(array)
+      elif value.HasField('simple_value'):
+        number = float(value.simple_value)
+      else:
+        continue
+      points.setdefault(value.tag, []).append(
+          (event.wall_time, event.step, number))
 
 
 def plot_curves(runs: Mapping[str, Scalars], path: str,

@@ -106,6 +106,15 @@ def test_read_scalars_of_clu_summaries(tmp_path):
   steps, losses = scalars['train/loss']
   np.testing.assert_array_equal(steps, [1, 2, 3])
   np.testing.assert_allclose(losses, [2.0, 1.0, 0.5])
+  # A run killed mid-write: its last record is cut short.
+  last = sorted(tf.io.gfile.glob(os.path.join(workdir, 'events*')))[-1]
+  with open(last, 'rb') as f:
+    content = f.read()
+  with open(last, 'wb') as f:
+    f.write(content[:-5])
+  scalars = curves.read_scalars(workdir)
+  np.testing.assert_array_equal(scalars['train/loss'][0], [1, 2, 3])
+  np.testing.assert_array_equal(scalars['eval/accuracy'][0], [1, 2])
   curves.plot_curves({'run': scalars}, str(tmp_path / 'c.png'))
   assert _png_shape(str(tmp_path / 'c.png'))[1] > 100
   with pytest.raises(FileNotFoundError, match='No events'):
