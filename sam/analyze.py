@@ -269,8 +269,10 @@ def landscapes(runs: Sequence[Run], strategy: tf.distribute.Strategy,
                   'accuracy': result['accuracy'][:, middle]}
       one_d.setdefault(run.label, {})[split] = result
   tf.io.gfile.makedirs(out)
-  metadata = _metadata(runs, splits=list(splits), num_batches=num_batches,
-                       batch_size=batch_size, seed=seed, span=span)
+  metadata = _metadata(
+      runs, splits=list(splits), num_batches=num_batches, seed=seed,
+      span=span, batch_size={r.label: batch_size or r.config.eval_batch_size
+                             for r in runs})
   written = {'1d': _write_1d(one_d, os.path.join(out, 'landscape_1d'),
                              'direction 1 (filter-normalized)', metadata)}
   for split, results in two_d.items():
@@ -342,7 +344,7 @@ def interpolate(runs: Sequence[Run], strategy: tf.distribute.Strategy,
   tf.io.gfile.makedirs(out)
   label = f'{a.label} to {b.label}'
   metadata = _metadata(runs, splits=list(splits), num_batches=num_batches,
-                       batch_size=batch_size)
+                       batch_size=size)
   paths = _write_1d({label: results}, os.path.join(out, 'line'),
                     f't: (1 - t) {a.label} + t {b.label}', metadata)
   ends = {split: {a.label: float(r['loss'][np.argmin(np.abs(ts))]),
@@ -419,8 +421,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdirs = [_WORKDIR.value] + list(_OTHER.value)
   labels = _LABELS.value or [default_label(w) for w in workdirs]
-  if len(labels) != len(workdirs):
-    raise app.UsageError(f'{len(labels)} --labels for {len(workdirs)} runs.')
+  if len(labels) != len(workdirs) or len(set(labels)) != len(labels):
+    raise app.UsageError(f'--labels={",".join(labels)}: give {len(workdirs)} '
+                         'distinct names, one per run (workdirs with the '
+                         'same basename need --labels).')
   out = _OUT.value or os.path.join(_WORKDIR.value, 'analysis')
   what = _WHAT.value
   if what == 'curves':

@@ -203,3 +203,5 @@ def test_cli_landscape_line_and_curves(workdirs, tmp_path):
   assert loss[1] == pytest.approx(centre, rel=1e-5)
   with pytest.raises(Exception, match='other_workdir'):
     _main(f'--workdir={workdirs["sgd"]}', '--what=line')
+  with pytest.raises(Exception, match='distinct'):
+    _main(*common, '--what=curves', '--labels=a,a')
