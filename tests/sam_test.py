@@ -101,17 +101,21 @@ def test_sam_step_reports_perturbed_loss_and_norm():
   assert out.perturbed_loss > out.loss
 
 
+def _shards(strategy, x, y):
+  """Consecutive equal shards of (x, y), one per replica."""
+  size = len(x) // strategy.num_replicas_in_sync
+  return strategy.experimental_distribute_values_from_function(
+      lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
+                   y[ctx.replica_id_in_sync_group * size:][:size]))
+
+
 @pytest.mark.parametrize('num_replicas', [1, 2, 4])
 @pytest.mark.parametrize('adaptive', [False, True])
 def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
   """Per-replica SAM grads, summed, equal SAM on the whole batch."""
   x, y, w, b = _problem()
   strategy = mirrored(num_replicas)
-  per_replica = BATCH // num_replicas
-  shards = strategy.experimental_distribute_values_from_function(
-      lambda ctx: (x[ctx.replica_id_in_sync_group * per_replica:][
-          :per_replica], y[ctx.replica_id_in_sync_group * per_replica:][
-              :per_replica]))
+  shards = _shards(strategy, x, y)
 
   @tf.function
   def run(shard):
@@ -138,9 +142,7 @@ def test_unsynced_perturbation_is_per_replica(mirrored):
   x, y, w, b = _problem()
   strategy = mirrored(2)
   half = BATCH // 2
-  shards = strategy.experimental_distribute_values_from_function(
-      lambda ctx: (x[ctx.replica_id_in_sync_group * half:][:half],
-                   y[ctx.replica_id_in_sync_group * half:][:half]))
+  shards = _shards(strategy, x, y)
 
   @tf.function
   def run(shard):
@@ -185,11 +187,7 @@ def _np_gsam(x, y, w, b, rho, alpha):
 def test_gsam_matches_numpy(mirrored, num_replicas):
   x, y, w, b = _problem()
   strategy = mirrored(num_replicas)
-  per_replica = BATCH // num_replicas
-  shards = strategy.experimental_distribute_values_from_function(
-      lambda ctx: (x[ctx.replica_id_in_sync_group * per_replica:][
-          :per_replica], y[ctx.replica_id_in_sync_group * per_replica:][
-              :per_replica]))
+  shards = _shards(strategy, x, y)
 
   @tf.function
   def run(shard):
