@@ -84,7 +84,7 @@ def main(argv):
 def _mirror_log(workdir: str, chief: bool) -> _GFileHandler:
   """Adds a handler that copies the absl log into the workdir."""
   try:
-    tf.io.gfile.makedirs(workdir)
+    train.makedirs(workdir)
     name = 'log.txt' if chief else f'log-{os.getpid()}.txt'
     handler = _GFileHandler(os.path.join(workdir, name),
                             flush_secs=60.0 if '://' in workdir else 0.0)

@@ -492,6 +492,24 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
       and old.get(key) != new.get(key))
 
 
+def makedirs(path: str) -> None:
+  """tf.io.gfile.makedirs that fails on a missing GCS bucket.
+
+  Raises:
+    tf.errors.NotFoundError: if `path` is in a gs:// bucket that does not
+      exist. TensorFlow's own makedirs (2.21) does not fail there: it asks
+      for the missing bucket again and again, forever (seen against a GCS
+      emulator, which answers 404 as GCS does), so a mistyped bucket name
+      would hang the run.
+  """
+  if path.startswith('gs://'):
+    bucket = 'gs://' + path[len('gs://'):].split('/', 1)[0]
+    if not tf.io.gfile.isdir(bucket):
+      raise tf.errors.NotFoundError(None, None,
+                                    f'the bucket {bucket} does not exist')
+  tf.io.gfile.makedirs(path)
+
+
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str,
                      chief: bool) -> None:
   """Checks the workdir is writable and resumable; writes config.json.
@@ -511,7 +529,7 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str,
           f'{"; ".join(changes)}. Use another --workdir, or resume anyway '
           'with --config.allow_structural_changes=True.')
   try:
-    tf.io.gfile.makedirs(workdir)
+    makedirs(workdir)
     if chief:
       with tf.io.gfile.GFile(path, 'w') as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
