@@ -18,15 +18,13 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import figure
+from matplotlib.backends import backend_agg
+import numpy as np
 
-from configs import fashion_mnist_study  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sam import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fashion_mnist_study
+from sam import curves
+from sam import train
 
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where runs and reports go.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per cell.')
@@ -43,14 +41,6 @@ def _cells(rho, noise):
           (f'{noise:.0%} noise, SAM rho={rho}', noise, rho)]
 
 
-def _test_accuracy_curve(workdir):
-  acc = event_accumulator.EventAccumulator(workdir)
-  acc.Reload()
-  events = acc.Tensors('eval/accuracy')
-  return ([e.step for e in events],
-          [float(tf.make_ndarray(e.tensor_proto)) for e in events])
-
-
 def _report(out_dir, cells, runs, config):
   """Writes results.md and curves.png from the finished runs."""
   steps_per_epoch = config.steps_per_loop
@@ -62,7 +52,9 @@ def _report(out_dir, cells, runs, config):
       'augmentation; final test accuracy in %.', '',
       '| cell | test accuracy (mean ± std) | runs | wall time per run (s) |',
       '|---|---|---|---|']
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = figure.Figure(figsize=(7, 4.5))
+  backend_agg.FigureCanvasAgg(fig)
+  ax = fig.subplots()
   for name, _, _ in cells:
     done = [r for r in runs if r['cell'] == name]
     if not done:
@@ -71,10 +63,12 @@ def _report(out_dir, cells, runs, config):
     seconds = np.array([r['wall_seconds'] for r in done])
     lines.append(f'| {name} | {accuracy.mean():.2f} ± {accuracy.std():.2f} '
                  f'| {len(done)} | {seconds.mean():.0f} |')
-    curves = [_test_accuracy_curve(r['workdir']) for r in done]
-    length = min(len(c[0]) for c in curves)
-    epochs = np.array(curves[0][0][:length]) / steps_per_epoch
-    mean = np.mean([c[1][:length] for c in curves], axis=0) * 100
+    # (steps, values) of the test accuracy of each run.
+    runs_curves = [curves.read_scalars(r['workdir'])['eval/accuracy']
+                   for r in done]
+    length = min(len(c[0]) for c in runs_curves)
+    epochs = np.array(runs_curves[0][0][:length]) / steps_per_epoch
+    mean = np.mean([c[1][:length] for c in runs_curves], axis=0) * 100
     ax.plot(epochs, mean, marker='o', label=f'{name} ({len(done)} runs)')
   ax.set_xlabel('epoch')
   ax.set_ylabel('clean test accuracy (%)')
@@ -83,7 +77,6 @@ def _report(out_dir, cells, runs, config):
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, 'curves.png'), dpi=100)
-  plt.close(fig)
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
 

@@ -21,10 +21,11 @@ mode, on --num_batches batches of --batch_size examples of each of --splits
 'test'), under the run's strategy (config.strategy, or --strategy).
 """
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from absl import app
 from absl import flags

@@ -19,11 +19,11 @@ pass runs batch norm in inference mode and it keeps the moving statistics of
 the perturbed pass; ours computes the exact update of DESIGN.md.
 """
 
+from collections.abc import Callable
 import contextlib
 import importlib
 import statistics
 import time
-from typing import Callable
 
 from absl import app
 from absl import flags
@@ -35,6 +35,7 @@ from configs import default
 from sam import input_pipeline
 from sam import models
 from sam import train
+
 
 def _config(model: str, batch_size: int, **sam):
   config = default.get_config()

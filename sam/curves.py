@@ -11,9 +11,9 @@ validation dotted (if the run held one out) and test solid, one colour per
 run.
 """
 
+from collections.abc import Mapping
 import io
 import os
-from typing import Mapping
 
 from absl import logging
 from matplotlib import figure

@@ -32,7 +32,8 @@ def resolve_name(name: str) -> str:
   return 'default'
 
 
-def create_strategy(name: str = 'auto', tpu: str = '') -> tf.distribute.Strategy:
+def create_strategy(name: str = 'auto',
+                    tpu: str = '') -> tf.distribute.Strategy:
   """Creates the strategy; call it first, before any other TensorFlow op.
 
   Args:

@@ -201,7 +201,8 @@ def _fashion_mnist(dc) -> tuple[Split, Split]:
     return _tfds(dc)
   except DataNotFoundError as e:
     raise DataNotFoundError(
-        f'Fashion-MNIST not found: no IDX files ({", ".join(_IDX_FILES["train"] + _IDX_FILES["test"])}) '
+        'Fashion-MNIST not found: no IDX files '
+        f'({", ".join(_IDX_FILES["train"] + _IDX_FILES["test"])}) '
         f'in {data_dir} (config.dataset.data_dir), and {e} On Debian or '
         'Ubuntu, `apt-get install dataset-fashion-mnist` puts the IDX files '
         f'in {FASHION_MNIST_DIR}.') from None

@@ -17,9 +17,10 @@ with the Agg canvas (no display, no global pyplot state). Outputs may go to
 gs:// (written through `tf.io.gfile`).
 """
 
+from collections.abc import Callable, Mapping, Sequence
 import io
 import json
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from matplotlib import cm
 from matplotlib import colors

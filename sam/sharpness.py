@@ -28,7 +28,8 @@ Datasets are distributed datasets of (images, labels, mask) per-replica
 batches, as `analysis_dataset` builds them; padding examples have mask 0.
 """
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import ml_collections

@@ -36,7 +36,10 @@ def test_epochs_are_permutations_and_differ():
   ds = input_pipeline.train_dataset(data, config, _context())
   images = np.concatenate([x.numpy() for x, _ in ds.take(2 * steps)])
   first, second = images[:len(images) // 2], images[len(images) // 2:]
-  flat = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))
+
+  def flat(a):
+    return sorted(map(bytes, a.reshape(len(a), -1)))
+
   assert flat(first) == flat(second)  # Each epoch sees every example once...
   assert not np.array_equal(first, second)  # ...in a new order.
 

@@ -83,7 +83,7 @@ def _run_trainer(config, strategy, x, y):
   return trainer, initial
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_device_trainer_weights(adaptive):
   x, y = _images()
   trainer, _ = _run_trainer(_trainer_config(adaptive, True),

@@ -1,4 +1,4 @@
-"""Nothing lost on faults: preemption, exact resume, NaN, corrupt checkpoints."""
+"""Nothing lost on faults: preemption, exact resume, NaN, bad checkpoints."""
 
 import gzip
 import os
@@ -66,7 +66,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
   resumed = _run_main(tmp_path / 'b', *flags)
   out, _ = resumed.communicate(timeout=240)
   assert resumed.returncode == 0, out[-3000:]
-  assert f'Resumed from' in out
+  assert 'Resumed from' in out
   out, _ = straight.communicate(timeout=240)
   assert straight.returncode == 0, out[-3000:]
   _assert_same_weights(tmp_path / 'a', tmp_path / 'b')

@@ -34,8 +34,8 @@ coefficients, and the state returned by the first advances them.
   shake_shake_26_2x96d        SAM paper's Table 1 trains 2x96d
 """
 
+from collections.abc import Callable
 import functools
-from typing import Callable
 
 import keras
 
