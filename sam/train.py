@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -258,6 +259,7 @@ class Trainer:
         for ema in (False, True)}
     self.train_loop = tf.function(self._train_loop)
     self.eval_loop = tf.function(self._eval_loop)
+    self._count_flags = tf.function(self._count_flags_fn)
 
   @property
   def step(self) -> int:
@@ -437,6 +439,22 @@ class Trainer:
                       'train/grad_norm': sums['grad_norm'] / steps})
     return metrics
 
+  def _count_flags_fn(self, flag):
+    def replica_fn(flag):
+      # The identity places the value on this replica's device, which the
+      # all-reduce takes its destination from.
+      return tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, tf.identity(flag))
+    return self.strategy.experimental_local_results(
+        self.strategy.run(replica_fn, args=(flag,)))[0]
+
+  def any_replica(self, flag: bool) -> bool:
+    """Whether `flag` is set on any replica, of any host.
+
+    A collective: every host must call it at the same point of its loop.
+    """
+    return bool(self._count_flags(tf.constant(float(flag))).numpy() > 0)
+
   def evaluate(self, dataset, num_steps: int, prefix: str = 'eval',
                ema: bool = False) -> dict[str, float]:
     """Loss and accuracy over a padded eval dataset (see input_pipeline).
@@ -531,8 +549,11 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str,
   try:
     makedirs(workdir)
     if chief:
-      with tf.io.gfile.GFile(path, 'w') as f:
+      # Written aside and renamed into place: the other hosts of a
+      # multi-host run may be reading the previous one right now.
+      with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
   except (tf.errors.OpError, OSError) as e:
     raise PermissionError(
         f'Cannot write to --workdir={workdir} ({e}). Choose a writable '
@@ -583,6 +604,22 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _take_part_in_save(checkpoint: tf.train.Checkpoint) -> None:
+  """A non-chief worker's share of a save under MultiWorkerMirroredStrategy.
+
+  Every worker must take part in a save: reading a sync-on-read variable for
+  it is a collective, and a chief saving alone would wait for the others
+  forever (TensorFlow's PreemptionCheckpointHandler saves from every worker
+  for this reason). The others write to a local scratch directory, deleted
+  at once, so that the shared workdir holds the chief's checkpoints only.
+  """
+  scratch = tempfile.mkdtemp(prefix='sam-worker-checkpoint-')
+  try:
+    checkpoint.save(os.path.join(scratch, 'ckpt'))
+  finally:
+    tf.io.gfile.rmtree(scratch)
+
+
 def _every(interval: int, steps_per_epoch: int) -> int:
   return steps_per_epoch if interval == -1 else interval
 
@@ -609,6 +646,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   strategy = strategy or tf.distribute.get_strategy()
   validate_config(config, strategy.num_replicas_in_sync)
   chief = distribute.is_chief(strategy)
+  multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
   _prepare_workdir(config, workdir, chief)
 
   data = input_pipeline.load(config)
@@ -680,6 +718,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'{step}; nothing after step {saved_step} was saved '
             f'({manager.latest_checkpoint}).')
       report_progress(step)
+      stop_requested = sigterm.requested
+      if multi_worker:
+        # SIGTERM reaches the hosts at different moments; all must stop
+        # after the same loop, or those going on wait for the others in the
+        # next collective forever.
+        stop_requested = trainer.any_replica(stop_requested)
       if step % log_every == 0 or step == total_steps:
         train_metrics = trainer.read_train_metrics()
         writer.write_scalars(step, train_metrics)
@@ -690,15 +734,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if note:
           logging.info('Step %d: %s.', step, note)
       if (step % ckpt_every == 0 or step == total_steps or
-          sigterm.requested or trainer.plateau.stopped) and saved_step != step:
+          stop_requested or trainer.plateau.stopped) and saved_step != step:
         if chief:
           manager.save(checkpoint_number=step)
+        elif multi_worker:
+          _take_part_in_save(trainer.checkpoint)
         saved_step = step
-      if sigterm.requested and step < total_steps:
+      if stop_requested and step < total_steps:
         writer.flush()
         logging.warning('Stopped by SIGTERM at step %d, saved in %s; run the '
                         'same command to resume.', step,
-                        manager.latest_checkpoint)
+                        os.path.join(manager.directory, f'ckpt-{step}'))
         return {'step': step, 'preempted': True}
   if not eval_metrics:
     # Resumed a finished run: evaluate the final weights again.
