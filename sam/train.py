@@ -347,7 +347,8 @@ class Trainer:
     local = tf.stack([out.loss, out.perturbed_loss,
                       out.grad_norm / num_replicas, correct, count,
                       1.0 / num_replicas])
-    self.train_sums.assign_add(ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
+    self.train_sums.assign_add(
+        ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
 
   def _gradients(self, images, labels) -> sam_lib.SAMOutput:
     """The SAM variant of config.sam, at this replica's batch.

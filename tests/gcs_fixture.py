@@ -31,6 +31,7 @@ emulator's own JSON API (`objects`, `read`, `download`), not through
 TensorFlow, so what they check is what landed in the bucket.
 """
 
+from collections.abc import Iterator
 import contextlib
 import http.client
 import http.server
@@ -45,7 +46,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Iterator
 
 # Hop-by-hop headers (RFC 9110, 7.6.1) and framing, which the proxy redoes.
 _HOP_HEADERS = frozenset((

@@ -70,4 +70,7 @@ def test_pyproject_dependencies_match_requirements():
       _requirements('requirements.txt'))
   extras = project['optional-dependencies']
   assert extras['cpu'] == ['tensorflow>=2.20,<2.22']
+  test_only = [r for r in _requirements('requirements-test.txt')
+               if r not in _requirements('requirements-cpu.txt')]
+  assert sorted(extras['test']) == sorted(test_only)
   assert [_name(r) for r in extras['tpu']] == ['tensorflow-tpu']
