@@ -1,9 +1,11 @@
 """Two hosts: main.py under MultiWorkerMirroredStrategy, as two processes.
 
 Each worker is its own `main.py` process with its own TF_CONFIG, on loopback
-ports, one CPU replica each, reading its own shard of the data. Collectives
-between processes cannot share a process with the other tests' strategies, so
-nothing here runs TensorFlow in the test process but checkpoint reading.
+ports, one CPU replica each, reading its own shard of the data, with the
+workdir shared as a bucket would be. Workers are subprocesses because CPU
+collectives remember their groups per process (see conftest.py): a worker in
+the pytest process would clash with the other tests' strategies. The test
+process itself only reads checkpoints.
 
 The reference is one process with one replica on the same global batch:
 `input_pipeline` gives pipeline p of P the examples p, p + P, ... of each
@@ -76,8 +78,8 @@ def _finish(processes, logs, timeout=240):
     for p in processes:
       p.kill()  # A no-op for those that exited.
       p.wait()
-  outputs = [open(log).read() for log in logs]
-  for p, out in zip(processes, outputs):
+  outputs = [log.read_text() for log in logs]
+  for p in processes:
     assert p.returncode == 0, '\n=====\n'.join(o[-3000:] for o in outputs)
   return outputs
 
