@@ -35,12 +35,18 @@ class _GFileHandler(std_logging.Handler):
   """Mirrors the log into the workdir, which may be on GCS.
 
   GCS objects cannot be appended to: a flush uploads the whole file again, so
-  remote logs are flushed at most every `flush_secs` (and at exit).
+  remote logs are flushed at most every `flush_secs` (and at exit), and the
+  log of an earlier (resumed) run is copied over rather than appended to.
   """
 
   def __init__(self, path: str, flush_secs: float):
     super().__init__()
+    previous = ''
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        previous = f.read()
     self._file = tf.io.gfile.GFile(path, 'w')
+    self._file.write(previous)
     self._flush_secs = flush_secs
     self._last_flush = 0.0
 

@@ -67,6 +67,9 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
   out, _ = resumed.communicate(timeout=240)
   assert resumed.returncode == 0, out[-3000:]
   assert 'Resumed from' in out
+  # The log of the interrupted run is kept before the resumed run's.
+  log_text = log.read_text()
+  assert log_text.index('Stopped by SIGTERM') < log_text.index('Resumed from')
   out, _ = straight.communicate(timeout=240)
   assert straight.returncode == 0, out[-3000:]
   _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
