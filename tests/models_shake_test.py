@@ -17,6 +17,7 @@ from sam import sam as sam_lib
 from sam.models import pyramidnet
 from sam.models import shake_shake
 from tests import models_test
+from tests.conftest import requires_xla_cpu
 
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
@@ -268,6 +269,7 @@ def test_sam_step_sees_the_same_network_twice(name):
 
 
 # The basic block's ShakeDrop is the bottleneck's: XLA compiles slowly.
+@requires_xla_cpu
 @pytest.mark.parametrize('name', ['pyramidnet_bottleneck', 'shake_shake'])
 def test_jit_compile(name):
   keras.utils.set_random_seed(0)
