@@ -502,13 +502,17 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Structural fields whose values differ between two configs (as JSON)."""
+  """Structural fields whose values differ between two configs (as JSON).
+
+  A field the old config lacks came with a newer version of this code, whose
+  default keeps the old behaviour: it is no change.
+  """
   old, new = _flatten(old), _flatten(new)
   return sorted(
       f'{key}: {old.get(key)!r} -> {new.get(key)!r}'
-      for key in set(old) | set(new)
+      for key in old
       if any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
-      and old.get(key) != new.get(key))
+      and old[key] != new.get(key))
 
 
 def makedirs(path: str) -> None:

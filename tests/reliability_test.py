@@ -131,6 +131,14 @@ def test_structural_config_change_is_refused(tmp_path):
                      'allow_structural_changes': True}), str(tmp_path))
 
 
+def test_fields_newer_than_the_checkpoint_are_no_change():
+  old = {'model': {'name': 'cnn'}, 'seed': 0}
+  new = {'model': {'name': 'cnn'}, 'seed': 0, 'ema_decay': 0.0}
+  assert not train.config_changes(old, new)
+  assert train.config_changes(new | {'ema_decay': 0.9}, new) == [
+      'ema_decay: 0.9 -> 0.0']
+
+
 def test_unwritable_workdir_fails_before_training(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
