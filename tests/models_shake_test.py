@@ -379,19 +379,7 @@ def test_small_forward_pass_shape(name):
 
 @pytest.mark.parametrize('name', SMALL_MODELS)
 def test_layer_conventions(name):
-  model = models.get_model(name, 10, CIFAR)
-  for layer in model.layers:
-    if isinstance(layer, keras.layers.Conv2D):
-      assert not layer.use_bias, layer.name
-      assert layer.kernel_regularizer is None, layer.name
-      assert isinstance(layer.kernel_initializer,
-                        keras.initializers.HeNormal), layer.name
-    if isinstance(layer, keras.layers.BatchNormalization):
-      assert layer.momentum == 0.9, layer.name
-      assert layer.epsilon == 1e-5, layer.name
-  logits = model.get_layer('logits')
-  assert logits.activation is keras.activations.linear
-  assert logits.kernel_regularizer is None
+  models_test.assert_layer_conventions(models.get_model(name, 10, CIFAR))
 
 
 @pytest.mark.parametrize('name', sorted(TINY))

@@ -170,21 +170,25 @@ def test_static_shapes():
   assert model.get_layer('stage3_block3_out').output.shape == (None, 7, 7, 64)
 
 
+def assert_layer_conventions(model: keras.Model) -> None:
+  """Bias-free He-normal convs, CIFAR batch norm, plain float logits."""
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.Conv2D):
+      assert not layer.use_bias, layer.name
+      assert layer.kernel_regularizer is None, layer.name
+      assert isinstance(layer.kernel_initializer,
+                        keras.initializers.HeNormal), layer.name
+    if isinstance(layer, keras.layers.BatchNormalization):
+      assert layer.momentum == 0.9, layer.name
+      assert layer.epsilon == 1e-5, layer.name
+  logits = model.get_layer('logits')
+  assert logits.activation is keras.activations.linear
+  assert logits.kernel_regularizer is None
+
+
 def test_layer_conventions():
   for name in ('resnet20', 'resnet20_b', 'wrn16_4'):
-    model = models.get_model(name, 10, CIFAR)
-    for layer in model.layers:
-      if isinstance(layer, keras.layers.Conv2D):
-        assert not layer.use_bias, layer.name
-        assert layer.kernel_regularizer is None, layer.name
-        assert isinstance(layer.kernel_initializer,
-                          keras.initializers.HeNormal), layer.name
-      if isinstance(layer, keras.layers.BatchNormalization):
-        assert layer.momentum == 0.9, layer.name
-        assert layer.epsilon == 1e-5, layer.name
-    logits = model.get_layer('logits')
-    assert logits.activation is keras.activations.linear
-    assert logits.kernel_regularizer is None
+    assert_layer_conventions(models.get_model(name, 10, CIFAR))
 
 
 def test_option_a_shortcut_is_parameter_free():
