@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Whether tfds may download and prepare a data set that is not on disk.
   config.dataset.download = False
   # Training augmentation: 'basic' (pad 4, random crop, flip),
-  # 'basic_cutout' (and cutout), 'crop_brightness' (the TF SAM notebook's) or
-  # 'none'.
+  # 'basic_cutout' (and cutout), 'autoaugment' (basic, AutoAugment's CIFAR-10
+  # policy, cutout), 'crop_brightness' (the TF SAM notebook's) or 'none'.
   config.dataset.augment = 'basic'
   # Side of the cutout square in pixels (16 for CIFAR in DeVries & Taylor).
   config.dataset.cutout_size = 16

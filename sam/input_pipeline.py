@@ -28,12 +28,17 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from sam import autoaugment
+
 DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'synthetic')
 # basic: pad 4, random crop, horizontal flip (the SAM paper's basic
 # augmentation); basic_cutout: and a cutout square (DeVries & Taylor 2017);
 # crop_brightness: pad-and-crop plus random brightness (the original TF SAM
-# notebook's choice).
-AUGMENTATIONS = ('none', 'basic', 'basic_cutout', 'crop_brightness')
+# notebook's choice); autoaugment: basic, then a sub-policy of AutoAugment's
+# CIFAR-10 policy (Cubuk et al. 2019, sam/autoaugment.py), then cutout, the
+# order of that paper.
+AUGMENTATIONS = ('none', 'basic', 'basic_cutout', 'crop_brightness',
+                 'autoaugment')
 # Largest brightness change of crop_brightness, in [0, 1] pixel units.
 _MAX_BRIGHTNESS_DELTA = 0.2
 
@@ -250,9 +255,14 @@ def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str,
     image = tf.image.stateless_random_brightness(
         image, _MAX_BRIGHTNESS_DELTA, other_seed)
     return _normalize(tf.clip_by_value(image, 0.0, 1.0) * 255.0, data)
-  image = _normalize(
-      tf.image.stateless_random_flip_left_right(image, flip_seed), data)
-  if kind == 'basic_cutout':
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if kind == 'autoaugment':
+    # A split of other_seed, so that basic_cutout's squares stay as they were.
+    policy_seed, other_seed = tf.unstack(
+        tf.random.experimental.stateless_split(other_seed, 2))
+    image = autoaugment.autoaugment(image, policy_seed)
+  image = _normalize(image, data)
+  if kind in ('basic_cutout', 'autoaugment'):
     image = _cutout(image, cutout_size, other_seed)
   return image
 

@@ -47,8 +47,9 @@ _NOT_SOURCES = re.compile(r'^(\.|bazel-|__pycache__$)')
 # both TensorFlow wheels (tensorflow and tensorflow-tpu require keras>=3), so
 # requirements.txt does not pin it, but Bazel wants direct imports as direct
 # deps: modules that import keras name requirement("keras"), which every lock
-# file of this project has. Entries not imported today (jax, flax, yaml) say
-# what to write when they are.
+# file of this project has. `PIL` (Pillow, which tests/autoaugment_test.py
+# checks against) comes the same way, with matplotlib. Entries not imported
+# today (jax, flax, yaml) say what to write when they are.
 _DISTRIBUTIONS = {
     'absl': 'absl-py',
     'clu': 'clu',
@@ -60,6 +61,7 @@ _DISTRIBUTIONS = {
     'matplotlib': 'matplotlib',
     'ml_collections': 'ml-collections',
     'numpy': 'numpy',
+    'PIL': 'pillow',
     'pytest': 'pytest',
     'tensorboard': 'tensorboard',
     'tensorflow': 'tensorflow',
@@ -70,7 +72,7 @@ _DISTRIBUTIONS = {
 }
 # Distributions BUILD may name that pyproject.toml does not list, with the
 # declared distribution that brings them.
-_BROUGHT_BY = {'keras': 'tensorflow'}
+_BROUGHT_BY = {'keras': 'tensorflow', 'pillow': 'matplotlib'}
 
 _RULES_BZL = '@rules_python//python:defs.bzl'
 _REQUIREMENTS_BZL = '@pypi//:requirements.bzl'
