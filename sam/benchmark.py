@@ -98,17 +98,25 @@ def input_only(batch_size: int, steps: int, repeats: int) -> list[float]:
 
 @contextlib.contextmanager
 def _builders_using(keras_module):
-  """Points the model builders at another Keras (the same architecture)."""
+  """Points the model builders at another Keras (the same architecture).
+
+  Batch norm becomes that Keras's own layer (Keras 2's is fused in training,
+  as our `resnet.FusedBatchNormalization`).
+  """
   modules = [importlib.import_module(f'sam.models.{m}')
              for m in ('resnet', 'wide_resnet', 'simple')]
-  saved = [m.keras for m in modules]
+  resnet = modules[0]
+  saved = [m.keras for m in modules], resnet.batch_norm
   for m in modules:
     m.keras = keras_module
+  resnet.batch_norm = lambda name: keras_module.layers.BatchNormalization(
+      momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON, name=name)
   try:
     yield
   finally:
-    for m, k in zip(modules, saved):
+    for m, k in zip(modules, saved[0]):
       m.keras = k
+    resnet.batch_norm = saved[1]
 
 
 def _fit_seconds(model, callbacks, batch_size: int, steps: int,

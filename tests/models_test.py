@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from sam import models
 from sam.models import resnet
@@ -268,3 +269,38 @@ def test_resnet_rejects_bad_shortcut():
 def test_wide_resnet_rejects_bad_depth(depth):
   with pytest.raises(ValueError, match='6n \\+ 4'):
     wide_resnet.wide_resnet(depth, 2, 10, CIFAR)
+
+
+@pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16'])
+def test_fused_batch_norm_matches_keras_batch_norm(policy):
+  """Same output, gradients and moving statistics as the Keras 3 layer."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(3.0, 2.0, size=(8, 5, 5, 4)).astype('float32')
+  layers = []
+  for cls in (keras.layers.BatchNormalization,
+              resnet.FusedBatchNormalization):
+    layer = cls(momentum=0.9, epsilon=1e-5, dtype=policy)
+    layer.build(x.shape)
+    layer.gamma.assign(rng.uniform(0.5, 1.5, 4))
+    layer.beta.assign(rng.normal(size=4))
+    layers.append(layer)
+  layers[1].set_weights(layers[0].get_weights())
+  results = []
+  for layer in layers:
+    trainable = [v.value for v in layer.trainable_variables]
+    state = [v.value for v in layer.non_trainable_variables]
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+      tape.watch([inputs, *trainable])
+      y, new_state = layer.stateless_call(trainable, state, inputs,
+                                          training=True)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.range(100.0)[:4])
+    grads = tape.gradient(loss, [inputs, *trainable])
+    results.append([y, *new_state, *grads])
+  tolerance = 1e-5 if policy == 'float32' else 1e-2
+  for keras_value, fused_value in zip(*results):
+    np.testing.assert_allclose(np.asarray(tf.cast(fused_value, tf.float32)),
+                               np.asarray(tf.cast(keras_value, tf.float32)),
+                               rtol=tolerance, atol=tolerance)
+  # Moving statistics moved (the test would pass vacuously otherwise).
+  assert not np.allclose(results[0][1], 0.0)
