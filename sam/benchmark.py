@@ -1,33 +1,63 @@
 r"""Throughput of SAM and plain steps, side by side in one process.
 
-  python -m sam.benchmark --models=resnet20_b,wrn16_4 --batch_size=128
+  python -m sam.benchmark --models=resnet20_b,wrn16_4 --batch_size=128 \
+      --json=/tmp/benchmark.json
 
-Measures images/s and ms/step (min and median over `--repeats` timed loops of
-`--steps` steps, after one warm-up loop) on synthetic 32x32x3 data for:
+Measures images/s and ms/step (best and median over `--repeats` timed loops,
+after one warm-up loop) on synthetic 32x32x3 data. For each model of
+`--models` (default resnet20_b and wrn16_4), the rows are, in this order:
 
-* this codebase's custom loop (`sam.train.Trainer`): the plain base
-  optimizer (rho = 0), SAM, and SAM every 2nd step (`sam.every_k_steps`);
-  with `--xla`, also with the replica step compiled by XLA;
-* the Keras 2 `tf_keras.models.experimental.SharpnessAwareMinimization` model
-  under `fit`, and plain `tf_keras` `fit`, on the same architecture built with
-  Keras 2 layers (needs `pip install tf_keras`; skipped without it);
+* this codebase's custom loop (`sam.train.Trainer`), one `train_loop` call of
+  `--steps` steps per timed loop: the plain base optimizer (rho = 0), SAM,
+  and SAM every 2nd step (`sam.every_k_steps`);
+* with `--xla`: the plain and SAM custom loop with the replica step compiled
+  by XLA;
+* with `--loop_rows` (default): the plain custom loop with steps_per_loop 1,
+  10 and 100, that is 100 steps timed as 100 calls of `train_loop` with 1
+  step, 10 calls of 10, and 1 call of 100, each call followed by the read of
+  the metric sums that `train.train_and_evaluate` does after every loop; the
+  difference is the cost of the host loop;
+* with `--precision_rows` (default): the plain and SAM custom loop with
+  `config.dtype_policy = 'mixed_bfloat16'`;
 * `sam.keras.SAMModel` under Keras 3 `fit`, if that module exists;
-* the input pipeline alone (with augmentation), to show it is no bottleneck.
+* with `--keras2` (default): plain `tf_keras` `fit`, and the Keras 2
+  `tf_keras.models.experimental.SharpnessAwareMinimization` model under
+  `fit`, on the same architecture built with Keras 2 layers (needs
+  `pip install tf_keras`; skipped without it).
+
+A first row times the input pipeline alone (with augmentation) for `--steps`
+steps, to show it is no bottleneck.
+
+The output is a line naming the machine (CPU model, CPU count, GPUs) and a
+markdown table; `--json=PATH` (local or gs://) also writes every figure:
+the headline figures of the first model (`sgd_images_per_sec`: the plain
+custom loop; `sam_images_per_sec`: the SAM custom loop;
+`keras_sam_images_per_sec`: `sam.keras.SAMModel` under Keras 3 `fit`;
+`keras2_sam_images_per_sec`: the tf_keras SAM model, null when skipped; all
+best of the repeats; `sam_over_sgd_step_time`: SAM's best step time over the
+plain one's), every row under `rows` (name -> images/s and ms/step, best and
+median; null when skipped) and the run's `context`.
 
 The Keras 2 SAM is cheaper than two plain steps partly because its ascent
 pass runs batch norm in inference mode and it keeps the moving statistics of
 the perturbed pass; ours computes the exact update of DESIGN.md.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import importlib
+import json
+import math
+import os
+import platform
 import statistics
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -36,8 +66,15 @@ from sam import input_pipeline
 from sam import models
 from sam import train
 
+# steps_per_loop of the host-loop rows; each row times their least common
+# multiple of steps.
+STEPS_PER_LOOP = (1, 10, 100)
 
-def _config(model: str, batch_size: int, **sam):
+# Config fields at the top level (the other overrides are config.sam's).
+_TOP_LEVEL = ('jit_compile', 'dtype_policy')
+
+
+def _config(model: str, batch_size: int, **overrides):
   config = default.get_config()
   config.dataset.name = 'synthetic'
   config.dataset.synthetic_image_shape = (32, 32, 3)
@@ -45,9 +82,9 @@ def _config(model: str, batch_size: int, **sam):
   config.model.name = model
   config.batch_size = batch_size
   config.jit_compile = 'false'
-  for key, value in sam.items():
-    if key == 'jit_compile':
-      config.jit_compile = value
+  for key, value in overrides.items():
+    if key in _TOP_LEVEL:
+      config[key] = value
     else:
       config.sam[key] = value
   return config
@@ -64,16 +101,34 @@ def _time(run: Callable[[], None], repeats: int) -> list[float]:
   return seconds
 
 
-def custom_loop(model: str, batch_size: int, steps: int, repeats: int,
-                **sam) -> list[float]:
-  """Seconds per `steps` steps of sam.train.Trainer on one device."""
-  config = _config(model, batch_size, **sam)
+def _trainer(model: str, batch_size: int,
+             **overrides) -> tuple[train.Trainer, Iterator[Any]]:
+  """A Trainer on one device and its distributed synthetic data."""
+  config = _config(model, batch_size, **overrides)
   data = input_pipeline.load(config)
   strategy = tf.distribute.get_strategy()
   trainer = train.Trainer(config, strategy, data.num_classes,
                           data.image_shape, 4, 10**6)
   iterator = iter(strategy.distribute_datasets_from_function(
       lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
+  return trainer, iterator
+
+
+def custom_loop(model: str, batch_size: int, steps: int, repeats: int,
+                **overrides) -> list[float]:
+  """Seconds per `steps` steps (one train_loop call) of sam.train.Trainer.
+
+  Args:
+    model: the model name.
+    batch_size: the batch size.
+    steps: steps per timed loop.
+    repeats: timed loops, after one warm-up loop.
+    **overrides: config.sam fields, and `jit_compile` or `dtype_policy`.
+
+  Returns:
+    Seconds per timed loop.
+  """
+  trainer, iterator = _trainer(model, batch_size, **overrides)
   num_steps = tf.constant(steps)
 
   def run():
@@ -81,6 +136,39 @@ def custom_loop(model: str, batch_size: int, steps: int, repeats: int,
     trainer.train_sums.numpy()  # Waits for the loop to finish.
 
   return _time(run, repeats)
+
+
+def host_loop(model: str, batch_size: int, repeats: int,
+              steps_per_loop: Sequence[int] = STEPS_PER_LOOP
+              ) -> dict[int, list[float]]:
+  """Seconds per lcm(steps_per_loop) plain steps, by steps per call.
+
+  One Trainer serves every size: `train_loop` takes the step count as a
+  tensor, so a new size does not retrace it.
+
+  Args:
+    model: the model name.
+    batch_size: the batch size.
+    repeats: timed loops per size, after one warm-up loop.
+    steps_per_loop: steps per call of `train_loop`.
+
+  Returns:
+    steps per call -> seconds per timed loop.
+  """
+  trainer, iterator = _trainer(model, batch_size, rho=0.0)
+  total = math.lcm(*steps_per_loop)
+  seconds = {}
+  for size in steps_per_loop:
+    num_steps = tf.constant(size)
+
+    def run(calls=total // size, num_steps=num_steps):
+      for _ in range(calls):
+        trainer.train_loop(iterator, num_steps)
+        # As train.train_and_evaluate after every loop (its NaN check).
+        trainer.train_sums.numpy()
+
+    seconds[size] = _time(run, repeats)
+  return seconds
 
 
 def input_only(batch_size: int, steps: int, repeats: int) -> list[float]:
@@ -149,7 +237,7 @@ def _fit_seconds(model, callbacks, batch_size: int, steps: int,
       epochs.append(time.perf_counter() - self.start)
 
   model.fit(ds, epochs=repeats + 1, steps_per_epoch=steps, verbose=0,
-            callbacks=[Clock()])
+            shuffle=False, callbacks=[Clock()])
   return epochs[1:]
 
 
@@ -188,35 +276,87 @@ def keras3_sam_fit(model_name: str, batch_size: int, steps: int,
   return _fit_seconds(model, keras.callbacks, batch_size, steps, repeats)
 
 
-def _row(name: str, seconds: list[float] | None, batch_size: int,
-         steps: int) -> str:
+def _figures(seconds: list[float] | None, batch_size: int,
+             steps: int) -> dict[str, float] | None:
+  """A row's figures (None for a skipped row) from seconds per timed loop."""
   if not seconds:
-    return f'| {name} | skipped | | | |'
+    return None
   best, median = min(seconds), statistics.median(seconds)
-  return (f'| {name} | {batch_size * steps / best:.0f} | '
-          f'{batch_size * steps / median:.0f} | {1000 * best / steps:.1f} | '
-          f'{1000 * median / steps:.1f} |')
+  return {'images_per_sec_best': batch_size * steps / best,
+          'images_per_sec_median': batch_size * steps / median,
+          'ms_per_step_best': 1000 * best / steps,
+          'ms_per_step_median': 1000 * median / steps,
+          'steps': steps}
 
 
-def run_all(model_names, batch_size, steps, repeats, rho, xla=False,
-            keras2=True) -> list[str]:
-  """The benchmark table, as markdown lines."""
-  lines = [f'batch {batch_size}, {steps} steps per timed loop, {repeats} '
-           f'loops after a warm-up; TensorFlow {tf.__version__}', '',
-           '| what | img/s (best) | img/s (median) | ms/step (best) | '
-           'ms/step (median) |', '|---|---|---|---|---|']
+def _cpu_model() -> str | None:
+  """The first "model name" of /proc/cpuinfo (Linux), else the platform's."""
+  # Joined, not one literal: tests/build_test.py takes a string that names
+  # an existing file for a runfile that BUILD must list.
+  try:
+    with open(os.path.join('/proc', 'cpuinfo')) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          return value.strip()
+  except OSError:
+    pass
+  return platform.processor() or None
 
-  def add(name, seconds):
-    lines.append(_row(name, seconds, batch_size, steps))
-    logging.info(lines[-1])
+
+def _gpu_names() -> list[str]:
+  """The GPUs TensorFlow sees, by model name where it knows it."""
+  names = []
+  for gpu in tf.config.list_physical_devices('GPU'):
+    details = tf.config.experimental.get_device_details(gpu)
+    names.append(details.get('device_name', gpu.name))
+  return names
+
+
+def run_all(model_names: Sequence[str], batch_size: int, steps: int,
+            repeats: int, rho: float, xla: bool = False, keras2: bool = True,
+            loop_rows: bool = True, precision_rows: bool = True,
+            steps_per_loop: Sequence[int] = STEPS_PER_LOOP) -> dict[str, Any]:
+  """Times every row (see the module docstring).
+
+  Args:
+    model_names: the models; the headline figures are the first one's.
+    batch_size: the batch size.
+    steps: steps per timed loop (except in the host-loop rows).
+    repeats: timed loops per row, after one warm-up loop.
+    rho: the SAM radius.
+    xla: also time XLA-compiled custom loop steps.
+    keras2: time the tf_keras rows.
+    loop_rows: time the host-loop rows.
+    precision_rows: time the mixed_bfloat16 rows.
+    steps_per_loop: steps per train_loop call in the host-loop rows.
+
+  Returns:
+    The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
+    `sam_images_per_sec`, `keras_sam_images_per_sec`,
+    `keras2_sam_images_per_sec`, `sam_over_sgd_step_time`; None for a
+    skipped row), `model`, `rows` (name -> figures, in table order; None
+    when skipped) and `context`.
+  """
+  rows = {}
+
+  def add(name, seconds, row_steps=steps):
+    rows[name] = _figures(seconds, batch_size, row_steps)
+    logging.info('%s: %s', name, rows[name])
 
   add('input pipeline alone (basic augmentation)',
       input_only(batch_size, steps, repeats))
+  headline = {}
   for name in model_names:
-    add(f'{name}: custom loop, plain (rho=0)',
-        custom_loop(name, batch_size, steps, repeats, rho=0.0))
-    add(f'{name}: custom loop, SAM',
-        custom_loop(name, batch_size, steps, repeats, rho=rho))
+    plain, sam = (f'{name}: custom loop, plain (rho=0)',
+                  f'{name}: custom loop, SAM')
+    keras_sam = f'{name}: Keras 3 fit, sam.keras.SAMModel'
+    keras2_sam = f'{name}: tf_keras fit, SharpnessAwareMinimization'
+    if not headline:
+      headline = {'sgd': plain, 'sam': sam, 'keras_sam': keras_sam,
+                  'keras2_sam': keras2_sam}
+    add(plain, custom_loop(name, batch_size, steps, repeats, rho=0.0))
+    add(sam, custom_loop(name, batch_size, steps, repeats, rho=rho))
     add(f'{name}: custom loop, SAM every 2nd step',
         custom_loop(name, batch_size, steps, repeats, rho=rho,
                     every_k_steps=2))
@@ -227,34 +367,125 @@ def run_all(model_names, batch_size, steps, repeats, rho, xla=False,
       add(f'{name}: custom loop, SAM, XLA',
           custom_loop(name, batch_size, steps, repeats, rho=rho,
                       jit_compile='true'))
-    add(f'{name}: Keras 3 fit, sam.keras.SAMModel',
-        keras3_sam_fit(name, batch_size, steps, repeats, rho))
+    if loop_rows:
+      total = math.lcm(*steps_per_loop)
+      for size, seconds in host_loop(name, batch_size, repeats,
+                                     steps_per_loop).items():
+        calls = total // size
+        add(f'{name}: custom loop, plain, steps_per_loop={size} '
+            f'({calls} call{"s" if calls > 1 else ""} of {size})', seconds,
+            total)
+    if precision_rows:
+      add(f'{name}: custom loop, plain, mixed_bfloat16',
+          custom_loop(name, batch_size, steps, repeats, rho=0.0,
+                      dtype_policy='mixed_bfloat16'))
+      add(f'{name}: custom loop, SAM, mixed_bfloat16',
+          custom_loop(name, batch_size, steps, repeats, rho=rho,
+                      dtype_policy='mixed_bfloat16'))
+    add(keras_sam, keras3_sam_fit(name, batch_size, steps, repeats, rho))
     if keras2:
       add(f'{name}: tf_keras fit, plain',
           keras2_fit(name, batch_size, steps, repeats, 0.0))
-      add(f'{name}: tf_keras fit, SharpnessAwareMinimization',
-          keras2_fit(name, batch_size, steps, repeats, rho))
+      add(keras2_sam, keras2_fit(name, batch_size, steps, repeats, rho))
+
+  def best(key):
+    row = rows.get(headline.get(key))
+    return row['images_per_sec_best'] if row else None
+
+  sgd_row = rows.get(headline.get('sgd'))
+  sam_row = rows.get(headline.get('sam'))
+  return {
+      'model': model_names[0] if model_names else None,
+      'sgd_images_per_sec': best('sgd'),
+      'sam_images_per_sec': best('sam'),
+      'keras_sam_images_per_sec': best('keras_sam'),
+      'keras2_sam_images_per_sec': best('keras2_sam'),
+      'sam_over_sgd_step_time': (
+          sam_row['ms_per_step_best'] / sgd_row['ms_per_step_best']
+          if sam_row and sgd_row else None),
+      'rows': rows,
+      'context': {
+          'tensorflow_version': tf.__version__,
+          'keras_version': keras.__version__,
+          'python_version': platform.python_version(),
+          'date_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+          'models': list(model_names),
+          'batch_size': batch_size,
+          'steps': steps,
+          'repeats': repeats,
+          'rho': rho,
+          'xla': xla,
+          'steps_per_loop': list(steps_per_loop) if loop_rows else [],
+          'cpu_model': _cpu_model(),
+          'num_cpus': os.cpu_count(),
+          'gpus': _gpu_names(),
+      },
+  }
+
+
+def table(results: dict[str, Any]) -> list[str]:
+  """The figures of `run_all` as lines: the machine, then markdown."""
+  c = results['context']
+  lines = [
+      f'machine: {c["cpu_model"] or "unknown CPU"}, {c["num_cpus"]} CPUs; '
+      f'GPUs: {", ".join(c["gpus"]) or "none"}',
+      f'batch {c["batch_size"]}, {c["steps"]} steps per timed loop (the '
+      f'steps_per_loop rows: {math.lcm(*c["steps_per_loop"] or [1])}), '
+      f'{c["repeats"]} loops after a warm-up; TensorFlow '
+      f'{c["tensorflow_version"]}, Keras {c["keras_version"]}', '',
+      '| what | img/s (best) | img/s (median) | ms/step (best) | '
+      'ms/step (median) |', '|---|---|---|---|---|']
+  for name, row in results['rows'].items():
+    if row is None:
+      lines.append(f'| {name} | skipped | | | |')
+    else:
+      lines.append(
+          f'| {name} | {row["images_per_sec_best"]:.0f} | '
+          f'{row["images_per_sec_median"]:.0f} | '
+          f'{row["ms_per_step_best"]:.1f} | {row["ms_per_step_median"]:.1f} |')
   return lines
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+  """Writes the figures of `run_all` to `path` (local or gs://)."""
+  parent = os.path.dirname(path)
+  if parent:
+    tf.io.gfile.makedirs(parent)
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(json.dumps(results, indent=2) + '\n')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  print('\n'.join(run_all(f.models, f.batch_size, f.steps, f.repeats, f.rho,
-                          f.xla, f.keras2)))
+  results = run_all(f.models, f.batch_size, f.steps, f.repeats, f.rho,
+                    xla=f.xla, keras2=f.keras2, loop_rows=f.loop_rows,
+                    precision_rows=f.precision_rows)
+  print('\n'.join(table(results)))
+  if f.json:
+    write_json(results, f.json)
+    logging.info('Wrote %s.', f.json)
 
 
 def _define_flags():
   # Defined only when run as a program, so that importing this module (in
   # tests, beside other command-line modules) defines no flags.
-  flags.DEFINE_list('models', ['resnet20_b'], 'Models to time.')
+  flags.DEFINE_list('models', ['resnet20_b', 'wrn16_4'], 'Models to time '
+                    '(the headline figures of --json are the first one\'s).')
   flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
-  flags.DEFINE_integer('steps', 20, 'Steps per timed loop.')
+  flags.DEFINE_integer('steps', 20, 'Steps per timed loop (the host-loop '
+                       'rows time lcm(1, 10, 100) = 100).')
   flags.DEFINE_integer('repeats', 5, 'Timed loops per row.')
   flags.DEFINE_float('rho', 0.05, 'SAM radius.')
   flags.DEFINE_bool('xla', False, 'Also time XLA-compiled steps.')
   flags.DEFINE_bool('keras2', True, 'Time the tf_keras rows.')
+  flags.DEFINE_bool('loop_rows', True, 'Time the plain custom loop with '
+                    'steps_per_loop 1, 10 and 100 (the host loop\'s cost).')
+  flags.DEFINE_bool('precision_rows', True, 'Time the custom loop with '
+                    "config.dtype_policy = 'mixed_bfloat16'.")
+  flags.DEFINE_string('json', None, 'Also write every figure as JSON to '
+                      'this path (local or gs://).')
 
 
 if __name__ == '__main__':

@@ -1,12 +1,78 @@
 """The benchmark runs (its figures come from running it, never from tests)."""
 
+import json
+import numbers
+
+import pytest
+
 from sam import benchmark
 
+ROW_KEYS = ('images_per_sec_best', 'images_per_sec_median',
+            'ms_per_step_best', 'ms_per_step_median')
 
-def test_benchmark_table_has_every_custom_loop_row():
-  lines = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
-                            rho=0.05, keras2=False)
+
+@pytest.fixture(scope='module')
+def results():
+  # One tiny run serves every test: timing is slow on a shared CPU.
+  return benchmark.run_all(['cnn'], batch_size=8, steps=2, repeats=1,
+                           rho=0.05, keras2=False)
+
+
+def _positive(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and value > 0)
+
+
+def test_table_has_every_custom_loop_row(results):
+  lines = benchmark.table(results)
+  assert lines[0].startswith('machine: ')
   rows = [row for row in lines if row.startswith('| cnn: custom loop')]
-  assert len(rows) == 3
+  names = [row.split(' | ')[0][2:] for row in rows]
+  assert names == [
+      'cnn: custom loop, plain (rho=0)',
+      'cnn: custom loop, SAM',
+      'cnn: custom loop, SAM every 2nd step',
+      'cnn: custom loop, plain, steps_per_loop=1 (100 calls of 1)',
+      'cnn: custom loop, plain, steps_per_loop=10 (10 calls of 10)',
+      'cnn: custom loop, plain, steps_per_loop=100 (1 call of 100)',
+      'cnn: custom loop, plain, mixed_bfloat16',
+      'cnn: custom loop, SAM, mixed_bfloat16',
+  ]
   assert all('skipped' not in r for r in rows)
   assert any(row.startswith('| input pipeline alone') for row in lines)
+  assert not any('tf_keras' in row for row in lines)
+
+
+def test_json_has_the_required_positive_figures(results, tmp_path):
+  path = tmp_path / 'out' / 'benchmark.json'
+  benchmark.write_json(results, str(path))
+  figures = json.loads(path.read_text())
+  for key in ('sgd_images_per_sec', 'sam_images_per_sec',
+              'keras_sam_images_per_sec', 'sam_over_sgd_step_time'):
+    assert _positive(figures[key]), key
+  rows = figures['rows']
+  assert figures['sgd_images_per_sec'] == (
+      rows['cnn: custom loop, plain (rho=0)']['images_per_sec_best'])
+  assert len(rows) == 10  # Input, 8 custom loop rows, Keras 3 SAMModel.
+  for name, row in rows.items():
+    for key in ROW_KEYS:
+      assert _positive(row[key]), (name, key)
+  assert rows['cnn: custom loop, plain, steps_per_loop=1 (100 calls of 1)'][
+      'steps'] == 100
+  context = figures['context']
+  assert context['tensorflow_version']
+  assert (context['batch_size'], context['steps'], context['repeats']) == (
+      8, 2, 1)
+  assert _positive(context['num_cpus'])
+  assert 'cpu_model' in context
+  assert isinstance(context['gpus'], list)
+
+
+def test_loop_and_precision_rows_can_be_switched_off():
+  results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
+                              rho=0.05, keras2=False, loop_rows=False,
+                              precision_rows=False)
+  names = list(results['rows'])
+  assert len(names) == 5  # Input, 3 custom loop rows, Keras 3 SAMModel.
+  assert not any('steps_per_loop' in n or 'bfloat16' in n for n in names)
+  assert results['context']['steps_per_loop'] == []
