@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Compile the train and eval steps with XLA on CPU/GPU: 'auto' (on with
   # one GPU replica), 'true' or 'false'. On a TPU everything is compiled.
   config.jit_compile = 'auto'
+  # Keras dtype policy of the model: 'float32', or 'mixed_bfloat16' (bfloat16
+  # compute with float32 weights, logits, loss and SAM norm; fastest on TPU).
+  config.dtype_policy = 'float32'
 
   config.dataset = ml_collections.ConfigDict()
   # One of cifar10, cifar100, fashion_mnist, synthetic.

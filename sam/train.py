@@ -41,6 +41,9 @@ from sam import sam as sam_lib
 OPTIMIZERS = ('sgd', 'adam')
 SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
 WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
+# Keras dtype policies of the model. Mixed float16 would also need loss
+# scaling, which the step does not do.
+DTYPE_POLICIES = ('float32', 'mixed_bfloat16')
 
 # Train metric accumulator layout: sums over steps (see `_train_step`).
 _TRAIN_FIELDS = ('loss', 'perturbed_loss', 'grad_norm', 'correct', 'examples',
@@ -74,6 +77,7 @@ def validate_config(config: ml_collections.ConfigDict,
   one_of('schedule.name', config.schedule.name, SCHEDULES)
   one_of('strategy', config.strategy, distribute.STRATEGIES)
   one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
+  one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
   for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha',
                 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
@@ -223,8 +227,16 @@ class Trainer:
                            for e in config.schedule.decay_epochs),
           decay_factor=config.schedule.decay_factor,
           scale=self.plateau_state)
-      self.model = models.get_model(config.model.name, num_classes,
-                                    image_shape)
+      # Layers take the global policy when they are built: float32
+      # variables (the master weights, and so the SAM norm and the update in
+      # float32) and, under mixed_bfloat16, bfloat16 compute.
+      saved_policy = keras.config.dtype_policy()
+      keras.config.set_dtype_policy(config.dtype_policy)
+      try:
+        self.model = models.get_model(config.model.name, num_classes,
+                                      image_shape)
+      finally:
+        keras.config.set_dtype_policy(saved_policy)
       self.optimizer = create_optimizer(config, self.schedule)
       self.optimizer.build(self.model.trainable_variables)
       if oc.weight_decay_type == 'decoupled':

@@ -420,3 +420,26 @@ def test_top5_accuracy_for_100_classes(tmp_path):
   assert results['eval/top5_accuracy'] >= results['eval/accuracy']
   assert 'eval/top5_accuracy' not in train.train_and_evaluate(
       tiny_config(**{'num_train_steps': 2}), str(tmp_path / 'ten'))
+
+
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
+  config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05})
+  full = _train(config, tf.distribute.get_strategy(), 3)
+  config.dtype_policy = 'mixed_bfloat16'
+  mixed = _train(config, tf.distribute.get_strategy(), 3)
+  # The policy applies to this model only, not to later ones.
+  assert keras.config.dtype_policy().name == 'float32'
+  assert mixed.model.get_layer('stem_conv').compute_dtype == 'bfloat16'
+  assert mixed.model.get_layer('logits').compute_dtype == 'float32'
+  assert all(v.dtype == 'float32' for v in mixed.model.variables)
+  assert all(v.dtype in ('float32', 'int64')
+             for v in mixed.optimizer.variables)
+  sums = mixed.train_sums.numpy()
+  assert np.isfinite(sums).all()
+  # Close to the float32 run (the same data and initialization), yet not
+  # equal: bfloat16 keeps 8 bits of mantissa. (Losses and grad norm; the
+  # count of correct predictions may differ by one.)
+  np.testing.assert_allclose(sums[:3], full.train_sums.numpy()[:3], rtol=0.05)
+  got, want = (np.concatenate([v.ravel() for v in _values(
+      t.model.trainable_variables)]) for t in (mixed, full))
+  assert 1e-5 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
