@@ -32,9 +32,9 @@ The output is a line naming the machine (CPU model, CPU count, GPUs) and a
 markdown table; `--json=PATH` (local or gs://) also writes every figure:
 the headline figures of the first model (`sgd_images_per_sec`: the plain
 custom loop; `sam_images_per_sec`: the SAM custom loop;
-`keras_sam_images_per_sec`: `sam.keras.SAMModel` under Keras 3 `fit`;
-`keras2_sam_images_per_sec`: the tf_keras SAM model, null when skipped; all
-best of the repeats; `sam_over_sgd_step_time`: SAM's best step time over the
+`keras_sam_images_per_sec`: the Keras 2 (tf_keras) SAM model under `fit`,
+the issue's reference, null when skipped; `keras3_sam_images_per_sec`:
+`sam.keras.SAMModel` under Keras 3 `fit`; all best of the repeats; `sam_over_sgd_step_time`: SAM's best step time over the
 plain one's), every row under `rows` (name -> images/s and ms/step, best and
 median; null when skipped) and the run's `context`.
 
@@ -333,8 +333,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
 
   Returns:
     The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
-    `sam_images_per_sec`, `keras_sam_images_per_sec`,
-    `keras2_sam_images_per_sec`, `sam_over_sgd_step_time`; None for a
+    `sam_images_per_sec`, `keras_sam_images_per_sec` (Keras 2),
+    `keras3_sam_images_per_sec`, `sam_over_sgd_step_time`; None for a
     skipped row), `model`, `rows` (name -> figures, in table order; None
     when skipped) and `context`.
   """
@@ -398,8 +398,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
       'model': model_names[0] if model_names else None,
       'sgd_images_per_sec': best('sgd'),
       'sam_images_per_sec': best('sam'),
-      'keras_sam_images_per_sec': best('keras_sam'),
-      'keras2_sam_images_per_sec': best('keras2_sam'),
+      'keras_sam_images_per_sec': best('keras2_sam'),
+      'keras3_sam_images_per_sec': best('keras_sam'),
       'sam_over_sgd_step_time': (
           sam_row['ms_per_step_best'] / sgd_row['ms_per_step_best']
           if sam_row and sgd_row else None),
