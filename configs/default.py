@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'l2': 0.5 * wd * ||w||^2 over kernels (ndim > 1) added to the loss, as in
   # the SAM paper, so SAM sees it; 'decoupled': w -= lr * wd * w (AdamW).
   config.optimizer.weight_decay_type = 'l2'
+  # Also decay biases and batch-norm scales and offsets (the 1-D params), as
+  # PyTorch's and Keras' optimizers do by default; the SAM paper does not.
+  config.optimizer.decay_all_params = False
   # Clip the cross-replica gradient by this global norm; 0 disables it.
   config.optimizer.grad_clip_norm = 0.0
   # Label smoothing of the cross-entropy, in [0, 1).

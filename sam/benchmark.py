@@ -34,9 +34,10 @@ the headline figures of the first model (`sgd_images_per_sec`: the plain
 custom loop; `sam_images_per_sec`: the SAM custom loop;
 `keras_sam_images_per_sec`: the Keras 2 (tf_keras) SAM model under `fit`,
 the issue's reference, null when skipped; `keras3_sam_images_per_sec`:
-`sam.keras.SAMModel` under Keras 3 `fit`; all best of the repeats; `sam_over_sgd_step_time`: SAM's best step time over the
-plain one's), every row under `rows` (name -> images/s and ms/step, best and
-median; null when skipped) and the run's `context`.
+`sam.keras.SAMModel` under Keras 3 `fit`; all best of the repeats;
+`sam_over_sgd_step_time`: SAM's best step time over the plain one's),
+every row under `rows` (name -> images/s and ms/step, best and median; null
+when skipped) and the run's `context`.
 
 The Keras 2 SAM is cheaper than two plain steps partly because its ascent
 pass runs batch norm in inference mode and it keeps the moving statistics of

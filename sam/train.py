@@ -196,10 +196,11 @@ def use_xla(setting: str, strategy: tf.distribute.Strategy) -> bool:
   return setting == 'true'
 
 
-def _decayed(variables) -> list[bool]:
-  # Weight decay applies to kernels only, not to biases or batch-norm scales
-  # (as in the SAM paper's code: params with ndim > 1).
-  return [len(v.shape) > 1 for v in variables]
+def _decayed(variables, all_params: bool) -> list[bool]:
+  # By default weight decay applies to kernels only, not to biases or
+  # batch-norm scales and offsets (as in the SAM paper's code: params with
+  # ndim > 1); config.optimizer.decay_all_params decays everything.
+  return [all_params or len(v.shape) > 1 for v in variables]
 
 
 class Trainer:
@@ -242,7 +243,8 @@ class Trainer:
       if oc.weight_decay_type == 'decoupled':
         self.optimizer.exclude_from_weight_decay(var_list=[
             v for v, d in zip(self.model.trainable_variables,
-                              _decayed(self.model.trainable_variables))
+                              _decayed(self.model.trainable_variables,
+                              oc.decay_all_params))
             if not d])
       # Replica steps all-reduce their metrics before adding them, so the
       # first replica's value is everyone's.
@@ -291,7 +293,8 @@ class Trainer:
       loss_fn(params) -> (loss, (logits, new_state)).
     """
     config = self.config
-    decayed = _decayed(self.model.trainable_variables)
+    decayed = _decayed(self.model.trainable_variables,
+                       config.optimizer.decay_all_params)
     smoothing = config.optimizer.label_smoothing
     targets = tf.one_hot(labels, self.num_classes)
     targets = targets * (1 - smoothing) + smoothing / self.num_classes

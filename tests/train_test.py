@@ -274,24 +274,31 @@ def test_clipping_uses_the_cross_replica_norm(mirrored):
                              rtol=1e-3)
 
 
-def test_decoupled_weight_decay_shrinks_kernels_only():
-  """One step: w = w0 - lr * g - lr * wd * w0 on kernels; biases: no decay."""
+@pytest.mark.parametrize('all_params', [False, True])
+def test_decoupled_weight_decay_shrinks_kernels_only(all_params):
+  """One step: w = w0 - lr * g - lr * wd * w0 on kernels; BN: no decay.
+
+  Unless optimizer.decay_all_params, which decays batch norm's gamma too.
+  """
   def one_step(weight_decay):
     config = tiny_config(**{'sam.rho': 0.0, 'optimizer.momentum': 0.0,
+                            'model.name': 'resnet20',
                             'optimizer.weight_decay': weight_decay,
-                            'optimizer.weight_decay_type': 'decoupled'})
+                            'optimizer.weight_decay_type': 'decoupled',
+                            'optimizer.decay_all_params': all_params})
     trainer = _train(config, tf.distribute.get_strategy(), 1)
     return _values(trainer.model.trainable_variables)
 
-  config = tiny_config()
+  config = tiny_config(**{'model.name': 'resnet20'})
   data = input_pipeline.load(config)
   initial = _values(train.Trainer(config, tf.distribute.get_strategy(),
                                   data.num_classes, data.image_shape, 4,
                                   4).model.trainable_variables)
   decayed, plain = one_step(0.1), one_step(0.0)
   lr = config.schedule.learning_rate
+  assert any(w0.ndim == 1 and w0.any() for w0 in initial)  # gamma = 1.
   for w0, got, want in zip(initial, decayed, plain):
-    if w0.ndim > 1:
+    if w0.ndim > 1 or all_params:
       np.testing.assert_allclose(got, want - lr * 0.1 * w0, atol=1e-6)
     else:
       np.testing.assert_array_equal(got, want)
