@@ -28,7 +28,7 @@ from sam import train
 
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where runs and reports go.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per cell.')
-_RHO = flags.DEFINE_float('rho', 0.5, 'SAM radius (with Adam).')
+_RHO = flags.DEFINE_float('rho', 0.1, 'SAM radius (with Adam).')
 _NOISE = flags.DEFINE_float('noise', 0.4, 'Label noise of the noisy cells.')
 _EPOCHS = flags.DEFINE_float('epochs', 40, 'Epochs per run.')
 flags.mark_flag_as_required('out_dir')
@@ -47,7 +47,8 @@ def _report(out_dir, cells, runs, config):
   lines = [
       f'Fashion-MNIST, {config.dataset.train_subset} training images '
       f'(fixed subset), full 10,000-image test set with clean labels; '
-      f'model `{config.model.name}`, Adam lr {config.schedule.learning_rate}, '
+      f'model `{config.model.name}`, Adam lr {config.schedule.learning_rate} '
+      f'({config.schedule.name}), '
       f'batch {config.batch_size}, {config.num_epochs:g} epochs, no '
       'augmentation; final test accuracy in %.', '',
       '| cell | test accuracy (mean ± std) | runs | wall time per run (s) |',
