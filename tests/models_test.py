@@ -276,6 +276,8 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
   """Same output, gradients and moving statistics as the Keras 3 layer."""
   rng = np.random.default_rng(0)
   x = rng.normal(3.0, 2.0, size=(8, 5, 5, 4)).astype('float32')
+  # A loss with no zero gradient (a sum of y's entries would give gamma none).
+  loss_weights = rng.normal(size=x.shape).astype('float32')
   layers = []
   for cls in (keras.layers.BatchNormalization,
               resnet.FusedBatchNormalization):
@@ -294,7 +296,7 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
       tape.watch([inputs, *trainable])
       y, new_state = layer.stateless_call(trainable, state, inputs,
                                           training=True)
-      loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.range(100.0)[:4])
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * loss_weights)
     grads = tape.gradient(loss, [inputs, *trainable])
     results.append([y, *new_state, *grads])
   tolerance = 1e-5 if policy == 'float32' else 1e-2
@@ -304,3 +306,13 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy):
                                rtol=tolerance, atol=tolerance)
   # Moving statistics moved (the test would pass vacuously otherwise).
   assert not np.allclose(results[0][1], 0.0)
+
+
+def test_models_train_with_the_fused_batch_norm_kernel():
+  model = models.get_model('resnet20_b', 10, CIFAR)
+  graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(
+      tf.TensorSpec([2, *CIFAR])).graph
+  ops = {op.type for op in graph.get_operations()}
+  assert 'FusedBatchNormV3' in ops
+  # Not Keras 3's unfused moments (tf.nn.moments' SquaredDifference).
+  assert 'SquaredDifference' not in ops

@@ -334,14 +334,15 @@ def test_xla_step_matches_graph_step(model):
                     trainer.train_sums.numpy(),
                     trainer.evaluate(dataset, input_pipeline.num_eval_steps(
                         data, config.eval_batch_size)))
-  # XLA fuses and reorders float sums: after two SAM steps the weights agree
-  # to about 2e-5, not bit for bit.
+  # XLA fuses and reorders float sums (and expands the fused batch-norm
+  # gradient into its own ops): after two SAM steps the weights agree to
+  # about 2e-5 and the gradient norms to about 2e-4, not bit for bit.
   for a, b in zip(results['true'][0], results['false'][0]):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5)
   np.testing.assert_allclose(results['true'][1], results['false'][1],
-                             rtol=1e-4)
+                             rtol=1e-3)
   for key, value in results['false'][2].items():
-    assert results['true'][2][key] == pytest.approx(value, rel=1e-4), key
+    assert results['true'][2][key] == pytest.approx(value, rel=1e-3), key
 
 
 def test_validation_metrics_are_logged(tmp_path):

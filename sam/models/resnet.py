@@ -65,8 +65,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
   """
 
   def call(self, inputs, training=None, mask=None):
-    if (not (training and self.trainable) or mask is not None or
-        len(inputs.shape) != 4 or self.axis != 3 or self.renorm or
+    rank = len(inputs.shape)
+    if (not (training and self.trainable) or mask is not None or rank != 4 or
+        self.axis % rank != 3 or self.renorm or
         not (self.scale and self.center)):
       return super().call(inputs, training=training, mask=mask)
     # float32 statistics under mixed precision too, as the parent's.
