@@ -427,12 +427,13 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
 def table(results: dict[str, Any]) -> list[str]:
   """The figures of `run_all` as lines: the machine, then markdown."""
   c = results['context']
+  loop_rows = (f' (the steps_per_loop rows: {math.lcm(*c["steps_per_loop"])})'
+               if c['steps_per_loop'] else '')
   lines = [
       f'machine: {c["cpu_model"] or "unknown CPU"}, {c["num_cpus"]} CPUs; '
       f'GPUs: {", ".join(c["gpus"]) or "none"}',
-      f'batch {c["batch_size"]}, {c["steps"]} steps per timed loop (the '
-      f'steps_per_loop rows: {math.lcm(*c["steps_per_loop"] or [1])}), '
-      f'{c["repeats"]} loops after a warm-up; TensorFlow '
+      f'batch {c["batch_size"]}, {c["steps"]} steps per timed loop'
+      f'{loop_rows}, {c["repeats"]} loops after a warm-up; TensorFlow '
       f'{c["tensorflow_version"]}, Keras {c["keras_version"]}', '',
       '| what | img/s (best) | img/s (median) | ms/step (best) | '
       'ms/step (median) |', '|---|---|---|---|---|']
