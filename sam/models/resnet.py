@@ -55,19 +55,20 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
   """Keras 3 batch norm that trains with TensorFlow's fused kernel.
 
   Keras 3 normalizes with separate moment and normalization ops, which cost
-  a ResNet-20 training step about a fifth of its time on a CPU (see the
-  README's performance table); TensorFlow's FusedBatchNormV3, which Keras 2
-  used, does the forward and the backward pass in one kernel each, on CPU,
-  GPU and under XLA. The results are the parent's up to float32 rounding:
-  normalization by the batch statistics, moving averages of the batch mean
-  and the population (not Bessel-corrected) batch variance. Inference, masks
+  a ResNet-20 training step about a fifth of its time on a CPU (README,
+  "Speed"); TensorFlow's FusedBatchNormV3, which Keras 2 used, does the
+  forward and the backward pass in one kernel each (XLA compiles it too,
+  tested; on a GPU it is cuDNN's, not measured here). The results are the
+  parent's up to float32 rounding: normalization by the batch statistics,
+  moving averages of the batch mean and the population (not Bessel-corrected)
+  batch variance. Inference, masks, cross-replica (synchronized) statistics
   and anything but 4-D channels-last inputs use the parent's code.
   """
 
   def call(self, inputs, training=None, mask=None):
     rank = len(inputs.shape)
     if (not (training and self.trainable) or mask is not None or rank != 4 or
-        self.axis % rank != 3 or self.renorm or
+        self.axis % rank != 3 or self.renorm or self.synchronized or
         not (self.scale and self.center)):
       return super().call(inputs, training=training, mask=mask)
     # float32 statistics under mixed precision too, as the parent's.
