@@ -80,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Run SAM every k-th step and the plain base optimizer in between, for
   # about (k + 1) / (2k) of SAM's cost; 1 is SAM at every step.
   config.sam.every_k_steps = 1
+  # LookSAM (Liu et al. 2022), with every_k_steps > 1: the steps between SAM
+  # steps add alpha * ||g|| / ||g_v|| * g_v to their gradient g, where g_v is
+  # the last SAM gradient's part orthogonal to its clean gradient; 0 takes
+  # plain steps in between. They use alpha = 0.7 with k = 5.
+  config.sam.looksam_alpha = 0.0
 
   config.optimizer = ml_collections.ConfigDict()
   # 'sgd' (with momentum, optionally Nesterov) or 'adam'.

@@ -14,11 +14,15 @@ weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
 Variants: ASAM (`adaptive`), GSAM (`gsam_alpha`), m-sharpness per replica
-(`sync_perturbation=False`) or per micro-batch (`micro_batch_sam_step`).
+(`sync_perturbation=False`) or per micro-batch (`micro_batch_sam_step`), and
+LookSAM's reuse of the sharpness direction between SAM steps
+(`looksam_direction`, `looksam_reuse`).
 
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
 Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
+Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization",
+CVPR 2022 (LookSAM).
 """
 
 from collections.abc import Callable, Sequence
@@ -46,12 +50,14 @@ class SAMOutput(NamedTuple):
     grad_norm: the norm of the ascent gradient that scaled eps (of `T g` for
       ASAM), over all params jointly; summed across replicas first unless
       `sync_perturbation=False`. Zero if rho == 0 (nothing was reduced).
+    clean_grads: the gradients at `params` (the first pass), per replica.
   """
   loss: tf.Tensor
   grads: list[tf.Tensor]
   aux: Any
   perturbed_loss: tf.Tensor
   grad_norm: tf.Tensor
+  clean_grads: list[tf.Tensor]
 
 
 def _replica_context_to_sync() -> tf.distribute.ReplicaContext | None:
@@ -162,7 +168,7 @@ def sam_step(
   loss, grads, aux = _value_and_grad(loss_fn, params)
   if isinstance(rho, (int, float)) and rho == 0:
     # The plain base optimizer: one pass and no cross-replica traffic.
-    return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype))
+    return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads)
 
   ascent = grads
   ctx = _replica_context_to_sync() if sync_perturbation else None
@@ -176,7 +182,63 @@ def sam_step(
   if gsam_alpha:
     sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
                                      ctx)
-  return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm)
+  return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm, grads)
+
+
+def _dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor]) -> tf.Tensor:
+  """The inner product of two lists of tensors, over all entries."""
+  return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
+
+
+def looksam_direction(
+    clean: Sequence[tf.Tensor], sam_grads: Sequence[tf.Tensor]
+) -> list[tf.Tensor]:
+  """LookSAM's sharpness direction (Liu et al., CVPR 2022, eq. 5).
+
+  The part of the SAM gradient g_s orthogonal to the clean gradient g, over
+  all params jointly:
+
+    g_v = g_s - (g.g_s / ||g||^2) g.
+
+  Args:
+    clean: g, per param (summed over replicas).
+    sam_grads: g_s at the same step, per param (summed over replicas).
+
+  Returns:
+    g_v, per param.
+  """
+  coef = _dot(clean, sam_grads) / (_dot(clean, clean) + _EPSILON)
+  return [s - coef * g for g, s in zip(clean, sam_grads)]
+
+
+def looksam_reuse(
+    grads: Sequence[tf.Tensor],
+    direction: Sequence[tf.Tensor],
+    alpha: float,
+    clean_norm: tf.Tensor,
+    share: float = 1.0,
+) -> list[tf.Tensor]:
+  """LookSAM's gradient on the steps between SAM steps (eq. 6).
+
+    g_s ~ g + alpha * (||g|| / ||g_v||) g_v,
+
+  with g_v from the last SAM step (`looksam_direction`). The added term is
+  one vector for the whole batch, so each of R replicas adds `share` = 1/R
+  of it to its own part of g (the optimizer sums the parts).
+
+  Args:
+    grads: this replica's part of g, per param.
+    direction: g_v, per param.
+    alpha: LookSAM's alpha (they use 0.7); 0 is the plain gradient.
+    clean_norm: ||g|| of the gradient summed over all replicas.
+    share: this replica's share of the added term.
+
+  Returns:
+    This replica's part of the approximate SAM gradient, per param.
+  """
+  scale = share * alpha * clean_norm / (
+      tf.sqrt(_dot(direction, direction)) + _EPSILON)
+  return [g + scale * v for g, v in zip(grads, direction)]
 
 
 def micro_batch_sam_step(
@@ -212,7 +274,8 @@ def micro_batch_sam_step(
       grads=[tf.add_n(g) for g in zip(*[o.grads for o in outs])],
       aux=[o.aux for o in outs],
       perturbed_loss=tf.add_n([o.perturbed_loss for o in outs]),
-      grad_norm=tf.add_n([o.grad_norm for o in outs]) / len(outs))
+      grad_norm=tf.add_n([o.grad_norm for o in outs]) / len(outs),
+      clean_grads=[tf.add_n(g) for g in zip(*[o.clean_grads for o in outs])])
 
 
 def sam_gradients(

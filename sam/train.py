@@ -86,6 +86,11 @@ def validate_config(config: ml_collections.ConfigDict,
   sc = config.sam
   check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
         'it must be >= 1 (1 runs SAM at every step)')
+  check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
+        'it must be >= 0 (0 takes plain steps between SAM steps)')
+  check(not sc.looksam_alpha or sc.every_k_steps > 1, 'sam.looksam_alpha',
+        sc.looksam_alpha, 'LookSAM reuses a direction between SAM steps: '
+        'also set sam.every_k_steps > 1 (they use 5)')
   per_replica = config.batch_size // max(num_replicas, 1)
   check(sc.micro_batch_size == 0 or (
       sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
@@ -260,13 +265,24 @@ class Trainer:
            for v in variables] if config.ema_decay else []
           for variables in (self.model.trainable_variables,
                             self.model.non_trainable_variables)]
+      # LookSAM's g_v from the last SAM step, the same on every replica.
+      self.looksam_direction = [
+          tf.Variable(tf.zeros_like(v), trainable=False, aggregation=first)
+          for v in self.model.trainable_variables
+      ] if config.sam.looksam_alpha else []
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, train_sums=self.train_sums,
-        ema=self.ema, plateau=self.plateau_state)
+        ema=self.ema, plateau=self.plateau_state,
+        looksam_direction=self.looksam_direction)
     self.plateau = plateau.Plateau(config, self.plateau_state)
     self.jit_compile = use_xla(config.jit_compile, strategy)
-    self._train_step_fn = tf.function(self._train_step,
-                                      jit_compile=self.jit_compile)
+    # Two compiled steps: SAM, and (with sam.every_k_steps > 1) the steps
+    # in between.
+    self._train_step_fn = {
+        sam_now: tf.function(
+            functools.partial(self._train_step, sam_now=sam_now),
+            jit_compile=self.jit_compile)
+        for sam_now in (True, False)}
     self._eval_step_fn = {
         ema: tf.function(functools.partial(self._eval_step, ema=ema),
                          jit_compile=self.jit_compile)
@@ -313,14 +329,14 @@ class Trainer:
 
     return loss_fn
 
-  def _train_step(self, batch):
-    """One SAM step in replica context."""
+  def _train_step(self, batch, sam_now: bool):
+    """One step in replica context; not sam_now: a step between SAM steps."""
     images, labels = batch
     config = self.config
     ctx = tf.distribute.get_replica_context()
     num_replicas = ctx.num_replicas_in_sync
     model = self.model
-    out = self._gradients(images, labels)
+    out = self._gradients(images, labels, sam_now)
     logits, new_state = out.aux
     if new_state:
       # Batch-norm moving statistics come from the first pass only. Replicas
@@ -365,8 +381,14 @@ class Trainer:
     self.train_sums.assign_add(
         ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
 
-  def _gradients(self, images, labels) -> sam_lib.SAMOutput:
+  def _gradients(self, images, labels, sam_now: bool) -> sam_lib.SAMOutput:
     """The SAM variant of config.sam, at this replica's batch.
+
+    Args:
+      images: this replica's batch.
+      labels: its labels.
+      sam_now: False on the steps between SAM steps (sam.every_k_steps > 1):
+        the plain gradient, plus LookSAM's reused direction if it is on.
 
     Returns:
       The SAM output, whose aux is (logits, new non-trainable state).
@@ -395,21 +417,46 @@ class Trainer:
           self._loss_fn(images, labels, state, 1 / num_replicas), params,
           sc.rho, sync_perturbation=sc.sync_perturbation, **kwargs)
 
-    if sc.every_k_steps == 1 or not sc.rho:
-      return sam()
+    def total(grads):
+      if num_replicas == 1:
+        return grads
+      return tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, grads)
 
-    def plain():
-      return sam_lib.sam_step(
-          self._loss_fn(images, labels, state, 1 / num_replicas), params, 0.0)
-
-    # Every replica takes the same branch (the step is mirrored), so the
-    # all-reduce inside the SAM branch is matched on every replica.
-    return tf.cond(
-        tf.equal(self.optimizer.iterations % sc.every_k_steps, 0), sam, plain)
+    if sam_now:
+      out = sam()
+      if sc.looksam_alpha:
+        # Every replica computes and keeps the same g_v.
+        direction = sam_lib.looksam_direction(total(out.clean_grads),
+                                              total(out.grads))
+        for variable, value in zip(self.looksam_direction, direction):
+          variable.assign(value)
+      return out
+    out = sam_lib.sam_step(
+        self._loss_fn(images, labels, state, 1 / num_replicas), params, 0.0)
+    if sc.looksam_alpha:
+      out = out._replace(grads=sam_lib.looksam_reuse(
+          out.grads, [v.read_value() for v in self.looksam_direction],
+          sc.looksam_alpha, tf.linalg.global_norm(total(out.grads)),
+          share=1 / num_replicas))
+    return out
 
   def _train_loop(self, iterator, num_steps):
+    sc = self.config.sam
+    alternate = sc.rho and sc.every_k_steps > 1
     for _ in tf.range(num_steps):
-      self.strategy.run(self._train_step_fn, args=(next(iterator),))
+      batch = next(iterator)
+      run = {sam_now: functools.partial(
+          self.strategy.run, self._train_step_fn[sam_now], args=(batch,))
+             for sam_now in (True, False)}
+      if alternate:
+        # Decided here, in cross-replica context, rather than inside the
+        # replica step: strategies that all-reduce through merge_call
+        # (MirroredStrategy) cannot do so inside a tf.cond of the step.
+        tf.cond(tf.equal(self.optimizer.iterations % sc.every_k_steps, 0),
+                run[True], run[False])
+      else:
+        run[True]()
 
   def _eval_step(self, batch, ema: bool):
     images, labels, mask = batch
@@ -502,7 +549,7 @@ STRUCTURAL_FIELDS = (
     'seed', 'batch_size', 'model', 'dataset.name', 'dataset.train_subset',
     'dataset.synthetic_image_shape', 'dataset.synthetic_num_classes',
     'optimizer.name', 'optimizer.momentum', 'optimizer.nesterov',
-    'optimizer.weight_decay_type', 'ema_decay')
+    'optimizer.weight_decay_type', 'ema_decay', 'sam.looksam_alpha')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -224,3 +224,26 @@ def test_micro_batches_perturb_separately():
   np.testing.assert_allclose(out.loss, _loss_fn(x, y, BATCH)([w, b])[0],
                              rtol=1e-6)
   assert len(out.aux) == 2
+
+
+def test_looksam_direction_and_reuse_match_numpy():
+  """g_v is g_s minus its projection on g; the reuse rescales it to ||g||."""
+  rng = np.random.default_rng(0)
+  g = [rng.normal(size=(3, 2)), rng.normal(size=4)]
+  g_s = [rng.normal(size=(3, 2)), rng.normal(size=4)]
+  flat_g, flat_s = (np.concatenate([x.ravel() for x in t]) for t in (g, g_s))
+  want = flat_s - flat_g.dot(flat_s) / flat_g.dot(flat_g) * flat_g
+  direction = sam.looksam_direction([tf.constant(x) for x in g],
+                                    [tf.constant(x) for x in g_s])
+  got = np.concatenate([d.numpy().ravel() for d in direction])
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  assert abs(got.dot(flat_g)) < 1e-10  # Orthogonal to g.
+  # Two replicas, each adding half the term to its half of g.
+  halves = [[tf.constant(x / 2) for x in g]] * 2
+  norm = tf.constant(np.linalg.norm(flat_g))
+  parts = [sam.looksam_reuse(h, direction, 0.7, norm, share=0.5)
+           for h in halves]
+  total = np.concatenate([(a + b).numpy().ravel() for a, b in zip(*parts)])
+  np.testing.assert_allclose(
+      total, flat_g + 0.7 * np.linalg.norm(flat_g) / np.linalg.norm(want) *
+      want, rtol=1e-10)

@@ -73,10 +73,12 @@ def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _manual_sam_sgd(config, steps, sam_steps=None):
+def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
   """SAM + SGD computed another way: perturb Keras variables in place.
 
-  `sam_steps` lists the steps that use SAM (default: all).
+  `sam_steps` lists the steps that use SAM (default: all); with
+  `looksam_alpha`, the others add LookSAM's reused direction, computed here
+  on flattened NumPy vectors.
   """
   data = input_pipeline.load(config)
   keras.utils.set_random_seed(config.seed)
@@ -96,6 +98,15 @@ def _manual_sam_sgd(config, steps, sam_steps=None):
         tf.reduce_sum(v**2) for v in model.trainable_variables
         if len(v.shape) > 1)
 
+  shapes = [v.shape for v in model.trainable_variables]
+
+  def flat(tensors):
+    return np.concatenate([np.ravel(t) for t in tensors])
+
+  def unflat(vector):
+    return np.split(vector, np.cumsum([np.prod(s) for s in shapes])[:-1])
+
+  direction = None
   for step in range(steps):
     images, labels = next(batches)
     with tf.GradientTape() as tape:
@@ -103,12 +114,20 @@ def _manual_sam_sgd(config, steps, sam_steps=None):
     grads = tape.gradient(loss, model.trainable_variables)
     saved = [v.numpy() for v in model.trainable_variables]
     if rho and (sam_steps is None or step in sam_steps):
+      clean = flat(grads)
       norm = tf.linalg.global_norm(grads)
       for v, g in zip(model.trainable_variables, grads):
         v.assign_add(rho * g / norm)
       with tf.GradientTape() as tape:
         loss = loss_of(images, labels)
       grads = tape.gradient(loss, model.trainable_variables)
+      g_s = flat(grads)
+      direction = g_s - clean.dot(g_s) / clean.dot(clean) * clean
+    elif looksam_alpha:
+      g = flat(grads)
+      g = g + looksam_alpha * (np.linalg.norm(g) /
+                               np.linalg.norm(direction)) * direction
+      grads = [x.reshape(s) for x, s in zip(unflat(g), shapes)]
     for v, s, g in zip(model.trainable_variables, saved, grads):
       v.assign(s - config.schedule.learning_rate * g)
   return [v.numpy() for v in model.trainable_variables]
@@ -236,6 +255,8 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('sam.rho', -0.1, 'config.sam.rho'),
     ('batch_size', 15, 'config.batch_size'),
     ('optimizer.name', 'rmsprop', 'config.optimizer.name'),
+    ('sam.looksam_alpha', 0.7, 'sam.every_k_steps > 1'),
+    ('dtype_policy', 'mixed_float16', 'config.dtype_policy'),
 ])
 def test_bad_config_fails_before_training(mirrored, tmp_path, field, value,
                                           message):
@@ -351,6 +372,36 @@ def test_validation_metrics_are_logged(tmp_path):
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results['val/examples'] == 16 and results['eval/examples'] == 40
   assert 'val/accuracy' in _scalars(str(tmp_path))
+
+
+def test_looksam_reuses_the_direction_between_sam_steps():
+  config = tiny_config(**{'sam.rho': 0.1, 'optimizer.momentum': 0.0,
+                          'sam.every_k_steps': 3, 'sam.looksam_alpha': 0.7})
+  trainer = _train(config, tf.distribute.get_strategy(), 4)
+  want = _manual_sam_sgd(config, 4, sam_steps=(0, 3), looksam_alpha=0.7)
+  for got, expected in zip(_values(trainer.model.trainable_variables), want):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # The reuse changed the update (the test would pass vacuously otherwise).
+  plain = _manual_sam_sgd(config, 4, sam_steps=(0, 3))
+  assert not all(np.allclose(a, b, atol=1e-6) for a, b in zip(want, plain))
+
+
+@pytest.mark.parametrize('looksam_alpha', [0.0, 0.7])
+def test_every_k_steps_on_replicas_matches_single_device(mirrored,
+                                                         looksam_alpha):
+  """SAM every 2nd step, plain or LookSAM in between, on 2 replicas."""
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.every_k_steps': 2,
+                          'sam.looksam_alpha': looksam_alpha})
+  one = _train(config, mirrored(1), 4)
+  strategy = mirrored(2)
+  many = _train(config, strategy, 4)
+  for a, b in zip(_values(one.model.variables),
+                  _values(many.model.variables, 0, strategy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(one.looksam_direction, many.looksam_direction):
+    np.testing.assert_allclose(
+        a.numpy(), strategy.experimental_local_results(b)[1].numpy(),
+        rtol=1e-5, atol=1e-6)
 
 
 def test_sam_every_k_steps_alternates_with_plain_steps():
