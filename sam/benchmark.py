@@ -9,7 +9,8 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
 
 * this codebase's custom loop (`sam.train.Trainer`), one `train_loop` call of
   `--steps` steps per timed loop: the plain base optimizer (rho = 0), SAM,
-  and SAM every 2nd step (`sam.every_k_steps`);
+  SAM every 2nd step (`sam.every_k_steps`) and LookSAM with k = 5, alpha =
+  0.7 (`sam.looksam_alpha`; time a multiple of 5 steps per loop);
 * with `--xla`: the plain and SAM custom loop with the replica step compiled
   by XLA;
 * with `--loop_rows` (default): the plain custom loop with steps_per_loop 1,
@@ -361,6 +362,10 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     add(f'{name}: custom loop, SAM every 2nd step',
         custom_loop(name, batch_size, steps, repeats, rho=rho,
                     every_k_steps=2))
+    # LookSAM's own setting; time a multiple of 5 steps per loop.
+    add(f'{name}: custom loop, LookSAM (k=5, alpha=0.7)',
+        custom_loop(name, batch_size, steps, repeats, rho=rho,
+                    every_k_steps=5, looksam_alpha=0.7))
     if xla:
       add(f'{name}: custom loop, plain, XLA',
           custom_loop(name, batch_size, steps, repeats, rho=0.0,

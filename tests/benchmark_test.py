@@ -55,7 +55,7 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
   rows = figures['rows']
   assert figures['sgd_images_per_sec'] == (
       rows['cnn: custom loop, plain (rho=0)']['images_per_sec_best'])
-  assert len(rows) == 10  # Input, 8 custom loop rows, Keras 3 SAMModel.
+  assert len(rows) == 11  # Input, 9 custom loop rows, Keras 3 SAMModel.
   for name, row in rows.items():
     for key in ROW_KEYS:
       assert _positive(row[key]), (name, key)
