@@ -32,6 +32,7 @@ def test_table_has_every_custom_loop_row(results):
       'cnn: custom loop, plain (rho=0)',
       'cnn: custom loop, SAM',
       'cnn: custom loop, SAM every 2nd step',
+      'cnn: custom loop, LookSAM (k=5, alpha=0.7)',
       'cnn: custom loop, plain, steps_per_loop=1 (100 calls of 1)',
       'cnn: custom loop, plain, steps_per_loop=10 (10 calls of 10)',
       'cnn: custom loop, plain, steps_per_loop=100 (1 call of 100)',
@@ -75,6 +76,6 @@ def test_loop_and_precision_rows_can_be_switched_off():
                               rho=0.05, keras2=False, loop_rows=False,
                               precision_rows=False)
   names = list(results['rows'])
-  assert len(names) == 5  # Input, 3 custom loop rows, Keras 3 SAMModel.
+  assert len(names) == 6  # Input, 4 custom loop rows, Keras 3 SAMModel.
   assert not any('steps_per_loop' in n or 'bfloat16' in n for n in names)
   assert results['context']['steps_per_loop'] == []
