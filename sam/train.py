@@ -249,7 +249,7 @@ class Trainer:
         self.optimizer.exclude_from_weight_decay(var_list=[
             v for v, d in zip(self.model.trainable_variables,
                               _decayed(self.model.trainable_variables,
-                              oc.decay_all_params))
+                                       oc.decay_all_params))
             if not d])
       # Replica steps all-reduce their metrics before adding them, so the
       # first replica's value is everyone's.
