@@ -357,6 +357,13 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     if not headline:
       headline = {'sgd': plain, 'sam': sam, 'keras_sam': keras_sam,
                   'keras2_sam': keras2_sam}
+
+    def add_plain_and_sam(label, name=name, **overrides):
+      for kind, value in (('plain', 0.0), ('SAM', rho)):
+        add(f'{name}: custom loop, {kind}, {label}',
+            custom_loop(name, batch_size, steps, repeats, rho=value,
+                        **overrides))
+
     add(plain, custom_loop(name, batch_size, steps, repeats, rho=0.0))
     add(sam, custom_loop(name, batch_size, steps, repeats, rho=rho))
     add(f'{name}: custom loop, SAM every 2nd step',
@@ -367,12 +374,7 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
         custom_loop(name, batch_size, steps, repeats, rho=rho,
                     every_k_steps=5, looksam_alpha=0.7))
     if xla:
-      add(f'{name}: custom loop, plain, XLA',
-          custom_loop(name, batch_size, steps, repeats, rho=0.0,
-                      jit_compile='true'))
-      add(f'{name}: custom loop, SAM, XLA',
-          custom_loop(name, batch_size, steps, repeats, rho=rho,
-                      jit_compile='true'))
+      add_plain_and_sam('XLA', jit_compile='true')
     if loop_rows:
       total = math.lcm(*steps_per_loop)
       for size, seconds in host_loop(name, batch_size, repeats,
@@ -382,12 +384,7 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
             f'({calls} call{"s" if calls > 1 else ""} of {size})', seconds,
             total)
     if precision_rows:
-      add(f'{name}: custom loop, plain, mixed_bfloat16',
-          custom_loop(name, batch_size, steps, repeats, rho=0.0,
-                      dtype_policy='mixed_bfloat16'))
-      add(f'{name}: custom loop, SAM, mixed_bfloat16',
-          custom_loop(name, batch_size, steps, repeats, rho=rho,
-                      dtype_policy='mixed_bfloat16'))
+      add_plain_and_sam('mixed_bfloat16', dtype_policy='mixed_bfloat16')
     add(keras_sam, keras3_sam_fit(name, batch_size, steps, repeats, rho))
     if keras2:
       add(f'{name}: tf_keras fit, plain',

@@ -53,10 +53,28 @@ def _train(config, strategy, steps):
 
 
 def _values(variables, replica=0, strategy=None):
+  """NumPy values of Keras or tf variables, from one replica's copy."""
   if strategy is None:
     return [v.numpy() for v in variables]
-  return [strategy.experimental_local_results(v.value)[replica].numpy()
+  return [strategy.experimental_local_results(
+      v.value if isinstance(v, keras.Variable) else v)[replica].numpy()
           for v in variables]
+
+
+def _assert_same_as_one_device(config, mirrored, num_replicas, steps,
+                               variables=lambda t: t.model.variables):
+  """Trains on one and on `num_replicas` replicas: the variables agree.
+
+  Returns:
+    (one-replica trainer, many-replica trainer, its strategy).
+  """
+  one = _train(config, mirrored(1), steps)
+  strategy = mirrored(num_replicas)
+  many = _train(config, strategy, steps)
+  for a, b in zip(_values(variables(one)),
+                  _values(variables(many), 0, strategy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  return one, many, strategy
 
 
 @pytest.mark.parametrize('num_replicas', [2, 4])
@@ -65,12 +83,7 @@ def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
   """Same global batch: same weights after SAM steps, on 1 or R replicas."""
   config = tiny_config(**{'sam.rho': 0.1, 'sam.adaptive': adaptive,
                           'optimizer.grad_clip_norm': 1.0})
-  one = _train(config, mirrored(1), 3)
-  many_strategy = mirrored(num_replicas)
-  many = _train(config, many_strategy, 3)
-  for a, b in zip(_values(one.model.variables),
-                  _values(many.model.variables, 0, many_strategy)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  _assert_same_as_one_device(config, mirrored, num_replicas, 3)
 
 
 def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
@@ -392,16 +405,10 @@ def test_every_k_steps_on_replicas_matches_single_device(mirrored,
   """SAM every 2nd step, plain or LookSAM in between, on 2 replicas."""
   config = tiny_config(**{'sam.rho': 0.1, 'sam.every_k_steps': 2,
                           'sam.looksam_alpha': looksam_alpha})
-  one = _train(config, mirrored(1), 4)
-  strategy = mirrored(2)
-  many = _train(config, strategy, 4)
-  for a, b in zip(_values(one.model.variables),
-                  _values(many.model.variables, 0, strategy)):
+  one, many, strategy = _assert_same_as_one_device(config, mirrored, 2, 4)
+  for a, b in zip(_values(one.looksam_direction),
+                  _values(many.looksam_direction, 1, strategy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for a, b in zip(one.looksam_direction, many.looksam_direction):
-    np.testing.assert_allclose(
-        a.numpy(), strategy.experimental_local_results(b)[1].numpy(),
-        rtol=1e-5, atol=1e-6)
 
 
 def test_sam_every_k_steps_alternates_with_plain_steps():
@@ -419,12 +426,9 @@ def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
   """m = 4: the same 4-example micro-batches, however they are placed."""
   config = tiny_config(**{'sam.rho': 0.1, 'sam.micro_batch_size': 4,
                           'model.name': 'resnet20'})
-  one = _train(config, mirrored(1), 2)
-  many_strategy = mirrored(num_replicas)
-  many = _train(config, many_strategy, 2)
-  for a, b in zip(_values(one.model.trainable_variables),
-                  _values(many.model.trainable_variables, 0, many_strategy)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  one, _, _ = _assert_same_as_one_device(
+      config, mirrored, num_replicas, 2,
+      variables=lambda t: t.model.trainable_variables)
   plain = _train(tiny_config(**{'sam.rho': 0.1, 'model.name': 'resnet20'}),
                  mirrored(1), 2)
   assert not np.allclose(_values(one.model.trainable_variables)[0],
@@ -433,12 +437,8 @@ def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
 
 def test_gsam_runs_in_the_trainer(mirrored):
   config = tiny_config(**{'sam.rho': 0.1, 'sam.gsam_alpha': 0.2})
-  one = _train(config, mirrored(1), 2)
-  two_strategy = mirrored(2)
-  two = _train(config, two_strategy, 2)
-  for a, b in zip(_values(one.model.trainable_variables),
-                  _values(two.model.trainable_variables, 0, two_strategy)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  _assert_same_as_one_device(config, mirrored, 2, 2,
+                             variables=lambda t: t.model.trainable_variables)
 
 
 def test_ema_of_weights(mirrored):
