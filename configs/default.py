@@ -21,9 +21,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Compile the train and eval steps with XLA on CPU/GPU: 'auto' (on with
   # one GPU replica), 'true' or 'false'. On a TPU everything is compiled.
   config.jit_compile = 'auto'
-  # Keras dtype policy of the model: 'float32', or 'mixed_bfloat16' (bfloat16
-  # compute with float32 weights, logits, loss and SAM norm; fastest on TPU).
+  # Keras dtype policy of the model: 'float32', 'mixed_bfloat16' (bfloat16
+  # compute with float32 weights, logits, loss and SAM norm; fastest on TPU)
+  # or 'mixed_float16' (float16 compute, for GPUs, with loss scaling).
   config.dtype_policy = 'float32'
+  # Dynamic loss scaling, used under mixed_float16 only: the loss is
+  # multiplied by the scale before each backward pass; a step whose
+  # gradients overflow is skipped and halves the scale, and growth_steps
+  # finite steps in a row double it.
+  config.loss_scale = ml_collections.ConfigDict()
+  config.loss_scale.initial = 2.0**15
+  config.loss_scale.growth_steps = 2000
 
   config.dataset = ml_collections.ConfigDict()
   # One of cifar10, cifar100, fashion_mnist, synthetic.

@@ -19,7 +19,8 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
   the metric sums that `train.train_and_evaluate` does after every loop; the
   difference is the cost of the host loop;
 * with `--precision_rows` (default): the plain and SAM custom loop with
-  `config.dtype_policy = 'mixed_bfloat16'`;
+  `config.dtype_policy = 'mixed_bfloat16'` and, where TensorFlow sees a GPU,
+  `'mixed_float16'` (with its dynamic loss scaling);
 * `sam.keras.SAMModel` under Keras 3 `fit`, if that module exists;
 * with `--keras2` (default): plain `tf_keras` `fit`, and the Keras 2
   `tf_keras.models.experimental.SharpnessAwareMinimization` model under
@@ -318,7 +319,8 @@ def _gpu_names() -> list[str]:
 def run_all(model_names: Sequence[str], batch_size: int, steps: int,
             repeats: int, rho: float, xla: bool = False, keras2: bool = True,
             loop_rows: bool = True, precision_rows: bool = True,
-            steps_per_loop: Sequence[int] = STEPS_PER_LOOP) -> dict[str, Any]:
+            steps_per_loop: Sequence[int] = STEPS_PER_LOOP,
+            precisions: Sequence[str] | None = None) -> dict[str, Any]:
   """Times every row (see the module docstring).
 
   Args:
@@ -330,8 +332,11 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     xla: also time XLA-compiled custom loop steps.
     keras2: time the tf_keras rows.
     loop_rows: time the host-loop rows.
-    precision_rows: time the mixed_bfloat16 rows.
+    precision_rows: time the mixed-precision rows.
     steps_per_loop: steps per train_loop call in the host-loop rows.
+    precisions: the dtype policies of the mixed-precision rows; None:
+      mixed_bfloat16, and mixed_float16 where there is a GPU (float16 is a
+      GPU format: on a CPU it mostly runs through slow fallbacks).
 
   Returns:
     The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
@@ -341,6 +346,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     when skipped) and `context`.
   """
   rows = {}
+  if precisions is None:
+    precisions = ['mixed_bfloat16'] + ['mixed_float16'] * bool(_gpu_names())
 
   def add(name, seconds, row_steps=steps):
     rows[name] = _figures(seconds, batch_size, row_steps)
@@ -384,7 +391,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
             f'({calls} call{"s" if calls > 1 else ""} of {size})', seconds,
             total)
     if precision_rows:
-      add_plain_and_sam('mixed_bfloat16', dtype_policy='mixed_bfloat16')
+      for policy in precisions:
+        add_plain_and_sam(policy, dtype_policy=policy)
     add(keras_sam, keras3_sam_fit(name, batch_size, steps, repeats, rho))
     if keras2:
       add(f'{name}: tf_keras fit, plain',
@@ -487,7 +495,8 @@ def _define_flags():
   flags.DEFINE_bool('loop_rows', True, 'Time the plain custom loop with '
                     'steps_per_loop 1, 10 and 100 (the host loop\'s cost).')
   flags.DEFINE_bool('precision_rows', True, 'Time the custom loop with '
-                    "config.dtype_policy = 'mixed_bfloat16'.")
+                    "config.dtype_policy = 'mixed_bfloat16' (and "
+                    "'mixed_float16' where there is a GPU).")
   flags.DEFINE_string('json', None, 'Also write every figure as JSON to '
                       'this path (local or gs://).')
 

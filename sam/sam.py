@@ -71,13 +71,17 @@ def _replica_context_to_sync() -> tf.distribute.ReplicaContext | None:
 
 
 def _value_and_grad(
-    loss_fn: LossFn, params: Sequence[tf.Tensor]
+    loss_fn: LossFn, params: Sequence[tf.Tensor],
+    loss_scale: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
   with tf.GradientTape(watch_accessed_variables=False) as tape:
     tape.watch(params)
     loss, aux = loss_fn(list(params))
+    scaled = loss if loss_scale is None else loss * loss_scale
   grads = tape.gradient(
-      loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      scaled, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  if loss_scale is not None:
+    grads = [g / loss_scale for g in grads]
   return loss, grads, aux
 
 
@@ -159,13 +163,14 @@ def sam_step(
     sync_perturbation: bool = True,
     eta: float = 0.0,
     gsam_alpha: float = 0.0,
+    loss_scale: tf.Tensor | None = None,
 ) -> SAMOutput:
   """Like `sam_gradients`, and also returns the perturbed loss and ||g||.
 
   See `sam_gradients` for the arguments.
   """
   params = [tf.convert_to_tensor(p) for p in params]
-  loss, grads, aux = _value_and_grad(loss_fn, params)
+  loss, grads, aux = _value_and_grad(loss_fn, params, loss_scale)
   if isinstance(rho, (int, float)) and rho == 0:
     # The plain base optimizer: one pass and no cross-replica traffic.
     return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads)
@@ -178,7 +183,8 @@ def sam_step(
   # tf.stop_gradient: eps is a constant of the second pass (the paper drops
   # its second-order term), and w + eps is a new tensor, not a new variable.
   perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]
-  perturbed_loss, sam_grads, _ = _value_and_grad(loss_fn, perturbed)
+  perturbed_loss, sam_grads, _ = _value_and_grad(loss_fn, perturbed,
+                                                 loss_scale)
   if gsam_alpha:
     sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
                                      ctx)
@@ -260,8 +266,8 @@ def micro_batch_sam_step(
     loss_fns: one pure loss function of the params per micro-batch.
     params: the trainable values.
     rho: the neighbourhood radius.
-    **kwargs: further `sam_step` arguments (adaptive, eta, gsam_alpha);
-      sync_perturbation is False by definition.
+    **kwargs: further `sam_step` arguments (adaptive, eta, gsam_alpha,
+      loss_scale); sync_perturbation is False by definition.
 
   Returns:
     The summed loss, perturbed loss and gradients; the mean of the
@@ -286,6 +292,7 @@ def sam_gradients(
     sync_perturbation: bool = True,
     eta: float = 0.0,
     gsam_alpha: float = 0.0,
+    loss_scale: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
   """SAM gradients: the gradient at params + eps, for any base optimizer.
 
@@ -317,6 +324,12 @@ def sam_gradients(
     eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
     gsam_alpha: GSAM (Zhuang et al. 2022): descend along
       h - alpha * f_perp instead of h (see `surrogate_gap_guided`); 0 is SAM.
+    loss_scale: for float16 compute (dynamic loss scaling): each backward
+      pass differentiates loss * loss_scale, so that small float16 gradients
+      do not underflow, and its gradients are divided by loss_scale at once,
+      in the params' float32; the norm, eps and the returned grads are
+      unscaled. An overflow gives a non-finite ||g|| and so non-finite grads:
+      the caller skips such a step and lowers the scale. None: no scaling.
 
   Returns:
     (loss, grads, aux): the loss at params, the SAM gradients (per replica,
@@ -324,5 +337,5 @@ def sam_gradients(
   """
   out = sam_step(loss_fn, params, rho, adaptive=adaptive,
                  sync_perturbation=sync_perturbation, eta=eta,
-                 gsam_alpha=gsam_alpha)
+                 gsam_alpha=gsam_alpha, loss_scale=loss_scale)
   return out.loss, out.grads, out.aux

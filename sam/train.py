@@ -41,13 +41,12 @@ from sam import sam as sam_lib
 OPTIMIZERS = ('sgd', 'adam')
 SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
 WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
-# Keras dtype policies of the model. Mixed float16 would also need loss
-# scaling, which the step does not do.
-DTYPE_POLICIES = ('float32', 'mixed_bfloat16')
+# Keras dtype policies of the model; mixed_float16 turns on loss scaling.
+DTYPE_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
 
 # Train metric accumulator layout: sums over steps (see `_train_step`).
 _TRAIN_FIELDS = ('loss', 'perturbed_loss', 'grad_norm', 'correct', 'examples',
-                 'steps')
+                 'steps', 'skipped')
 _EVAL_FIELDS = ('loss', 'correct', 'top5', 'examples')
 # Top-5 accuracy is reported from this many classes on (CIFAR-100).
 _TOP5_FROM_CLASSES = 100
@@ -96,6 +95,10 @@ def validate_config(config: ml_collections.ConfigDict,
       sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
         'sam.micro_batch_size', sc.micro_batch_size,
         f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
+  check(config.loss_scale.initial > 0, 'loss_scale.initial',
+        config.loss_scale.initial, 'it must be > 0 (2**15 is usual)')
+  check(config.loss_scale.growth_steps >= 1, 'loss_scale.growth_steps',
+        config.loss_scale.growth_steps, 'it must be >= 1')
   check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
         'it must be in [0, 1); 0 turns the moving average off')
   pc = config.plateau
@@ -270,10 +273,19 @@ class Trainer:
           tf.Variable(tf.zeros_like(v), trainable=False, aggregation=first)
           for v in self.model.trainable_variables
       ] if config.sam.looksam_alpha else []
+      # Dynamic loss scaling (mixed_float16): the scale, and the steps since
+      # it last changed. Kept (and checkpointed) under any policy, so that a
+      # run may resume under another one.
+      self.loss_scaling = config.dtype_policy == 'mixed_float16'
+      self.loss_scale = tf.Variable(float(config.loss_scale.initial),
+                                    trainable=False, aggregation=first)
+      self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                    aggregation=first)
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, train_sums=self.train_sums,
         ema=self.ema, plateau=self.plateau_state,
-        looksam_direction=self.looksam_direction)
+        looksam_direction=self.looksam_direction,
+        loss_scale=[self.loss_scale, self.good_steps])
     self.plateau = plateau.Plateau(config, self.plateau_state)
     self.jit_compile = use_xla(config.jit_compile, strategy)
     # Two compiled steps: SAM, and (with sam.every_k_steps > 1) the steps
@@ -338,6 +350,11 @@ class Trainer:
     model = self.model
     out = self._gradients(images, labels, sam_now)
     logits, new_state = out.aux
+    finite = self._all_finite([out.loss, out.grad_norm, *out.grads])
+    if finite is not None:
+      # A skipped step keeps the batch-norm statistics too.
+      new_state = [tf.where(finite, new, old.value) for new, old in zip(
+          new_state, model.non_trainable_variables)]
     if new_state:
       # Batch-norm moving statistics come from the first pass only. Replicas
       # saw different batches, so average them: the copies stay identical.
@@ -360,8 +377,7 @@ class Trainer:
       norm = tf.linalg.global_norm(total)
       scale = tf.minimum(1.0, config.optimizer.grad_clip_norm / (norm + 1e-12))
       grads = [g * scale for g in grads]
-    # Keras optimizers sum per-replica gradients across replicas themselves.
-    self.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    self._apply_gradients(grads, finite)
     if config.ema_decay:
       decay = config.ema_decay
       for averages, variables in zip(self.ema, (
@@ -375,11 +391,76 @@ class Trainer:
         tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
         tf.float32))
     count = tf.cast(tf.shape(labels)[0], tf.float32)
+    skipped = 0.0 if finite is None else 1.0 - tf.cast(finite, tf.float32)
     local = tf.stack([out.loss, out.perturbed_loss,
                       out.grad_norm / num_replicas, correct, count,
-                      1.0 / num_replicas])
+                      1.0 / num_replicas, skipped / num_replicas])
     self.train_sums.assign_add(
         ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
+
+  def _all_finite(self, tensors) -> tf.Tensor | None:
+    """With loss scaling, whether `tensors` are finite on every replica."""
+    if not self.loss_scaling:
+      return None
+    bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(t), tf.float32))
+                    for t in tensors])
+    ctx = tf.distribute.get_replica_context()
+    if ctx.num_replicas_in_sync > 1:
+      bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    return tf.equal(bad, 0.0)
+
+  def _apply_gradients(self, grads, finite: tf.Tensor | None):
+    """The optimizer update; with loss scaling, dynamic loss scaling.
+
+    A step with non-finite gradients (on any replica) changes no weight or
+    optimizer slot, halves the scale and still counts as a step; after
+    loss_scale.growth_steps finite steps in a row, the scale doubles (the
+    scheme of Keras' LossScaleOptimizer, whose finiteness test looks at one
+    replica's unreduced gradients and whose skipped steps do not count).
+
+    Args:
+      grads: this replica's gradients (Keras optimizers sum them across
+        replicas themselves).
+      finite: `_all_finite` of the step, the same on every replica.
+    """
+    variables = self.model.trainable_variables
+    if finite is None:
+      self.optimizer.apply_gradients(zip(grads, variables))
+      return
+    growth_steps = self.config.loss_scale.growth_steps
+
+    def update(grads):
+      self.optimizer.apply_gradients(zip(grads, variables))
+
+    def grow():
+      grown = tf.equal(self.good_steps + 1, growth_steps)
+      self.loss_scale.assign(tf.where(grown, 2.0, 1.0) * self.loss_scale)
+      self.good_steps.assign(tf.where(grown, tf.constant(0, tf.int64),
+                                      self.good_steps + 1))
+
+    def skip():
+      self.optimizer.iterations.assign_add(1)
+      self.loss_scale.assign(self.loss_scale / 2)
+      self.good_steps.assign(0)
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+      tf.cond(finite, lambda: (update(grads), grow())[-1], skip)
+      return
+
+    # Strategies whose optimizer update goes through merge_call
+    # (MirroredStrategy) cannot call it inside a tf.cond of the replica step:
+    # decide in cross-replica context, as Keras' LossScaleOptimizer does.
+    def cross_replica(strategy, grads, finite):
+      finite = strategy.experimental_local_results(finite)[0]
+
+      def apply_and_grow():
+        strategy.extended.call_for_each_replica(update, args=(grads,))
+        grow()
+
+      tf.cond(finite, apply_and_grow, skip)
+
+    tf.distribute.get_replica_context().merge_call(cross_replica,
+                                                   args=(grads, finite))
 
   def _gradients(self, images, labels, sam_now: bool) -> sam_lib.SAMOutput:
     """The SAM variant of config.sam, at this replica's batch.
@@ -398,7 +479,9 @@ class Trainer:
     num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
     state = [v.value for v in model.non_trainable_variables]
     params = [v.value for v in model.trainable_variables]
-    kwargs = dict(adaptive=sc.adaptive, eta=sc.eta, gsam_alpha=sc.gsam_alpha)
+    loss_scale = self.loss_scale.read_value() if self.loss_scaling else None
+    kwargs = dict(adaptive=sc.adaptive, eta=sc.eta, gsam_alpha=sc.gsam_alpha,
+                  loss_scale=loss_scale)
 
     def sam():
       if sc.micro_batch_size:
@@ -429,11 +512,17 @@ class Trainer:
         # Every replica computes and keeps the same g_v.
         direction = sam_lib.looksam_direction(total(out.clean_grads),
                                               total(out.grads))
+        # Made of the totals: finite on every replica or on none.
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d))
+                                for d in direction])
         for variable, value in zip(self.looksam_direction, direction):
-          variable.assign(value)
+          # A skipped step (loss scaling) keeps the last finite direction.
+          variable.assign(tf.where(finite, value, variable.read_value())
+                          if self.loss_scaling else value)
       return out
     out = sam_lib.sam_step(
-        self._loss_fn(images, labels, state, 1 / num_replicas), params, 0.0)
+        self._loss_fn(images, labels, state, 1 / num_replicas), params, 0.0,
+        loss_scale=loss_scale)
     if sc.looksam_alpha:
       out = out._replace(grads=sam_lib.looksam_reuse(
           out.grads, [v.read_value() for v in self.looksam_direction],
@@ -500,6 +589,9 @@ class Trainer:
       metrics.update({'train/perturbed_loss': perturbed,
                       'train/sharpness': perturbed - loss,
                       'train/grad_norm': sums['grad_norm'] / steps})
+    if self.loss_scaling:
+      metrics.update({'train/skipped_steps': sums['skipped'],
+                      'train/loss_scale': float(self.loss_scale.numpy())})
     return metrics
 
   def _count_flags_fn(self, flag):

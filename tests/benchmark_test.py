@@ -78,4 +78,14 @@ def test_loop_and_precision_rows_can_be_switched_off():
   names = list(results['rows'])
   assert len(names) == 6  # Input, 4 custom loop rows, Keras 3 SAMModel.
   assert not any('steps_per_loop' in n or 'bfloat16' in n for n in names)
+
+
+def test_float16_rows_on_request():
+  # On a CPU the float16 rows are off unless asked for (GPU-only format).
+  results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
+                              rho=0.05, keras2=False, loop_rows=False,
+                              precisions=['mixed_float16'])
+  names = [n for n in results['rows'] if 'float16' in n]
+  assert names == ['cnn: custom loop, plain, mixed_float16',
+                   'cnn: custom loop, SAM, mixed_float16']
   assert results['context']['steps_per_loop'] == []

@@ -101,6 +101,40 @@ def test_sam_step_reports_perturbed_loss_and_norm():
   assert out.perturbed_loss > out.loss
 
 
+def _float16_loss_fn(x, y, global_batch, tiny):
+  """The loss of `_loss_fn`, times `tiny`, with float16 logits."""
+  def loss_fn(params):
+    w, b = (tf.cast(p, tf.float16) for p in params)
+    logits = tf.cast(tf.matmul(tf.cast(x, tf.float16), w) + b, tf.float32)
+    loss = tf.reduce_sum(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+    return tiny * loss / global_batch, None
+  return loss_fn
+
+
+def test_loss_scale_keeps_float16_gradients_from_underflowing():
+  x, y, w, b = _problem()
+  # d loss / d logits is ~1e-9: below float16's smallest subnormal (6e-8).
+  tiny = 1e-8
+  params = [tf.constant(w), tf.constant(b)]
+  want = [tiny * g for g in _np_sam(x, y, w, b, 0.5)]
+  underflowed = sam.sam_step(_float16_loss_fn(x, y, BATCH, tiny), params, 0.5)
+  assert not np.any(underflowed.grads[0])
+  out = sam.sam_step(_float16_loss_fn(x, y, BATCH, tiny), params, 0.5,
+                     loss_scale=tf.constant(2.0**24))
+  # Unscaled grads and norm, in float32; float16 logits cost some digits.
+  assert all(g.dtype == tf.float32 for g in out.grads)
+  for got, ref in zip(out.grads, want):
+    np.testing.assert_allclose(got, ref, rtol=0.02, atol=1e-3 * tiny)
+  norm = np.sqrt(sum((gi**2).sum() for gi in _np_grad(x, y, w, b, BATCH)))
+  np.testing.assert_allclose(out.grad_norm, tiny * norm, rtol=0.02)
+  # An overflowing scale makes the grads non-finite (a step to skip).
+  overflowed = sam.sam_step(_float16_loss_fn(x, y, BATCH, 1.0), params, 0.5,
+                            loss_scale=tf.constant(2.0**60))
+  assert not np.isfinite(overflowed.grad_norm)
+  assert not all(np.isfinite(g).all() for g in overflowed.grads)
+
+
 def _shards(strategy, x, y):
   """Consecutive equal shards of (x, y), one per replica."""
   size = len(x) // strategy.num_replicas_in_sync

@@ -269,7 +269,8 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('batch_size', 15, 'config.batch_size'),
     ('optimizer.name', 'rmsprop', 'config.optimizer.name'),
     ('sam.looksam_alpha', 0.7, 'sam.every_k_steps > 1'),
-    ('dtype_policy', 'mixed_float16', 'config.dtype_policy'),
+    ('dtype_policy', 'float16', 'config.dtype_policy'),
+    ('loss_scale.initial', 0.0, 'config.loss_scale.initial'),
 ])
 def test_bad_config_fails_before_training(mirrored, tmp_path, field, value,
                                           message):
@@ -502,3 +503,75 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
   got, want = (np.concatenate([v.ravel() for v in _values(
       t.model.trainable_variables)]) for t in (mixed, full))
   assert 1e-5 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+def test_mixed_float16_tracks_float32_with_loss_scaling():
+  config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05,
+                          'loss_scale.growth_steps': 2})
+  full = _train(config, tf.distribute.get_strategy(), 3)
+  config.dtype_policy = 'mixed_float16'
+  mixed = _train(config, tf.distribute.get_strategy(), 3)
+  assert mixed.model.get_layer('stem_conv').compute_dtype == 'float16'
+  assert all(v.dtype in ('float32', 'int64')
+             for v in (*mixed.model.variables, *mixed.optimizer.variables))
+  sums = dict(zip(train._TRAIN_FIELDS, mixed.train_sums.numpy()))
+  assert sums['skipped'] == 0
+  # Two finite steps in a row doubled the scale once; one more counted.
+  assert mixed.loss_scale.numpy() == 2.0**16
+  assert mixed.good_steps.numpy() == 1
+  # Unscaled: close to the float32 run (as the bfloat16 test above).
+  np.testing.assert_allclose(mixed.train_sums.numpy()[:3],
+                             full.train_sums.numpy()[:3], rtol=0.05)
+  got, want = (np.concatenate([v.ravel() for v in _values(
+      t.model.trainable_variables)]) for t in (mixed, full))
+  assert 1e-6 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+@pytest.mark.parametrize('looksam', [False, True])
+def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
+                                              looksam):
+  """A scale that overflows float16 changes nothing but step and scale."""
+  config = tiny_config(**{
+      'model.name': 'resnet20', 'sam.rho': 0.05, 'dtype_policy':
+      'mixed_float16', 'loss_scale.initial': 2.0**40,
+      'optimizer.momentum': 0.9, 'ema_decay': 0.5})
+  if looksam:
+    config.sam.every_k_steps = 2
+    config.sam.looksam_alpha = 0.7
+  strategy = mirrored(num_replicas)
+  data = input_pipeline.load(config)
+  trainer = train.Trainer(config, strategy, data.num_classes,
+                          data.image_shape, 4, 100)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
+
+  def state():
+    return _values([*trainer.model.variables, *trainer.optimizer.variables[1:],
+                    *trainer.looksam_direction], 0, strategy)
+
+  before = state()
+  trainer.train_loop(iterator, tf.constant(2))  # A SAM and a LookSAM step.
+  for a, b in zip(before, state()):
+    np.testing.assert_array_equal(a, b)
+  assert trainer.step == 2
+  assert trainer.loss_scale.numpy() == 2.0**38
+  metrics = trainer.read_train_metrics()
+  assert metrics['train/skipped_steps'] == 2
+  assert metrics['train/loss_scale'] == 2.0**38
+  assert np.isfinite(metrics['train/loss'])
+  # The scale comes down until the gradients fit in float16; then training
+  # goes on (the replicas' copies stay identical).
+  trainer.train_loop(iterator, tf.constant(40))
+  assert trainer.step == 42
+  metrics = trainer.read_train_metrics()
+  assert 0 < metrics['train/skipped_steps'] < 40
+  assert metrics['train/loss_scale'] < 2.0**30
+  after = state()
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+  assert all(np.isfinite(a).all() for a in after)
+  for a, b in zip(after, _values([*trainer.model.variables,
+                                  *trainer.optimizer.variables[1:],
+                                  *trainer.looksam_direction], 1, strategy)
+                  if num_replicas > 1 else after):
+    np.testing.assert_array_equal(a, b)
