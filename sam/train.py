@@ -395,6 +395,14 @@ class Trainer:
     local = tf.stack([out.loss, out.perturbed_loss,
                       out.grad_norm / num_replicas, correct, count,
                       1.0 / num_replicas, skipped / num_replicas])
+    if finite is not None:
+      # A skipped step's figures (its gradient norm overflowed) stay out of
+      # the sums, but a non-finite loss does not: that is divergence, which
+      # loss scaling cannot cure, and it must stop the run.
+      keep = finite | ~tf.math.is_finite(out.loss)
+      local = tf.where(
+          keep | tf.equal(tf.range(len(_TRAIN_FIELDS)),
+                          _TRAIN_FIELDS.index('skipped')), local, 0.0)
     self.train_sums.assign_add(
         ctx.all_reduce(tf.distribute.ReduceOp.SUM, local))
 
@@ -574,24 +582,28 @@ class Trainer:
       self.strategy.run(self._eval_step_fn[ema], args=(next(iterator),))
 
   def read_train_metrics(self) -> dict[str, float]:
-    """Means since the last call, and resets the sums."""
+    """Means since the last call, and resets the sums.
+
+    Under loss scaling the means are over the applied steps only (a skipped
+    step's gradient norm overflowed); train/skipped_steps counts the others.
+    """
     sums = dict(zip(_TRAIN_FIELDS, self.train_sums.numpy().tolist()))
     self.train_sums.assign(tf.zeros_like(self.train_sums))
-    steps = max(sums['steps'], 1.0)
+    metrics = {'train/learning_rate': float(self.schedule(self.step - 1))}
+    if self.loss_scaling:
+      metrics.update({'train/skipped_steps': sums['skipped'],
+                      'train/loss_scale': float(self.loss_scale.numpy())})
+    steps = sums['steps']
+    if not steps:
+      return metrics
     loss = sums['loss'] / steps
-    metrics = {
-        'train/loss': loss,
-        'train/accuracy': sums['correct'] / max(sums['examples'], 1.0),
-        'train/learning_rate': float(self.schedule(self.step - 1)),
-    }
+    metrics.update({'train/loss': loss,
+                    'train/accuracy': sums['correct'] / sums['examples']})
     if self.config.sam.rho:
       perturbed = sums['perturbed_loss'] / steps
       metrics.update({'train/perturbed_loss': perturbed,
                       'train/sharpness': perturbed - loss,
                       'train/grad_norm': sums['grad_norm'] / steps})
-    if self.loss_scaling:
-      metrics.update({'train/skipped_steps': sums['skipped'],
-                      'train/loss_scale': float(self.loss_scale.numpy())})
     return metrics
 
   def _count_flags_fn(self, flag):
@@ -874,8 +886,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if not np.isfinite(trainer.train_sums.numpy()).all():
         raise FloatingPointError(
             f'Non-finite training loss or gradient norm in steps {first} to '
-            f'{step}; nothing after step {saved_step} was saved '
-            f'({manager.latest_checkpoint}).')
+            f'{step}; ' + (
+                f'nothing after step {saved_step} was saved '
+                f'({manager.latest_checkpoint}).' if saved_step is not None
+                else 'nothing was saved.'))
       report_progress(step)
       stop_requested = sigterm.requested
       if multi_worker:

@@ -211,3 +211,29 @@ def test_sigterm_to_one_worker_stops_both_and_they_resume(tmp_path):
   _finish([reference], [tmp_path / 'single.txt'])
   _assert_same_weights(workdir / 'checkpoints' / 'ckpt-40',
                        tmp_path / 'single' / 'checkpoints' / 'ckpt-40')
+
+
+def test_two_workers_skip_overflowing_float16_steps_together(tmp_path):
+  """Loss scaling under MultiWorkerMirrored: the hosts skip the same steps.
+
+  A skip depends on whether some replica's float16 gradients overflowed, and
+  each host's half batch overflows at another scale than the whole batch, so
+  the reference here is the other host, not a one-process run.
+  """
+  workdir = tmp_path / 'multi'
+  logs = [tmp_path / f'worker{i}.txt' for i in range(2)]
+  outputs = _finish(_start_workers(
+      workdir, logs, '--config.num_train_steps=6',
+      '--config.log_every_steps=1', '--config.dtype_policy=mixed_float16',
+      '--config.loss_scale.initial=1048576'), logs)
+  pattern = re.compile(r'\[(\d+)\] .*train/loss_scale=([-+.e\d]+),.* '
+                       r'train/skipped_steps=([.\d]+)')
+  scales = [pattern.findall(out) for out in outputs]
+  assert [int(s[0]) for s in scales[0]] == list(range(1, 7)), outputs[0]
+  assert scales[0] == scales[1]
+  skipped = [float(s[2]) for s in scales[0]]
+  # The first steps overflow and halve the scale; then steps are applied.
+  assert skipped[0] == 1 and 0 in skipped
+  assert float(scales[0][-1][1]) < 1048576
+  weights = _weights(workdir / 'checkpoints' / 'ckpt-6')
+  assert all(np.isfinite(w).all() for w in weights.values())
