@@ -12,7 +12,9 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
   SAM every 2nd step (`sam.every_k_steps`) and LookSAM with k = 5, alpha =
   0.7 (`sam.looksam_alpha`; time a multiple of 5 steps per loop);
 * with `--xla`: the plain and SAM custom loop with the replica step compiled
-  by XLA;
+  by XLA; and once, before the models, one 3x3 convolution (16 to 16
+  channels on 32x32, the first stage of a ResNet-20) forward and backward,
+  in graph mode and with XLA, which is where XLA on a CPU loses;
 * with `--loop_rows` (default): the plain custom loop with steps_per_loop 1,
   10 and 100, that is 100 steps timed as 100 calls of `train_loop` with 1
   step, 10 calls of 10, and 1 call of 100, each call followed by the read of
@@ -187,6 +189,27 @@ def input_only(batch_size: int, steps: int, repeats: int) -> list[float]:
   return _time(run, repeats)
 
 
+def conv_only(batch_size: int, steps: int, repeats: int,
+              jit_compile: bool) -> list[float]:
+  """Seconds per `steps` forward and backward passes of one 3x3 conv."""
+  images = tf.random.stateless_normal([batch_size, 32, 32, 16], seed=(0, 0))
+  kernel = tf.random.stateless_normal([3, 3, 16, 16], seed=(0, 1))
+
+  @tf.function(jit_compile=jit_compile)
+  def conv_step(kernel):
+    with tf.GradientTape() as tape:
+      tape.watch(kernel)
+      loss = tf.reduce_sum(tf.square(tf.nn.conv2d(images, kernel, 1, 'SAME')))
+    return tape.gradient(loss, kernel)
+
+  def run():
+    for _ in range(steps):
+      grad = conv_step(kernel)
+    grad.numpy()
+
+  return _time(run, repeats)
+
+
 @contextlib.contextmanager
 def _builders_using(keras_module):
   """Points the model builders at another Keras (the same architecture).
@@ -355,6 +378,10 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
 
   add('input pipeline alone (basic augmentation)',
       input_only(batch_size, steps, repeats))
+  if xla:
+    for label, jit in (('graph', False), ('XLA', True)):
+      add(f'one 3x3 conv (32x32, 16 channels), forward and backward, {label}',
+          conv_only(batch_size, steps, repeats, jit))
   headline = {}
   for name in model_names:
     plain, sam = (f'{name}: custom loop, plain (rho=0)',

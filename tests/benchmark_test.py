@@ -6,6 +6,7 @@ import numbers
 import pytest
 
 from sam import benchmark
+from tests.conftest import requires_xla_cpu
 
 ROW_KEYS = ('images_per_sec_best', 'images_per_sec_median',
             'ms_per_step_best', 'ms_per_step_median')
@@ -89,3 +90,17 @@ def test_float16_rows_on_request():
   assert names == ['cnn: custom loop, plain, mixed_float16',
                    'cnn: custom loop, SAM, mixed_float16']
   assert results['context']['steps_per_loop'] == []
+
+
+@requires_xla_cpu
+def test_xla_rows():
+  results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
+                              rho=0.05, keras2=False, loop_rows=False,
+                              precision_rows=False, xla=True)
+  names = list(results['rows'])
+  assert names[1:3] == [
+      'one 3x3 conv (32x32, 16 channels), forward and backward, graph',
+      'one 3x3 conv (32x32, 16 channels), forward and backward, XLA']
+  assert {'cnn: custom loop, plain, XLA', 'cnn: custom loop, SAM, XLA'} <= (
+      set(names))
+  assert all(results['rows'][n] for n in names)
