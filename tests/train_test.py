@@ -578,3 +578,19 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
                                   *trainer.looksam_direction], 1, strategy)
                   if num_replicas > 1 else after):
     np.testing.assert_array_equal(a, b)
+
+
+@requires_xla_cpu
+def test_loss_scaling_skips_under_xla(mirrored):
+  """The skip (a cond, and merge_call under MirroredStrategy) compiles."""
+  config = tiny_config(**{
+      'model.name': 'resnet20', 'sam.rho': 0.05, 'jit_compile': 'true',
+      'dtype_policy': 'mixed_float16', 'loss_scale.initial': 2.0**40})
+  initial = _train(config, mirrored(1), 0)
+  trainer = _train(config, mirrored(1), 3)
+  assert trainer.jit_compile
+  assert trainer.step == 3
+  assert trainer.loss_scale.numpy() == 2.0**37
+  for a, b in zip(_values(initial.model.variables),
+                  _values(trainer.model.variables)):
+    np.testing.assert_array_equal(a, b)
