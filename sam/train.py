@@ -540,20 +540,29 @@ class Trainer:
 
   def _train_loop(self, iterator, num_steps):
     sc = self.config.sam
-    alternate = sc.rho and sc.every_k_steps > 1
-    for _ in tf.range(num_steps):
-      batch = next(iterator)
-      run = {sam_now: functools.partial(
-          self.strategy.run, self._train_step_fn[sam_now], args=(batch,))
-             for sam_now in (True, False)}
-      if alternate:
-        # Decided here, in cross-replica context, rather than inside the
-        # replica step: strategies that all-reduce through merge_call
-        # (MirroredStrategy) cannot do so inside a tf.cond of the step.
-        tf.cond(tf.equal(self.optimizer.iterations % sc.every_k_steps, 0),
-                run[True], run[False])
-      else:
-        run[True]()
+
+    def run(steps, sam_now):
+      for _ in tf.range(steps):
+        self.strategy.run(self._train_step_fn[sam_now], args=(next(iterator),))
+
+    if not (sc.rho and sc.every_k_steps > 1):
+      run(num_steps, True)
+      return
+    # SAM on the steps whose number is a multiple of k, plain steps (or
+    # LookSAM's) in between: loops of known lengths, not a tf.cond per step,
+    # because strategies that all-reduce through merge_call (Mirrored,
+    # MultiWorkerMirrored) cannot do so inside a tf.cond.
+    k = tf.constant(sc.every_k_steps, tf.int64)
+    num_steps = tf.cast(num_steps, tf.int64)
+    head = tf.minimum(-self.optimizer.iterations % k, num_steps)
+    run(head, False)  # Up to the next multiple of k.
+    rest = num_steps - head
+    for _ in tf.range(rest // k):
+      run(1, True)
+      run(k - 1, False)
+    tail = rest % k
+    run(tf.minimum(tail, 1), True)
+    run(tf.maximum(tail - 1, 0), False)
 
   def _eval_step(self, batch, ema: bool):
     images, labels, mask = batch

@@ -237,3 +237,16 @@ def test_two_workers_skip_overflowing_float16_steps_together(tmp_path):
   assert float(scales[0][-1][1]) < 1048576
   weights = _weights(workdir / 'checkpoints' / 'ckpt-6')
   assert all(np.isfinite(w).all() for w in weights.values())
+
+
+def test_two_workers_looksam_matches_one_process(tmp_path):
+  """SAM every 2nd step, LookSAM in between, on two hosts."""
+  flags = ['--config.num_train_steps=4', '--config.checkpoint_every_steps=4',
+           '--config.sam.every_k_steps=2', '--config.sam.looksam_alpha=0.7']
+  workdir = tmp_path / 'multi'
+  logs = [tmp_path / f'worker{i}.txt' for i in range(2)]
+  reference = _start(tmp_path / 'single', tmp_path / 'single.txt', *flags)
+  _finish(_start_workers(workdir, logs, *flags), logs)
+  _finish([reference], [tmp_path / 'single.txt'])
+  _assert_same_weights(workdir / 'checkpoints' / 'ckpt-4',
+                       tmp_path / 'single' / 'checkpoints' / 'ckpt-4')

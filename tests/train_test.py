@@ -421,6 +421,25 @@ def test_sam_every_k_steps_alternates_with_plain_steps():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('calls', [(7,), (4, 3), (1, 2, 4), (2, 1, 1, 3)])
+def test_sam_every_k_steps_counts_across_loop_calls(calls):
+  """SAM at steps 0, 3, 6 however the 7 steps are split into loop calls."""
+  config = tiny_config(**{'sam.rho': 0.1, 'optimizer.momentum': 0.0,
+                          'sam.every_k_steps': 3})
+  strategy = tf.distribute.get_strategy()
+  data = input_pipeline.load(config)
+  trainer = train.Trainer(config, strategy, data.num_classes,
+                          data.image_shape, 4, 7)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
+  for steps in calls:
+    trainer.train_loop(iterator, tf.constant(steps))
+  assert trainer.step == 7
+  for got, want in zip(_values(trainer.model.trainable_variables),
+                       _manual_sam_sgd(config, 7, sam_steps=(0, 3, 6))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('num_replicas', [2, 4])
 def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
                                                          num_replicas):
