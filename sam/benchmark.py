@@ -32,6 +32,11 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
 A first row times the input pipeline alone (with augmentation) for `--steps`
 steps, to show it is no bottleneck.
 
+Every row is set up and warmed up first (one untimed loop); then each of
+`--repeats` rounds times every row once, in table order. A slow spell of a
+shared machine thus falls on all rows alike, not on the rows that happened
+to be timed during it.
+
 The output is a line naming the machine (CPU model, CPU count, GPUs) and a
 markdown table; `--json=PATH` (local or gs://) also writes every figure:
 the headline figures of the first model (`sgd_images_per_sec`: the plain
@@ -95,15 +100,20 @@ def _config(model: str, batch_size: int, **overrides):
   return config
 
 
-def _time(run: Callable[[], None], repeats: int) -> list[float]:
-  """Seconds per call of `run`, after one warm-up call."""
+# Times one loop of a row, in seconds.
+Timer = Callable[[], float]
+
+
+def _timer(run: Callable[[], None]) -> Timer:
+  """Calls `run` once (the warm-up); returns a timer of further calls."""
   run()
-  seconds = []
-  for _ in range(repeats):
+
+  def timer():
     start = time.perf_counter()
     run()
-    seconds.append(time.perf_counter() - start)
-  return seconds
+    return time.perf_counter() - start
+
+  return timer
 
 
 def _trainer(model: str, batch_size: int,
@@ -119,19 +129,18 @@ def _trainer(model: str, batch_size: int,
   return trainer, iterator
 
 
-def custom_loop(model: str, batch_size: int, steps: int, repeats: int,
-                **overrides) -> list[float]:
-  """Seconds per `steps` steps (one train_loop call) of sam.train.Trainer.
+def custom_loop(model: str, batch_size: int, steps: int,
+                **overrides) -> Timer:
+  """Times `steps` steps (one train_loop call) of sam.train.Trainer.
 
   Args:
     model: the model name.
     batch_size: the batch size.
     steps: steps per timed loop.
-    repeats: timed loops, after one warm-up loop.
     **overrides: config.sam fields, and `jit_compile` or `dtype_policy`.
 
   Returns:
-    Seconds per timed loop.
+    The row's timer, warmed up.
   """
   trainer, iterator = _trainer(model, batch_size, **overrides)
   num_steps = tf.constant(steps)
@@ -140,13 +149,13 @@ def custom_loop(model: str, batch_size: int, steps: int, repeats: int,
     trainer.train_loop(iterator, num_steps)
     trainer.train_sums.numpy()  # Waits for the loop to finish.
 
-  return _time(run, repeats)
+  return _timer(run)
 
 
-def host_loop(model: str, batch_size: int, repeats: int,
+def host_loop(model: str, batch_size: int,
               steps_per_loop: Sequence[int] = STEPS_PER_LOOP
-              ) -> dict[int, list[float]]:
-  """Seconds per lcm(steps_per_loop) plain steps, by steps per call.
+              ) -> dict[int, Timer]:
+  """Times lcm(steps_per_loop) plain steps, by steps per call.
 
   One Trainer serves every size: `train_loop` takes the step count as a
   tensor, so a new size does not retrace it.
@@ -154,15 +163,14 @@ def host_loop(model: str, batch_size: int, repeats: int,
   Args:
     model: the model name.
     batch_size: the batch size.
-    repeats: timed loops per size, after one warm-up loop.
     steps_per_loop: steps per call of `train_loop`.
 
   Returns:
-    steps per call -> seconds per timed loop.
+    steps per call -> its timer, warmed up.
   """
   trainer, iterator = _trainer(model, batch_size, rho=0.0)
   total = math.lcm(*steps_per_loop)
-  seconds = {}
+  timers = {}
   for size in steps_per_loop:
     num_steps = tf.constant(size)
 
@@ -172,11 +180,11 @@ def host_loop(model: str, batch_size: int, repeats: int,
         # As train.train_and_evaluate after every loop (its NaN check).
         trainer.train_sums.numpy()
 
-    seconds[size] = _time(run, repeats)
-  return seconds
+    timers[size] = _timer(run)
+  return timers
 
 
-def input_only(batch_size: int, steps: int, repeats: int) -> list[float]:
+def input_only(batch_size: int, steps: int) -> Timer:
   config = _config('cnn', batch_size)
   data = input_pipeline.load(config)
   iterator = iter(input_pipeline.train_dataset(
@@ -186,12 +194,11 @@ def input_only(batch_size: int, steps: int, repeats: int) -> list[float]:
     for _ in range(steps):
       next(iterator)[0].numpy()
 
-  return _time(run, repeats)
+  return _timer(run)
 
 
-def conv_only(batch_size: int, steps: int, repeats: int,
-              jit_compile: bool) -> list[float]:
-  """Seconds per `steps` forward and backward passes of one 3x3 conv."""
+def conv_only(batch_size: int, steps: int, jit_compile: bool) -> Timer:
+  """Times `steps` forward and backward passes of one 3x3 conv."""
   images = tf.random.stateless_normal([batch_size, 32, 32, 16], seed=(0, 0))
   kernel = tf.random.stateless_normal([3, 3, 16, 16], seed=(0, 1))
 
@@ -207,7 +214,7 @@ def conv_only(batch_size: int, steps: int, repeats: int,
       grad = conv_step(kernel)
     grad.numpy()
 
-  return _time(run, repeats)
+  return _timer(run)
 
 
 @contextlib.contextmanager
@@ -233,19 +240,18 @@ def _builders_using(keras_module):
     resnet.batch_norm = saved[1]
 
 
-def _fit_seconds(model, callbacks, batch_size: int, steps: int,
-                 repeats: int) -> list[float]:
-  """Seconds per `steps`-step epoch of model.fit on synthetic data.
+def _fit_timer(model, callbacks, batch_size: int, steps: int) -> Timer:
+  """Times a `steps`-step epoch of model.fit on synthetic data.
 
   Args:
     model: a compiled Keras 2 or Keras 3 model.
     callbacks: that Keras's callbacks module.
     batch_size: the batch size.
     steps: steps per epoch.
-    repeats: timed epochs, after one warm-up epoch.
 
   Returns:
-    Seconds per timed epoch.
+    The row's timer, warmed up: it runs `fit` for one epoch and returns
+    the epoch's time (fit's own set-up is not timed).
   """
   rng = np.random.default_rng(0)
   x = rng.normal(size=(4 * batch_size, 32, 32, 3)).astype(np.float32)
@@ -262,13 +268,17 @@ def _fit_seconds(model, callbacks, batch_size: int, steps: int,
     def on_epoch_end(self, epoch, logs=None):
       epochs.append(time.perf_counter() - self.start)
 
-  model.fit(ds, epochs=repeats + 1, steps_per_epoch=steps, verbose=0,
-            shuffle=False, callbacks=[Clock()])
-  return epochs[1:]
+  def timer():
+    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False,
+              callbacks=[Clock()])
+    return epochs[-1]
+
+  timer()  # The warm-up: traces the train function, which fit keeps.
+  return timer
 
 
-def keras2_fit(model_name: str, batch_size: int, steps: int, repeats: int,
-               rho: float) -> list[float] | None:
+def keras2_fit(model_name: str, batch_size: int, steps: int,
+               rho: float) -> Timer | None:
   """tf_keras fit, with its SharpnessAwareMinimization model if rho > 0."""
   try:
     import tf_keras  # pylint: disable=g-import-not-at-top
@@ -283,11 +293,11 @@ def keras2_fit(model_name: str, batch_size: int, steps: int, repeats: int,
   model.compile(
       optimizer=tf_keras.optimizers.SGD(0.01, momentum=0.9),
       loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  return _fit_seconds(model, tf_keras.callbacks, batch_size, steps, repeats)
+  return _fit_timer(model, tf_keras.callbacks, batch_size, steps)
 
 
 def keras3_sam_fit(model_name: str, batch_size: int, steps: int,
-                   repeats: int, rho: float) -> list[float] | None:
+                   rho: float) -> Timer | None:
   """Keras 3 fit with sam.keras.SAMModel, if the wrapper exists."""
   try:
     sam_keras = importlib.import_module('sam.keras')
@@ -299,7 +309,7 @@ def keras3_sam_fit(model_name: str, batch_size: int, steps: int,
   model.compile(
       optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  return _fit_seconds(model, keras.callbacks, batch_size, steps, repeats)
+  return _fit_timer(model, keras.callbacks, batch_size, steps)
 
 
 def _figures(seconds: list[float] | None, batch_size: int,
@@ -350,7 +360,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     model_names: the models; the headline figures are the first one's.
     batch_size: the batch size.
     steps: steps per timed loop (except in the host-loop rows).
-    repeats: timed loops per row, after one warm-up loop.
+    repeats: rounds of timing, each timing every row once (after one
+      warm-up loop per row).
     rho: the SAM radius.
     xla: also time XLA-compiled custom loop steps.
     keras2: time the tf_keras rows.
@@ -368,20 +379,20 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     skipped row), `model`, `rows` (name -> figures, in table order; None
     when skipped) and `context`.
   """
-  rows = {}
+  timers = {}  # name -> (timer or None if skipped, steps per timed loop)
   if precisions is None:
     precisions = ['mixed_bfloat16'] + ['mixed_float16'] * bool(_gpu_names())
 
-  def add(name, seconds, row_steps=steps):
-    rows[name] = _figures(seconds, batch_size, row_steps)
-    logging.info('%s: %s', name, rows[name])
+  def add(name, timer, row_steps=steps):
+    timers[name] = timer, row_steps
+    logging.info('Set up %s.', name)
 
   add('input pipeline alone (basic augmentation)',
-      input_only(batch_size, steps, repeats))
+      input_only(batch_size, steps))
   if xla:
     for label, jit in (('graph', False), ('XLA', True)):
       add(f'one 3x3 conv (32x32, 16 channels), forward and backward, {label}',
-          conv_only(batch_size, steps, repeats, jit))
+          conv_only(batch_size, steps, jit))
   headline = {}
   for name in model_names:
     plain, sam = (f'{name}: custom loop, plain (rho=0)',
@@ -395,36 +406,44 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     def add_plain_and_sam(label, name=name, **overrides):
       for kind, value in (('plain', 0.0), ('SAM', rho)):
         add(f'{name}: custom loop, {kind}, {label}',
-            custom_loop(name, batch_size, steps, repeats, rho=value,
-                        **overrides))
+            custom_loop(name, batch_size, steps, rho=value, **overrides))
 
-    add(plain, custom_loop(name, batch_size, steps, repeats, rho=0.0))
-    add(sam, custom_loop(name, batch_size, steps, repeats, rho=rho))
+    add(plain, custom_loop(name, batch_size, steps, rho=0.0))
+    add(sam, custom_loop(name, batch_size, steps, rho=rho))
     add(f'{name}: custom loop, SAM every 2nd step',
-        custom_loop(name, batch_size, steps, repeats, rho=rho,
-                    every_k_steps=2))
+        custom_loop(name, batch_size, steps, rho=rho, every_k_steps=2))
     # LookSAM's own setting; time a multiple of 5 steps per loop.
     add(f'{name}: custom loop, LookSAM (k=5, alpha=0.7)',
-        custom_loop(name, batch_size, steps, repeats, rho=rho,
-                    every_k_steps=5, looksam_alpha=0.7))
+        custom_loop(name, batch_size, steps, rho=rho, every_k_steps=5,
+                    looksam_alpha=0.7))
     if xla:
       add_plain_and_sam('XLA', jit_compile='true')
     if loop_rows:
       total = math.lcm(*steps_per_loop)
-      for size, seconds in host_loop(name, batch_size, repeats,
-                                     steps_per_loop).items():
+      for size, timer in host_loop(name, batch_size, steps_per_loop).items():
         calls = total // size
         add(f'{name}: custom loop, plain, steps_per_loop={size} '
-            f'({calls} call{"s" if calls > 1 else ""} of {size})', seconds,
+            f'({calls} call{"s" if calls > 1 else ""} of {size})', timer,
             total)
     if precision_rows:
       for policy in precisions:
         add_plain_and_sam(policy, dtype_policy=policy)
-    add(keras_sam, keras3_sam_fit(name, batch_size, steps, repeats, rho))
+    add(keras_sam, keras3_sam_fit(name, batch_size, steps, rho))
     if keras2:
       add(f'{name}: tf_keras fit, plain',
-          keras2_fit(name, batch_size, steps, repeats, 0.0))
-      add(keras2_sam, keras2_fit(name, batch_size, steps, repeats, rho))
+          keras2_fit(name, batch_size, steps, 0.0))
+      add(keras2_sam, keras2_fit(name, batch_size, steps, rho))
+
+  seconds = {name: [] for name, (timer, _) in timers.items() if timer}
+  for round_ in range(repeats):
+    for name, (timer, _) in timers.items():
+      if timer:
+        seconds[name].append(timer())
+    logging.info('Timed round %d of %d.', round_ + 1, repeats)
+  rows = {name: _figures(seconds.get(name), batch_size, row_steps)
+          for name, (_, row_steps) in timers.items()}
+  for name, row in rows.items():
+    logging.info('%s: %s', name, row)
 
   def best(key):
     row = rows.get(headline.get(key))
@@ -515,7 +534,8 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
   flags.DEFINE_integer('steps', 20, 'Steps per timed loop (the host-loop '
                        'rows time lcm(1, 10, 100) = 100).')
-  flags.DEFINE_integer('repeats', 5, 'Timed loops per row.')
+  flags.DEFINE_integer('repeats', 5, 'Rounds of timing; each round times '
+                       'every row once.')
   flags.DEFINE_float('rho', 0.05, 'SAM radius.')
   flags.DEFINE_bool('xla', False, 'Also time XLA-compiled steps.')
   flags.DEFINE_bool('keras2', True, 'Time the tf_keras rows.')
