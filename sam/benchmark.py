@@ -14,7 +14,8 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
 * with `--xla`: the plain and SAM custom loop with the replica step compiled
   by XLA; and once, before the models, one 3x3 convolution (16 to 16
   channels on 32x32, the first stage of a ResNet-20) forward and backward,
-  in graph mode and with XLA, which is where XLA on a CPU loses;
+  in graph mode and with XLA, to show how much of XLA's cost on a CPU the
+  convolutions alone account for;
 * with `--loop_rows` (default): the plain custom loop with steps_per_loop 1,
   10 and 100, that is 100 steps timed as 100 calls of `train_loop` with 1
   step, 10 calls of 10, and 1 call of 100, each call followed by the read of
