@@ -549,9 +549,10 @@ class Trainer:
       run(num_steps, True)
       return
     # SAM on the steps whose number is a multiple of k, plain steps (or
-    # LookSAM's) in between: loops of known lengths, not a tf.cond per step,
-    # because strategies that all-reduce through merge_call (Mirrored,
-    # MultiWorkerMirrored) cannot do so inside a tf.cond.
+    # LookSAM's) in between: loops of known lengths, not a tf.cond per step.
+    # A tf.cond in the replica step cannot hold MirroredStrategy's
+    # merge_call, and a tf.cond around strategy.run fails at run time under
+    # MultiWorkerMirroredStrategy.
     k = tf.constant(sc.every_k_steps, tf.int64)
     num_steps = tf.cast(num_steps, tf.int64)
     head = tf.minimum(-self.optimizer.iterations % k, num_steps)
