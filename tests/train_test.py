@@ -40,15 +40,21 @@ def tiny_config(**overrides):
   return config
 
 
-def _train(config, strategy, steps):
-  """Runs `steps` steps with a fresh Trainer; returns it."""
+def _trainer(config, strategy, total_steps):
+  """A fresh Trainer and an iterator over its distributed training data."""
   data = input_pipeline.load(config)
   epoch_steps = input_pipeline.steps_per_epoch(data, config.batch_size)
   trainer = train.Trainer(config, strategy, data.num_classes,
-                          data.image_shape, epoch_steps, steps)
+                          data.image_shape, epoch_steps, total_steps)
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: input_pipeline.train_dataset(data, config, ctx))
-  trainer.train_loop(iter(dataset), tf.constant(steps))
+  return trainer, iter(dataset)
+
+
+def _train(config, strategy, steps):
+  """Runs `steps` steps with a fresh Trainer; returns it."""
+  trainer, iterator = _trainer(config, strategy, steps)
+  trainer.train_loop(iterator, tf.constant(steps))
   return trainer
 
 
@@ -426,12 +432,7 @@ def test_sam_every_k_steps_counts_across_loop_calls(calls):
   """SAM at steps 0, 3, 6 however the 7 steps are split into loop calls."""
   config = tiny_config(**{'sam.rho': 0.1, 'optimizer.momentum': 0.0,
                           'sam.every_k_steps': 3})
-  strategy = tf.distribute.get_strategy()
-  data = input_pipeline.load(config)
-  trainer = train.Trainer(config, strategy, data.num_classes,
-                          data.image_shape, 4, 7)
-  iterator = iter(strategy.distribute_datasets_from_function(
-      lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
+  trainer, iterator = _trainer(config, tf.distribute.get_strategy(), 7)
   for steps in calls:
     trainer.train_loop(iterator, tf.constant(steps))
   assert trainer.step == 7
@@ -559,15 +560,11 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
     config.sam.every_k_steps = 2
     config.sam.looksam_alpha = 0.7
   strategy = mirrored(num_replicas)
-  data = input_pipeline.load(config)
-  trainer = train.Trainer(config, strategy, data.num_classes,
-                          data.image_shape, 4, 100)
-  iterator = iter(strategy.distribute_datasets_from_function(
-      lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
+  trainer, iterator = _trainer(config, strategy, 100)
 
-  def state():
+  def state(replica=0):
     return _values([*trainer.model.variables, *trainer.optimizer.variables[1:],
-                    *trainer.looksam_direction], 0, strategy)
+                    *trainer.looksam_direction], replica, strategy)
 
   before = state()
   trainer.train_loop(iterator, tf.constant(2))  # A SAM and a LookSAM step.
@@ -592,10 +589,7 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
   after = state()
   assert any(not np.array_equal(a, b) for a, b in zip(before, after))
   assert all(np.isfinite(a).all() for a in after)
-  for a, b in zip(after, _values([*trainer.model.variables,
-                                  *trainer.optimizer.variables[1:],
-                                  *trainer.looksam_direction], 1, strategy)
-                  if num_replicas > 1 else after):
+  for a, b in zip(after, state(1) if num_replicas > 1 else after):
     np.testing.assert_array_equal(a, b)
 
 
