@@ -30,6 +30,10 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
   `fit`, on the same architecture built with Keras 2 layers (needs
   `pip install tf_keras`; skipped without it).
 
+With `--profile_dir`, one more loop of the first model's plain and SAM
+custom loop rows runs under tf.profiler, and a second table gives their op
+self time by op type (where the time of a step goes).
+
 A first row times the input pipeline alone (with augmentation) for 20 times
 `--steps` batches (many more than it prefetches while other rows run), to
 show it is no bottleneck.
@@ -55,6 +59,7 @@ pass runs batch norm in inference mode and it keeps the moving statistics of
 the perturbed pass; ours computes the exact update of DESIGN.md.
 """
 
+import collections
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import importlib
@@ -70,7 +75,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
 from configs import default
@@ -186,11 +190,15 @@ def host_loop(model: str, batch_size: int,
   return timers
 
 
-def input_only(batch_size: int, steps: int) -> Timer:
+def _train_data(batch_size: int) -> tf.data.Dataset:
+  """The synthetic training batches every row reads (basic augmentation)."""
   config = _config('cnn', batch_size)
-  data = input_pipeline.load(config)
-  iterator = iter(input_pipeline.train_dataset(
-      data, config, tf.distribute.InputContext()))
+  return input_pipeline.train_dataset(input_pipeline.load(config), config,
+                                      tf.distribute.InputContext())
+
+
+def input_only(batch_size: int, steps: int) -> Timer:
+  iterator = iter(_train_data(batch_size))
 
   def run():
     for _ in range(steps):
@@ -256,11 +264,9 @@ def _fit_timer(model, callbacks, batch_size: int, steps: int) -> Timer:
     The row's timer, warmed up: it runs `fit` for one epoch and returns
     the epoch's time (fit's own set-up is not timed).
   """
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(4 * batch_size, 32, 32, 3)).astype(np.float32)
-  y = rng.integers(0, 10, 4 * batch_size).astype(np.int32)
-  ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(
-      batch_size, drop_remainder=True).prefetch(2)
+  # The custom loop's data and augmentation: an input pipeline of its own
+  # costs every row the same CPU time.
+  ds = _train_data(batch_size)
   epochs = []
 
   class Clock(callbacks.Callback):
@@ -315,6 +321,70 @@ def keras3_sam_fit(model_name: str, batch_size: int, steps: int,
   return _fit_timer(model, keras.callbacks, batch_size, steps)
 
 
+def profile_row(timer: Timer, steps: int,
+                logdir: str) -> dict[str, float] | None:
+  """Traces one timed loop of a row with tf.profiler.
+
+  Args:
+    timer: the row's timer (warmed up).
+    steps: steps per timed loop of the row.
+    logdir: where the trace goes (`tensorboard --logdir` shows it with
+      the profile plugin, `pip install tensorboard-plugin-profile`).
+
+  Returns:
+    The op self time in ms per step by TensorFlow op type, largest first: on
+    the GPU or TPU if ops ran there, else on the host, where it is CPU time
+    summed over threads (more than the wall time). None without the `xprof`
+    package, which reads the trace (the trace is written all the same).
+  """
+  tf.profiler.experimental.start(logdir)
+  try:
+    timer()
+  finally:
+    tf.profiler.experimental.stop()
+  try:
+    from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('xprof is not installed: no op summary of %s.', logdir)
+    return None
+  # One directory per trace, named by its start time.
+  path = sorted(tf.io.gfile.glob(f'{logdir}/plugins/profile/*/*.xplane.pb'))[-1]
+  data, _ = raw_to_tool_data.xspace_to_tool_data([path], 'framework_op_stats',
+                                                 {})
+  ops = json.loads(data)[0]  # A Google Charts table, one row per op.
+  columns = [c['id'] for c in ops['cols']]
+  rows = [dict(zip(columns, [cell and cell['v'] for cell in row['c']]))
+          for row in ops['rows']]
+  rows = [r for r in rows if r['type'] != 'IDLE']
+  where = 'Device' if any(r['host_or_device'] == 'Device' for r in rows) else (
+      'Host')
+  by_type = collections.Counter()
+  for r in rows:
+    if r['host_or_device'] == where:
+      by_type[r['type']] += r['total_self_time'] / 1e3 / steps  # us to ms.
+  return dict(by_type.most_common())
+
+
+def profile_table(profiles: dict[str, dict[str, float]],
+                  top: int = 12) -> list[str]:
+  """Markdown: ms/step by op type for each profiled row, largest first."""
+  names = list(profiles)
+  last = profiles[names[-1]]
+  types = list(last)[:top]
+  lines = ['| op type | ' + ' | '.join(f'{n} (ms/step)' for n in names) + ' |',
+           '|---' * (len(names) + 1) + '|']
+
+  def line(label, values):
+    return f'| {label} | ' + ' | '.join(f'{v:.2f}' for v in values) + ' |'
+
+  for t in types:
+    lines.append(line(t, [profiles[n].get(t, 0.0) for n in names]))
+  lines.append(line('all other op types', [
+      sum(v for t, v in profiles[n].items() if t not in types) for n in names]))
+  lines.append(line('all op types', [sum(profiles[n].values()) for n in names]))
+  return lines
+
+
 def _figures(seconds: list[float] | None, batch_size: int,
              steps: int) -> dict[str, float] | None:
   """A row's figures (None for a skipped row) from seconds per timed loop."""
@@ -356,7 +426,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
             repeats: int, rho: float, xla: bool = False, keras2: bool = True,
             loop_rows: bool = True, precision_rows: bool = True,
             steps_per_loop: Sequence[int] = STEPS_PER_LOOP,
-            precisions: Sequence[str] | None = None) -> dict[str, Any]:
+            precisions: Sequence[str] | None = None,
+            profile_dir: str | None = None) -> dict[str, Any]:
   """Times every row (see the module docstring).
 
   Args:
@@ -374,13 +445,17 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     precisions: the dtype policies of the mixed-precision rows; None:
       mixed_bfloat16, and mixed_float16 where there is a GPU (float16 is a
       GPU format: on a CPU it mostly runs through slow fallbacks).
+    profile_dir: after the timing, trace one more loop of the first model's
+      plain and SAM custom loop rows with tf.profiler into its `plain` and
+      `sam` subdirectories (see `profile_row`).
 
   Returns:
     The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
     `sam_images_per_sec`, `keras_sam_images_per_sec` (Keras 2),
     `keras3_sam_images_per_sec`, `sam_over_sgd_step_time`; None for a
     skipped row), `model`, `rows` (name -> figures, in table order; None
-    when skipped) and `context`.
+    when skipped), `profile` (row name -> ms/step by op type, if
+    profile_dir and xprof) and `context`.
   """
   timers = {}  # name -> (timer or None if skipped, steps per timed loop)
   if precisions is None:
@@ -448,6 +523,14 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
           for name, (_, row_steps) in timers.items()}
   for name, row in rows.items():
     logging.info('%s: %s', name, row)
+  profiles = {}
+  if profile_dir:
+    for key, subdir in (('sgd', 'plain'), ('sam', 'sam')):
+      timer, row_steps = timers[headline[key]]
+      profile = profile_row(timer, row_steps,
+                            os.path.join(profile_dir, subdir))
+      if profile:
+        profiles[headline[key]] = profile
 
   def best(key):
     row = rows.get(headline.get(key))
@@ -465,6 +548,7 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
           sam_row['ms_per_step_best'] / sgd_row['ms_per_step_best']
           if sam_row and sgd_row else None),
       'rows': rows,
+      'profile': profiles,
       'context': {
           'tensorflow_version': tf.__version__,
           'keras_version': keras.__version__,
@@ -505,6 +589,9 @@ def table(results: dict[str, Any]) -> list[str]:
           f'| {name} | {row["images_per_sec_best"]:.0f} | '
           f'{row["images_per_sec_median"]:.0f} | '
           f'{row["ms_per_step_best"]:.1f} | {row["ms_per_step_median"]:.1f} |')
+  if results.get('profile'):
+    lines += ['', 'op self time of one profiled loop (tf.profiler):', '']
+    lines += profile_table(results['profile'])
   return lines
 
 
@@ -523,7 +610,8 @@ def main(argv):
   f = flags.FLAGS
   results = run_all(f.models, f.batch_size, f.steps, f.repeats, f.rho,
                     xla=f.xla, keras2=f.keras2, loop_rows=f.loop_rows,
-                    precision_rows=f.precision_rows)
+                    precision_rows=f.precision_rows,
+                    profile_dir=f.profile_dir)
   print('\n'.join(table(results)))
   if f.json:
     write_json(results, f.json)
@@ -548,6 +636,10 @@ def _define_flags():
   flags.DEFINE_bool('precision_rows', True, 'Time the custom loop with '
                     "config.dtype_policy = 'mixed_bfloat16' (and "
                     "'mixed_float16' where there is a GPU).")
+  flags.DEFINE_string('profile_dir', None, 'Also trace the first model\'s '
+                      'plain and SAM custom loop with tf.profiler into '
+                      'PROFILE_DIR/plain and PROFILE_DIR/sam, and print the '
+                      'op time by op type (needs `pip install xprof`).')
   flags.DEFINE_string('json', None, 'Also write every figure as JSON to '
                       'this path (local or gs://).')
 

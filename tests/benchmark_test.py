@@ -72,13 +72,35 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
   assert isinstance(context['gpus'], list)
 
 
-def test_loop_and_precision_rows_can_be_switched_off():
+def test_loop_and_precision_rows_off_and_the_profile(tmp_path):
   results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
                               rho=0.05, keras2=False, loop_rows=False,
-                              precision_rows=False)
+                              precision_rows=False, profile_dir=str(tmp_path))
   names = list(results['rows'])
   assert len(names) == 6  # Input, 4 custom loop rows, Keras 3 SAMModel.
   assert not any('steps_per_loop' in n or 'bfloat16' in n for n in names)
+  # A trace for TensorBoard's profile plugin per profiled row.
+  for subdir in ('plain', 'sam'):
+    assert list(tmp_path.glob(f'{subdir}/plugins/profile/*/*.xplane.pb'))
+  try:
+    import xprof  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    assert results['profile'] == {}
+    return
+  profiles = results['profile']
+  assert list(profiles) == names[1:3]  # Plain and SAM.
+  for profile in profiles.values():
+    assert 'IDLE' not in profile
+    assert all(v >= 0 for v in profile.values())
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)
+    assert any('Conv2D' in op for op in profile), profile
+  lines = benchmark.table(results)
+  start = lines.index('op self time of one profiled loop (tf.profiler):')
+  assert lines[start + 2].startswith('| op type | cnn: custom loop, plain')
+  total = lines[-1].split(' | ')
+  assert total[0] == '| all op types'
+  assert [float(v.strip(' |')) for v in total[1:]] == pytest.approx(
+      [sum(p.values()) for p in profiles.values()], abs=0.01)
 
 
 def test_float16_rows_on_request():

@@ -68,6 +68,7 @@ _DISTRIBUTIONS = {
     'tensorflow_datasets': 'tensorflow-datasets',
     'tf_keras': 'tf_keras',
     'trustme': 'trustme',
+    'xprof': 'xprof',
     'yaml': 'pyyaml',
 }
 # Distributions BUILD may name that pyproject.toml does not list, with the
