@@ -31,8 +31,9 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
   `pip install tf_keras`; skipped without it).
 
 With `--profile_dir`, one more loop of the first model's plain and SAM
-custom loop rows runs under tf.profiler, and a second table gives their op
-self time by op type (where the time of a step goes).
+custom loop rows, and of its Keras 2 SAM row, runs under tf.profiler, and a
+second table gives their op self time by op type (where the time of a step
+goes).
 
 A first row times the input pipeline alone (with augmentation) for 20 times
 `--steps` batches (many more than it prefetches while other rows run), to
@@ -367,10 +368,12 @@ def profile_row(timer: Timer, steps: int,
 
 def profile_table(profiles: dict[str, dict[str, float]],
                   top: int = 12) -> list[str]:
-  """Markdown: ms/step by op type for each profiled row, largest first."""
+  """Markdown: ms/step by op type (the `top` largest over all rows)."""
   names = list(profiles)
-  last = profiles[names[-1]]
-  types = list(last)[:top]
+  totals = collections.Counter()
+  for profile in profiles.values():
+    totals.update(profile)
+  types = [t for t, _ in totals.most_common(top)]
   lines = ['| op type | ' + ' | '.join(f'{n} (ms/step)' for n in names) + ' |',
            '|---' * (len(names) + 1) + '|']
 
@@ -446,8 +449,9 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
       mixed_bfloat16, and mixed_float16 where there is a GPU (float16 is a
       GPU format: on a CPU it mostly runs through slow fallbacks).
     profile_dir: after the timing, trace one more loop of the first model's
-      plain and SAM custom loop rows with tf.profiler into its `plain` and
-      `sam` subdirectories (see `profile_row`).
+      plain and SAM custom loop rows and of its Keras 2 SAM row (if timed)
+      with tf.profiler into its `plain`, `sam` and `keras2_sam`
+      subdirectories (see `profile_row`).
 
   Returns:
     The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
@@ -525,12 +529,14 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     logging.info('%s: %s', name, row)
   profiles = {}
   if profile_dir:
-    for key, subdir in (('sgd', 'plain'), ('sam', 'sam')):
-      timer, row_steps = timers[headline[key]]
-      profile = profile_row(timer, row_steps,
-                            os.path.join(profile_dir, subdir))
-      if profile:
-        profiles[headline[key]] = profile
+    for key, subdir in (('sgd', 'plain'), ('sam', 'sam'),
+                        ('keras2_sam', 'keras2_sam')):
+      timer, row_steps = timers.get(headline[key], (None, 0))
+      if timer:
+        profile = profile_row(timer, row_steps,
+                              os.path.join(profile_dir, subdir))
+        if profile:
+          profiles[headline[key]] = profile
 
   def best(key):
     row = rows.get(headline.get(key))
@@ -637,9 +643,9 @@ def _define_flags():
                     "config.dtype_policy = 'mixed_bfloat16' (and "
                     "'mixed_float16' where there is a GPU).")
   flags.DEFINE_string('profile_dir', None, 'Also trace the first model\'s '
-                      'plain and SAM custom loop with tf.profiler into '
-                      'PROFILE_DIR/plain and PROFILE_DIR/sam, and print the '
-                      'op time by op type (needs `pip install xprof`).')
+                      'plain and SAM custom loop and its Keras 2 SAM with '
+                      'tf.profiler into PROFILE_DIR/{plain,sam,keras2_sam}, '
+                      'and print the op time by op type (needs xprof).')
   flags.DEFINE_string('json', None, 'Also write every figure as JSON to '
                       'this path (local or gs://).')
 
