@@ -36,8 +36,8 @@ second table gives their op self time by op type (where the time of a step
 goes).
 
 A first row times the input pipeline alone (with augmentation) for 20 times
-`--steps` batches (many more than it prefetches while other rows run), to
-show it is no bottleneck.
+`--steps` batches, from a fresh iterator each time, to show it is no
+bottleneck.
 
 Every row is set up and warmed up first (one untimed loop); then each of
 `--repeats` rounds times every row once, in table order. A slow spell of a
@@ -199,9 +199,13 @@ def _train_data(batch_size: int) -> tf.data.Dataset:
 
 
 def input_only(batch_size: int, steps: int) -> Timer:
-  iterator = iter(_train_data(batch_size))
+  dataset = _train_data(batch_size)
 
   def run():
+    # A fresh iterator each time: a kept one would refill its prefetch
+    # buffer (autotuned to a fast reader: many batches) while the next rows
+    # are timed, and hand them out at once in its next timed loop.
+    iterator = iter(dataset)
     for _ in range(steps):
       next(iterator)[0].numpy()
 
@@ -469,7 +473,7 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     timers[name] = timer, row_steps
     logging.info('Set up %s.', name)
 
-  # Far more batches than the pipeline prefetches while other rows run.
+  # Enough batches that the start of a fresh pipeline costs little.
   add('input pipeline alone (basic augmentation)',
       input_only(batch_size, 20 * steps), 20 * steps)
   if xla:
