@@ -64,6 +64,7 @@ import collections
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -618,6 +619,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.profile_dir and importlib.util.find_spec('xprof') is None:
+    # Said before the timing, which takes minutes; the traces are written.
+    logging.warning('xprof is not installed (pip install xprof): no op '
+                    'summary of the traces in %s will be printed.',
+                    f.profile_dir)
   results = run_all(f.models, f.batch_size, f.steps, f.repeats, f.rho,
                     xla=f.xla, keras2=f.keras2, loop_rows=f.loop_rows,
                     precision_rows=f.precision_rows,
