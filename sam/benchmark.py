@@ -350,8 +350,7 @@ def profile_row(timer: Timer, steps: int,
     tf.profiler.experimental.stop()
   try:
     from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning('xprof is not installed: no op summary of %s.', logdir)
+  except ImportError:  # run_all has said so before the timing.
     return None
   # One directory per trace, named by its start time.
   path = sorted(tf.io.gfile.glob(f'{logdir}/plugins/profile/*/*.xplane.pb'))[-1]
@@ -466,6 +465,10 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     when skipped), `profile` (row name -> ms/step by op type, if
     profile_dir and xprof) and `context`.
   """
+  if profile_dir and importlib.util.find_spec('xprof') is None:
+    # Said once, before the timing, which takes minutes.
+    logging.warning('xprof is not installed (pip install xprof): the traces '
+                    'go to %s, but no op summary of them.', profile_dir)
   timers = {}  # name -> (timer or None if skipped, steps per timed loop)
   if precisions is None:
     precisions = ['mixed_bfloat16'] + ['mixed_float16'] * bool(_gpu_names())
@@ -619,11 +622,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  if f.profile_dir and importlib.util.find_spec('xprof') is None:
-    # Said before the timing, which takes minutes; the traces are written.
-    logging.warning('xprof is not installed (pip install xprof): no op '
-                    'summary of the traces in %s will be printed.',
-                    f.profile_dir)
   results = run_all(f.models, f.batch_size, f.steps, f.repeats, f.rho,
                     xla=f.xla, keras2=f.keras2, loop_rows=f.loop_rows,
                     precision_rows=f.precision_rows,
