@@ -62,13 +62,15 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
   parent's up to float32 rounding: normalization by the batch statistics,
   moving averages of the batch mean and the population (not Bessel-corrected)
   batch variance. Inference, masks, cross-replica (synchronized) statistics
-  and anything but 4-D channels-last inputs use the parent's code.
+  and anything but 4-D channels-last inputs use the parent's code (Keras
+  3.13 added batch renormalization; older Keras has no `renorm`).
   """
 
   def call(self, inputs, training=None, mask=None):
     rank = len(inputs.shape)
     if (not (training and self.trainable) or mask is not None or rank != 4 or
-        self.axis % rank != 3 or self.renorm or self.synchronized or
+        self.axis % rank != 3 or getattr(self, 'renorm', False) or
+        self.synchronized or
         not (self.scale and self.center)):
       return super().call(inputs, training=training, mask=mask)
     # float32 statistics under mixed precision too, as the parent's.
