@@ -18,6 +18,7 @@ import tensorflow as tf
 from sam import distribute
 from sam import input_pipeline
 from sam import train
+from sam import versions
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, summaries and results go (local or '
@@ -28,7 +29,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 _USER_ERRORS = (ValueError, PermissionError, FloatingPointError,
-                input_pipeline.DataNotFoundError)
+                input_pipeline.DataNotFoundError,
+                versions.UnsupportedVersionError)
 
 
 class _GFileHandler(std_logging.Handler):
@@ -67,6 +69,7 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
   try:
+    versions.check_installed()
     # The strategy first: TPU and multi-worker set-up must precede other ops.
     strategy = distribute.create_strategy(config.strategy, config.tpu)
     handler = _mirror_log(workdir, distribute.is_chief(strategy))

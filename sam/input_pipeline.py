@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from sam import autoaugment
+from sam import versions
 
 DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'synthetic')
 # basic: pad 4, random crop, horizontal flip (the SAM paper's basic
@@ -215,7 +216,7 @@ def _fashion_mnist(dc) -> tuple[Split, Split]:
 
 def _tfds(dc) -> tuple[Split, Split]:
   """A prepared tfds data set, downloaded first if config allows it."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = versions.import_tfds()
   builder = tfds.builder(dc.name, data_dir=dc.data_dir or None)
   if not tf.io.gfile.exists(os.path.join(builder.data_dir,
                                          'dataset_info.json')):

@@ -61,6 +61,7 @@ _DISTRIBUTIONS = {
     'matplotlib': 'matplotlib',
     'ml_collections': 'ml-collections',
     'numpy': 'numpy',
+    'packaging': 'packaging',
     'PIL': 'pillow',
     'pytest': 'pytest',
     'tensorboard': 'tensorboard',
@@ -73,7 +74,7 @@ _DISTRIBUTIONS = {
 }
 # Distributions BUILD may name that pyproject.toml does not list, with the
 # declared distribution that brings them.
-_BROUGHT_BY = {'keras': 'tensorflow', 'pillow': 'matplotlib'}
+_BROUGHT_BY = {'pillow': 'matplotlib'}
 
 _RULES_BZL = '@rules_python//python:defs.bzl'
 _REQUIREMENTS_BZL = '@pypi//:requirements.bzl'
