@@ -2,7 +2,7 @@
 
 The supported range is what Cloud TPU VMs run (README, "Platforms"): from the
 TensorFlow 2.16.1 of the newest `tpu-vm-tf-*` image to TensorFlow 2.21, with
-Keras 3.4.1 or newer. Outside it a run fails in ways that do not name the
+Keras 3.10 or newer. Outside it a run fails in ways that do not name the
 cause (a missing keyword deep inside Keras, a protobuf import inside tfds),
 so it is refused up front with one line that says what to install.
 """
@@ -12,7 +12,7 @@ import re
 
 MIN_TENSORFLOW = (2, 16)
 MAX_TENSORFLOW = (2, 21)  # The newest minor release tested.
-MIN_KERAS = (3, 4, 1)
+MIN_KERAS = (3, 10, 0)
 
 _INSTALL = ('install a supported one: `pip install -r requirements-cpu.txt '
             '-c constraints/cpu.txt` (CPU/GPU), or on a TPU VM see README, '

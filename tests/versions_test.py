@@ -9,7 +9,7 @@ from sam import versions
 
 
 @pytest.mark.parametrize('tf_version,keras_version', [
-    ('2.16.1', '3.4.1'), ('2.20.0', '3.12.4'), ('2.21.0', '3.15.1'),
+    ('2.16.1', '3.10.0'), ('2.20.0', '3.12.4'), ('2.21.0', '3.15.1'),
     ('2.21.0rc1', '3.13.0'),
 ])
 def test_supported_versions_pass(tf_version, keras_version):
@@ -17,9 +17,9 @@ def test_supported_versions_pass(tf_version, keras_version):
 
 
 @pytest.mark.parametrize('tf_version,keras_version,names', [
-    ('2.15.1', '3.4.1', 'TensorFlow 2.15.1'),
+    ('2.15.1', '3.10.0', 'TensorFlow 2.15.1'),
     ('2.22.0', '3.15.1', 'TensorFlow 2.22.0'),
-    ('2.16.1', '3.3.3', 'Keras 3.3.3'),
+    ('2.16.1', '3.9.2', 'Keras 3.9.2'),
     ('2.16.1', '2.15.0', 'Keras 2.15.0'),
 ])
 def test_unsupported_versions_say_what_to_install(tf_version, keras_version,

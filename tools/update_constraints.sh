@@ -41,7 +41,7 @@ compile tpu.txt requirements-tpu.txt pyproject.toml --extra test
 # google.protobuf.runtime_version`) but does not say so, and tfds imports it.
 cat > "$tmp/tf216.in" <<'EOF'
 tensorflow==2.16.1
-keras==3.4.1
+keras==3.10.0
 tensorflow-metadata<1.18
 EOF
 compile tf2.16.txt "$tmp/tf216.in" pyproject.toml --extra test
