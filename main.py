@@ -19,6 +19,7 @@ from sam import distribute
 from sam import input_pipeline
 from sam import train
 from sam import versions
+from sam import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, summaries and results go (local or '
@@ -93,7 +94,7 @@ def main(argv):
 def _mirror_log(workdir: str, chief: bool) -> _GFileHandler:
   """Adds a handler that copies the absl log into the workdir."""
   try:
-    train.makedirs(workdir)
+    workdir_lib.makedirs(workdir)
     name = 'log.txt' if chief else f'log-{os.getpid()}.txt'
     handler = _GFileHandler(os.path.join(workdir, name),
                             flush_secs=60.0 if '://' in workdir else 0.0)

@@ -1,0 +1,142 @@
+"""Config checks: every field is validated before any data or model is built.
+
+`validate_config` names the offending field, its value and what is allowed;
+`config_changes` says which structural fields differ from those of the run
+that wrote a workdir's checkpoints (a resume must continue the same run).
+"""
+
+from typing import Any
+
+import ml_collections
+
+from sam import distribute
+from sam import input_pipeline
+from sam import models
+from sam import plateau
+
+OPTIMIZERS = ('sgd', 'adam')
+SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
+WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
+# Keras dtype policies of the model; mixed_float16 turns on loss scaling.
+DTYPE_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    num_replicas: int) -> None:
+  """Checks the config before any data is loaded or model built.
+
+  Raises:
+    ValueError: naming the offending field, its value and what is allowed.
+  """
+  def check(ok, field, value, allowed):
+    if not ok:
+      raise ValueError(f'config.{field}={value!r} is invalid: {allowed}.')
+
+  def one_of(field, value, options):
+    check(value in options, field, value, f'use one of {tuple(options)}')
+
+  one_of('dataset.name', config.dataset.name, input_pipeline.DATASETS)
+  one_of('dataset.augment', config.dataset.augment,
+         input_pipeline.AUGMENTATIONS)
+  one_of('model.name', config.model.name, models.MODELS)
+  one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
+  one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
+         WEIGHT_DECAY_TYPES)
+  one_of('schedule.name', config.schedule.name, SCHEDULES)
+  one_of('strategy', config.strategy, distribute.STRATEGIES)
+  one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
+  one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
+  for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha',
+                'optimizer.weight_decay',
+                'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
+    value = config[field.split('.')[0]][field.split('.')[1]]
+    check(value >= 0, field, value, 'it must be >= 0')
+  sc = config.sam
+  check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
+        'it must be >= 1 (1 runs SAM at every step)')
+  check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
+        'it must be >= 0 (0 takes plain steps between SAM steps)')
+  check(not sc.looksam_alpha or sc.every_k_steps > 1, 'sam.looksam_alpha',
+        sc.looksam_alpha, 'LookSAM reuses a direction between SAM steps: '
+        'also set sam.every_k_steps > 1 (they use 5)')
+  per_replica = config.batch_size // max(num_replicas, 1)
+  check(sc.micro_batch_size == 0 or (
+      sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
+        'sam.micro_batch_size', sc.micro_batch_size,
+        f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
+  check(config.loss_scale.initial > 0, 'loss_scale.initial',
+        config.loss_scale.initial, 'it must be > 0 (2**15 is usual)')
+  check(config.loss_scale.growth_steps >= 1, 'loss_scale.growth_steps',
+        config.loss_scale.growth_steps, 'it must be >= 1')
+  check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
+        'it must be in [0, 1); 0 turns the moving average off')
+  pc = config.plateau
+  one_of('plateau.monitor', pc.monitor, plateau.MONITORS)
+  if config.schedule.name == 'plateau' or pc.early_stopping_patience:
+    check(config.dataset.validation_size > 0, 'dataset.validation_size',
+          config.dataset.validation_size,
+          f'schedule.name=plateau and early stopping watch {pc.monitor}, '
+          'so hold out a validation split (> 0)')
+  check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
+  check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
+        config.schedule.learning_rate, 'it must be > 0')
+  check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
+        config.optimizer.label_smoothing, 'it must be in [0, 1)')
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    check(value > 0 and value % num_replicas == 0, field, value,
+          f'it must be a positive multiple of the {num_replicas} replicas')
+  check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
+        'it must be >= 1')
+  check(config.num_train_steps > 0 or config.num_epochs > 0,
+        'num_train_steps', config.num_train_steps,
+        'set it > 0, or -1 with config.num_epochs > 0')
+  for field in ('log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps'):
+    check(config[field] == -1 or config[field] >= 1, field, config[field],
+          'it must be >= 1, or -1 for once per epoch')
+  check(0 <= config.dataset.label_noise < 1, 'dataset.label_noise',
+        config.dataset.label_noise, 'it must be in [0, 1)')
+  check(config.dataset.validation_size >= 0, 'dataset.validation_size',
+        config.dataset.validation_size, 'it must be >= 0')
+  check(config.dataset.cutout_size >= 1, 'dataset.cutout_size',
+        config.dataset.cutout_size, 'it must be >= 1')
+  check(config.dataset.train_subset == -1 or
+        config.dataset.train_subset >= config.batch_size,
+        'dataset.train_subset', config.dataset.train_subset,
+        'it must be -1 (all) or at least config.batch_size')
+
+
+
+# Fields that change the model, the data stream or the optimizer's state: a
+# resume with other values would not continue the same run.
+STRUCTURAL_FIELDS = (
+    'seed', 'batch_size', 'model', 'dataset.name', 'dataset.train_subset',
+    'dataset.synthetic_image_shape', 'dataset.synthetic_num_classes',
+    'optimizer.name', 'optimizer.momentum', 'optimizer.nesterov',
+    'optimizer.weight_decay_type', 'ema_decay', 'sam.looksam_alpha')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value) if isinstance(
+          value, (list, tuple)) else value
+  return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Structural fields whose values differ between two configs (as JSON).
+
+  A field the old config lacks came with a newer version of this code, whose
+  default keeps the old behaviour: it is no change.
+  """
+  old, new = _flatten(old), _flatten(new)
+  return sorted(
+      f'{key}: {old.get(key)!r} -> {new.get(key)!r}'
+      for key in old
+      if any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
+      and old[key] != new.get(key))

@@ -1,0 +1,71 @@
+"""The learning-rate schedule and the base optimizer of a run."""
+
+import math
+from typing import Any
+
+import keras
+import ml_collections
+import tensorflow as tf
+
+
+class Schedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up to the peak, then constant, step or cosine decay.
+
+  With `scale` (a variable of the plateau logic), the rate is also multiplied
+  by it: 'plateau' is a constant rate that `sam.plateau` scales down.
+  """
+
+  def __init__(self, name: str, learning_rate: float, warmup_steps: int,
+               total_steps: int, boundaries: tuple[int, ...] = (),
+               decay_factor: float = 1.0, scale: tf.Variable | None = None):
+    self.name = name
+    self.scale = scale
+    self.learning_rate = learning_rate
+    self.warmup_steps = warmup_steps
+    self.total_steps = total_steps
+    self.boundaries = tuple(boundaries)
+    self.decay_factor = decay_factor
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    lr = tf.constant(self.learning_rate, tf.float32)
+    if self.warmup_steps:
+      # Step 0 already gets a nonzero rate, so no step is wasted.
+      lr *= tf.minimum(1.0, (step + 1) / self.warmup_steps)
+    if self.name == 'cosine':
+      progress = (step - self.warmup_steps) / max(
+          1, self.total_steps - self.warmup_steps)
+      lr *= 0.5 * (1 + tf.cos(math.pi * tf.clip_by_value(progress, 0, 1)))
+    elif self.name == 'step' and self.boundaries:
+      passed = tf.reduce_sum(
+          tf.cast(step >= tf.constant(self.boundaries, tf.float32), tf.float32))
+      lr *= self.decay_factor**passed
+    if self.scale is not None:
+      lr *= self.scale[0]
+    return lr
+
+  def get_config(self) -> dict[str, Any]:
+    return dict(name=self.name, learning_rate=self.learning_rate,
+                warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                boundaries=self.boundaries, decay_factor=self.decay_factor)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: Schedule) -> keras.optimizers.Optimizer:
+  """The base optimizer; decoupled weight decay is applied by it."""
+  oc = config.optimizer
+  decoupled = oc.weight_decay if oc.weight_decay_type == 'decoupled' else None
+  if oc.name == 'sgd':
+    return keras.optimizers.SGD(schedule, momentum=oc.momentum,
+                                nesterov=oc.nesterov, weight_decay=decoupled)
+  return keras.optimizers.Adam(schedule, beta_1=oc.beta1, beta_2=oc.beta2,
+                               epsilon=oc.epsilon, weight_decay=decoupled)
+
+
+
+def decayed(variables, all_params: bool) -> list[bool]:
+  # By default weight decay applies to kernels only, not to biases or
+  # batch-norm scales and offsets (as in the SAM paper's code: params with
+  # ndim > 1); config.optimizer.decay_all_params decays everything.
+  return [all_params or len(v.shape) > 1 for v in variables]
+

@@ -1,0 +1,250 @@
+"""The replica steps: `train_step` (one SAM or plain step) and `eval_step`.
+
+Both run in replica context, inside `strategy.run` of the compiled loops of
+`sam.train`, and hold no host-side op (TPUs compile them whole). Read
+`train_step` top to bottom: the loss, the SAM gradient (`sam.sam.sam_step`),
+batch-norm statistics averaged across replicas, clipping by the global norm,
+the update, the moving average of the weights, the metric sums.
+"""
+
+import ml_collections
+import tensorflow as tf
+
+from sam import loss_scaling
+from sam import optim
+from sam import sam as sam_lib
+from sam.state import TRAIN_FIELDS
+from sam.state import TrainState
+
+_SUM = tf.distribute.ReduceOp.SUM
+
+
+def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
+               sam_now: bool) -> None:
+  """One step on this replica's batch.
+
+  Args:
+    state: the run's state, updated in place.
+    config: the run's config.
+    batch: (images, labels) of this replica.
+    sam_now: False on the steps between SAM steps (sam.every_k_steps > 1):
+      the plain gradient, plus LookSAM's reused direction if it is on.
+  """
+  images, labels = batch
+  ctx = tf.distribute.get_replica_context()
+  sc = config.sam
+  model = state.model
+  params = [v.value for v in model.trainable_variables]
+  model_state = [v.value for v in model.non_trainable_variables]
+  share = 1 / ctx.num_replicas_in_sync  # Of the global batch's loss.
+  loss_fn = make_loss_fn(state, config, images, labels, model_state, share)
+  scale = loss_scaling.scale(state)
+  if sam_now and sc.micro_batch_size:
+    out = _micro_batch_sam(state, config, images, labels, model_state, params)
+  elif sam_now:
+    # The SAM rule: the gradient at w, its norm across replicas, eps, the
+    # gradient at w + eps (one pass at w if rho is 0).
+    out = sam_lib.sam_step(
+        loss_fn, params, sc.rho, adaptive=sc.adaptive, eta=sc.eta,
+        gsam_alpha=sc.gsam_alpha, sync_perturbation=sc.sync_perturbation,
+        loss_scale=scale)
+  else:
+    out = sam_lib.sam_step(loss_fn, params, 0.0, loss_scale=scale)  # Plain.
+  if sc.looksam_alpha:
+    out = _looksam(state, out, sam_now, sc.looksam_alpha)
+  logits, new_state = out.aux
+  finite = loss_scaling.all_finite(state, [out.loss, out.grad_norm,
+                                           *out.grads])
+  _assign_model_state(state, new_state, finite)
+  grads = _clip_by_global_norm(out.grads, config.optimizer.grad_clip_norm)
+  loss_scaling.apply_gradients(state, config, grads, finite)
+  if config.ema_decay:
+    _update_ema(state, config.ema_decay)
+  _add_train_metrics(state, out, logits, labels, finite)
+
+
+def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
+                 labels, model_state, l2_share: float):
+  """A share of the global-batch loss, as a function of the trainable values.
+
+  Args:
+    state: the run's state (its model and L2 weight).
+    config: the run's config.
+    images: this replica's (micro-)batch.
+    labels: its labels.
+    model_state: the non-trainable values (batch-norm statistics, seeds).
+    l2_share: the fraction of the L2 term this (micro-)batch carries, so
+      that the shares of all replicas and micro-batches sum to one.
+
+  Returns:
+    loss_fn(params) -> (loss, (logits, new_model_state)).
+  """
+  model = state.model
+  decayed = optim.decayed(model.trainable_variables,
+                          config.optimizer.decay_all_params)
+  smoothing = config.optimizer.label_smoothing
+  targets = tf.one_hot(labels, state.num_classes)
+  targets = targets * (1 - smoothing) + smoothing / state.num_classes
+
+  def loss_fn(params):
+    logits, new_state = model.stateless_call(
+        params, model_state, images, training=True)
+    logits = tf.cast(logits, tf.float32)
+    per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+    loss = tf.reduce_sum(per_example) / config.batch_size
+    if state.l2:
+      l2 = tf.add_n([tf.reduce_sum(tf.square(p))
+                     for p, d in zip(params, decayed) if d])
+      loss += 0.5 * state.l2 * l2 * l2_share
+    return loss, (logits, new_state)
+
+  return loss_fn
+
+
+def _micro_batch_sam(state, config, images, labels, model_state, params):
+  """m-sharpness: one eps per micro-batch of config.sam.micro_batch_size."""
+  sc = config.sam
+  num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+  chunks = images.shape[0] // sc.micro_batch_size
+  fns = [make_loss_fn(state, config, x, y, model_state,
+                      1 / (num_replicas * chunks))
+         for x, y in zip(tf.split(images, chunks), tf.split(labels, chunks))]
+  out = sam_lib.micro_batch_sam_step(
+      fns, params, sc.rho, adaptive=sc.adaptive, eta=sc.eta,
+      gsam_alpha=sc.gsam_alpha, loss_scale=loss_scaling.scale(state))
+  logits = tf.concat([a[0] for a in out.aux], 0)
+  # Each micro-batch updated the statistics from the same start; their mean
+  # is what one pass over the replica's batch gives, to first order.
+  new_state = [tf.add_n(s) / chunks for s in zip(*[a[1] for a in out.aux])]
+  return out._replace(aux=(logits, new_state))
+
+
+def _total(grads):
+  """The gradient summed across replicas."""
+  ctx = tf.distribute.get_replica_context()
+  if ctx.num_replicas_in_sync == 1:
+    return grads
+  return ctx.all_reduce(_SUM, grads)
+
+
+def _looksam(state: TrainState, out: sam_lib.SAMOutput, sam_now: bool,
+             alpha: float) -> sam_lib.SAMOutput:
+  """LookSAM: keep g_v at a SAM step, add it back on the steps between."""
+  if not sam_now:
+    share = 1 / tf.distribute.get_replica_context().num_replicas_in_sync
+    return out._replace(grads=sam_lib.looksam_reuse(
+        out.grads, [v.read_value() for v in state.looksam_direction], alpha,
+        tf.linalg.global_norm(_total(out.grads)), share=share))
+  # Every replica computes and keeps the same g_v.
+  direction = sam_lib.looksam_direction(_total(out.clean_grads),
+                                        _total(out.grads))
+  # Made of the totals: finite on every replica or on none.
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d))
+                          for d in direction])
+  for variable, value in zip(state.looksam_direction, direction):
+    # A skipped step (loss scaling) keeps the last finite direction.
+    variable.assign(tf.where(finite, value, variable.read_value())
+                    if state.loss_scaling else value)
+  return out
+
+
+def _assign_model_state(state: TrainState, new_state, finite) -> None:
+  """Batch-norm statistics of the first pass, averaged across replicas."""
+  variables = state.model.non_trainable_variables
+  if finite is not None:
+    # A skipped step keeps the batch-norm statistics too.
+    new_state = [tf.where(finite, new, old.value)
+                 for new, old in zip(new_state, variables)]
+  if not new_state:
+    return
+  # Replicas saw different batches, so average their statistics: the copies
+  # stay identical. Integer state (the seeds of ShakeDrop and Shake-Shake) is
+  # the same on every replica by construction, and a mean would not be an int.
+  ctx = tf.distribute.get_replica_context()
+  floats = [i for i, v in enumerate(new_state) if v.dtype.is_floating]
+  if ctx.num_replicas_in_sync > 1 and floats:
+    means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                           [new_state[i] for i in floats])
+    new_state = list(new_state)
+    for i, mean in zip(floats, means):
+      new_state[i] = mean
+  for variable, value in zip(variables, new_state):
+    variable.assign(value)
+
+
+def _clip_by_global_norm(grads, clip_norm: float):
+  """Clips by the norm of the summed gradient (what the optimizer applies).
+
+  Not each replica's part of it, as Keras' clipnorm would.
+  """
+  if not clip_norm:
+    return grads
+  norm = tf.linalg.global_norm(
+      tf.distribute.get_replica_context().all_reduce(_SUM, grads))
+  scale = tf.minimum(1.0, clip_norm / (norm + 1e-12))
+  return [g * scale for g in grads]
+
+
+def _update_ema(state: TrainState, decay: float) -> None:
+  model = state.model
+  for averages, variables in zip(state.ema, (model.trainable_variables,
+                                             model.non_trainable_variables)):
+    for average, variable in zip(averages, variables):
+      if tf.as_dtype(variable.dtype).is_floating:
+        average.assign(decay * average + (1 - decay) * variable.value)
+      else:  # Seeds are not averaged.
+        average.assign(variable.value)
+
+
+def _add_train_metrics(state: TrainState, out: sam_lib.SAMOutput, logits,
+                       labels, finite) -> None:
+  """Adds this step's TRAIN_FIELDS, summed over replicas, to the sums."""
+  ctx = tf.distribute.get_replica_context()
+  num_replicas = ctx.num_replicas_in_sync
+  correct = tf.reduce_sum(tf.cast(
+      tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+      tf.float32))
+  count = tf.cast(tf.shape(labels)[0], tf.float32)
+  skipped = 0.0 if finite is None else 1.0 - tf.cast(finite, tf.float32)
+  local = tf.stack([out.loss, out.perturbed_loss,
+                    out.grad_norm / num_replicas, correct, count,
+                    1.0 / num_replicas, skipped / num_replicas])
+  if finite is not None:
+    # A skipped step's figures (its gradient norm overflowed) stay out of
+    # the sums, but a non-finite loss does not: that is divergence, which
+    # loss scaling cannot cure, and it must stop the run.
+    keep = finite | ~tf.math.is_finite(out.loss)
+    local = tf.where(keep | tf.equal(tf.range(len(TRAIN_FIELDS)),
+                                     TRAIN_FIELDS.index('skipped')),
+                     local, 0.0)
+  state.train_sums.assign_add(ctx.all_reduce(_SUM, local))
+
+
+def eval_step(state: TrainState, batch, ema: bool) -> None:
+  """Adds a padded eval batch's loss, correct, top-5 and count to the sums.
+
+  Args:
+    state: the run's state.
+    batch: (images, labels, mask) of this replica; mask is 0 on padding.
+    ema: evaluate the moving average of the weights instead.
+  """
+  images, labels, mask = batch
+  model = state.model
+  if ema:
+    trainable, model_state = ([v.read_value() for v in variables]
+                              for variables in state.ema)
+    logits, _ = model.stateless_call(trainable, model_state, images,
+                                     training=False)
+  else:
+    logits = model(images, training=False)
+  logits = tf.cast(logits, tf.float32)
+  loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+  correct = tf.cast(
+      tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+      tf.float32)
+  top5 = tf.cast(tf.math.in_top_k(labels, logits, min(5, state.num_classes)),
+                 tf.float32)
+  local = tf.stack([tf.reduce_sum(loss * mask), tf.reduce_sum(correct * mask),
+                    tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)])
+  ctx = tf.distribute.get_replica_context()
+  state.eval_sums.assign_add(ctx.all_reduce(_SUM, local))
