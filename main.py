@@ -5,8 +5,15 @@ r"""Trains an image classifier with (or without) SAM.
 Any config field can be overridden, e.g. `--config.sam.rho=0` (the baseline).
 """
 
-import logging as std_logging
 import os
+
+# TensorFlow reads its C++ log level once, at import: its INFO and WARNING
+# lines stay off unless TF_CPP_MIN_LOG_LEVEL says otherwise. (TensorFlow
+# 2.21 prints its import notices, oneDNN and CUDA, before it reads it.)
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import logging as std_logging
+import re
 import time
 
 from absl import app
@@ -27,11 +34,29 @@ _WORKDIR = flags.DEFINE_string(
 config_flags.DEFINE_config_file(
     'config', None, 'Path to an ml_collections config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+_TF_INFO = flags.DEFINE_bool(
+    'tf_info', False, "Also log TensorFlow's own INFO lines (e.g. each "
+    "checkpoint's 'Sharding callback duration'); its C++ lines come back with "
+    'TF_CPP_MIN_LOG_LEVEL=0.')
 
 
 _USER_ERRORS = (ValueError, PermissionError, FloatingPointError,
                 input_pipeline.DataNotFoundError,
                 versions.UnsupportedVersionError)
+
+
+class _NoLibraryInfo(std_logging.Filter):
+  """Keeps TensorFlow's and Keras' own INFO lines off the console.
+
+  They log through absl, as we do (e.g. 'Sharding callback duration' at every
+  checkpoint); the workdir's log.txt keeps them.
+  """
+
+  _LIBRARY = re.compile(r'[/\\](tensorflow|keras|tf_keras)[/\\]')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING or
+            not self._LIBRARY.search(record.pathname))
 
 
 class _GFileHandler(std_logging.Handler):
@@ -69,6 +94,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
+  if not _TF_INFO.value:
+    logging.get_absl_handler().addFilter(_NoLibraryInfo())
   try:
     versions.check_installed()
     # The strategy first: TPU and multi-worker set-up must precede other ops.

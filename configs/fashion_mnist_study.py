@@ -10,7 +10,7 @@ memorize noisy labels. One cell:
 The baseline: add `--config.sam.rho=0`. With Adam, SAM takes a rho above the
 paper's SGD default of 0.05; with a constant learning rate instead of the
 cosine decay no single rho helped both clean and noisy labels (see the study
-in the README).
+in docs/study.md).
 """
 
 from configs import fashion_mnist_sam

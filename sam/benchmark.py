@@ -7,7 +7,7 @@ Measures images/s and ms/step (best and median over `--repeats` timed loops,
 after one warm-up loop) on synthetic 32x32x3 data. For each model of
 `--models` (default resnet20_b and wrn16_4), the rows are, in this order:
 
-* this codebase's custom loop (`sam.train.Trainer`), one `train_loop` call of
+* this codebase's custom loop (`sam.Trainer`), one `train_loop` call of
   `--steps` steps per timed loop: the plain base optimizer (rho = 0), SAM,
   SAM every 2nd step (`sam.every_k_steps`) and LookSAM with k = 5, alpha =
   0.7 (`sam.looksam_alpha`; time a multiple of 5 steps per loop);
@@ -82,7 +82,7 @@ import tensorflow as tf
 from configs import default
 from sam import input_pipeline
 from sam import models
-from sam import train
+from sam.trainer import Trainer
 
 # steps_per_loop of the host-loop rows; each row times their least common
 # multiple of steps.
@@ -125,12 +125,12 @@ def _timer(run: Callable[[], None]) -> Timer:
 
 
 def _trainer(model: str, batch_size: int,
-             **overrides) -> tuple[train.Trainer, Iterator[Any]]:
+             **overrides) -> tuple[Trainer, Iterator[Any]]:
   """A Trainer on one device and its distributed synthetic data."""
   config = _config(model, batch_size, **overrides)
   data = input_pipeline.load(config)
   strategy = tf.distribute.get_strategy()
-  trainer = train.Trainer(config, strategy, data.num_classes,
+  trainer = Trainer(config, strategy, data.num_classes,
                           data.image_shape, 4, 10**6)
   iterator = iter(strategy.distribute_datasets_from_function(
       lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
@@ -139,7 +139,7 @@ def _trainer(model: str, batch_size: int,
 
 def custom_loop(model: str, batch_size: int, steps: int,
                 **overrides) -> Timer:
-  """Times `steps` steps (one train_loop call) of sam.train.Trainer.
+  """Times `steps` steps (one train_loop call) of sam.Trainer.
 
   Args:
     model: the model name.
@@ -155,7 +155,7 @@ def custom_loop(model: str, batch_size: int, steps: int,
 
   def run():
     trainer.train_loop(iterator, num_steps)
-    trainer.train_sums.numpy()  # Waits for the loop to finish.
+    trainer.state.train_sums.numpy()  # Waits for the loop to finish.
 
   return _timer(run)
 
@@ -186,7 +186,7 @@ def host_loop(model: str, batch_size: int,
       for _ in range(calls):
         trainer.train_loop(iterator, num_steps)
         # As train.train_and_evaluate after every loop (its NaN check).
-        trainer.train_sums.numpy()
+        trainer.state.train_sums.numpy()
 
     timers[size] = _timer(run)
   return timers

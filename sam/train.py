@@ -33,19 +33,8 @@ import tensorflow as tf
 from sam import config_checks
 from sam import distribute
 from sam import input_pipeline
-from sam import optim
-from sam import state as state_lib
 from sam import workdir as workdir_lib
 from sam.trainer import Trainer
-
-# The names this module had before the trainer was split up.
-validate_config = config_checks.validate_config
-config_changes = config_checks.config_changes
-STRUCTURAL_FIELDS = config_checks.STRUCTURAL_FIELDS
-makedirs = workdir_lib.makedirs
-create_optimizer = optim.create_optimizer
-Schedule = optim.Schedule
-_TRAIN_FIELDS = state_lib.TRAIN_FIELDS
 
 
 def itstime(step: int, every: int, total: int) -> bool:

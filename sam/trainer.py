@@ -61,11 +61,9 @@ class Trainer:
     self.eval_loop = tf.function(self._eval_loop)
     self._count_flags = tf.function(self._count_flags_fn)
 
-  def __getattr__(self, name):
-    # The state's variables read as the trainer's own (trainer.model, ...).
-    if name == 'state':
-      raise AttributeError(name)
-    return getattr(self.state, name)
+  @property
+  def step(self) -> int:
+    return self.state.step
 
   def _train_loop(self, iterator, num_steps):
     sc = self.config.sam

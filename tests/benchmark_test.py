@@ -8,6 +8,8 @@ import pytest
 from sam import benchmark
 from tests.conftest import requires_xla_cpu
 
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
+
 ROW_KEYS = ('images_per_sec_best', 'images_per_sec_median',
             'ms_per_step_best', 'ms_per_step_median')
 

@@ -6,7 +6,10 @@ import os
 
 import pytest
 
+from sam import config_checks
 from sam import train
+
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -22,7 +25,7 @@ VARIANTS = {'paper': ('cifar10', 'cifar100', 'fashion_mnist')}
 def test_config_runs_two_steps(name, arg, tmp_path):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg) if arg else module.get_config()
-  train.validate_config(config, 1)
+  config_checks.validate_config(config, 1)
   # The recipe's model, optimizer, schedule and augmentation, on tiny data.
   config.dataset.name = 'synthetic'
   config.dataset.synthetic_image_shape = (16, 16, 3)

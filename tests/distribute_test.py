@@ -79,6 +79,7 @@ def test_tpu_init_failure_is_explained(machine, monkeypatch):
     distribute.create_strategy('tpu', tpu='my-tpu')
 
 
+@pytest.mark.slow
 def test_tpu_requested_here_exits_1_at_once(tmp_path):
   start = time.time()
   run = subprocess.run(

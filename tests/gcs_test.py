@@ -21,6 +21,8 @@ from tests import gcs_fixture
 from tests.main_test import ROOT
 from tests.main_test import TINY
 
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
+
 # Long enough that SIGTERM lands mid-run: the first loop (tracing) takes
 # seconds, the next 290 steps well under one on this model.
 _FLAGS = ['--config.num_train_steps=300', '--config.steps_per_loop=10',

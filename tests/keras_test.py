@@ -1,6 +1,6 @@
 """sam.keras.SAMModel: `fit` against the custom loop, on 1, 2 and 4 replicas.
 
-Two references: `sam.train.Trainer` (the project's custom loop) for the
+Two references: `sam.Trainer` (the project's custom loop) for the
 zoo's `cnn`, and `_reference_steps`, a few lines of SAM the custom-loop way
 for tiny models with batch norm or sample weights.
 """
@@ -14,9 +14,10 @@ import tensorflow as tf
 
 from configs import default
 from sam import models
+from sam import optim
 from sam import sam as sam_lib
-from sam import train
 from sam.keras import SAMModel
+from sam.trainer import Trainer
 from tests.conftest import requires_xla_cpu
 
 NUM_CLASSES = 3
@@ -55,7 +56,7 @@ def _assert_all_close(got, want, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
 
 
-# The custom loop: sam.train.Trainer on the zoo's cnn.
+# The custom loop: sam.Trainer on the zoo's cnn.
 
 
 def _trainer_config(adaptive, sync):
@@ -74,9 +75,9 @@ def _trainer_config(adaptive, sync):
 
 
 def _run_trainer(config, strategy, x, y):
-  trainer = train.Trainer(config, strategy, NUM_CLASSES, x.shape[1:],
+  trainer = Trainer(config, strategy, NUM_CLASSES, x.shape[1:],
                           steps_per_epoch=STEPS, total_steps=STEPS)
-  initial = trainer.model.get_weights()
+  initial = trainer.state.model.get_weights()
   dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
   trainer.train_loop(iter(strategy.experimental_distribute_dataset(dataset)),
                      tf.constant(STEPS))
@@ -88,7 +89,7 @@ def _one_device_trainer_weights(adaptive):
   x, y = _images()
   trainer, _ = _run_trainer(_trainer_config(adaptive, True),
                             tf.distribute.get_strategy(), x, y)
-  return trainer.model.get_weights()
+  return trainer.state.model.get_weights()
 
 
 @pytest.mark.parametrize('num_replicas,adaptive,sync', [
@@ -110,13 +111,13 @@ def test_fit_matches_custom_loop(num_replicas, adaptive, sync, mirrored):
     sam_model = SAMModel(model, rho=config.sam.rho, adaptive=adaptive,
                          sync_perturbation=sync, eta=config.sam.eta)
     sam_model.compile(
-        optimizer=train.create_optimizer(config, trainer.schedule),
+        optimizer=optim.create_optimizer(config, trainer.state.schedule),
         loss=_sparse_ce(), metrics=['accuracy'])
   history = sam_model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False,
                           verbose=0)
 
   assert int(sam_model.optimizer.iterations.numpy()) == STEPS
-  want = _replica_values(trainer.model.trainable_variables, strategy)
+  want = _replica_values(trainer.state.model.trainable_variables, strategy)
   got = _replica_values(sam_model.trainable_variables, strategy)
   for replica in range(num_replicas):
     _assert_all_close(got[replica], want[0])

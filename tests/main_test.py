@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     '--config.dataset.name=synthetic', '--config.dataset.augment=none',
@@ -16,8 +20,11 @@ TINY = [
 ]
 
 
-def _main(*args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+def _main(*args, quiet=True):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # main.py's own default.
+  if not quiet:
+    env['TF_CPP_MIN_LOG_LEVEL'] = '0'
   return subprocess.run(
       [sys.executable, 'main.py', '--config=configs/default.py', *args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -53,3 +60,19 @@ def test_bad_override_names_the_field(tmp_path):
   run = _main(f'--workdir={tmp_path}', *TINY, '--config.sam.rho=-1')
   assert run.returncode != 0
   assert 'config.sam.rho' in run.stderr
+
+
+def test_console_is_quiet_by_default(tmp_path):
+  run = _main(f'--workdir={tmp_path / "quiet"}', *TINY)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'Final test accuracy' in run.stderr
+  # TensorFlow's Python INFO lines (one per checkpoint here) stay out. Its
+  # C++ notices at import obey TF_CPP_MIN_LOG_LEVEL up to TensorFlow 2.20;
+  # 2.21 prints them before it reads the level.
+  assert 'Sharding callback' not in run.stderr
+  # The workdir's log keeps them, for debugging.
+  assert 'Sharding callback' in (tmp_path / 'quiet' / 'log.txt').read_text()
+  loud = _main(f'--workdir={tmp_path / "loud"}', '--tf_info', *TINY,
+               quiet=False)
+  assert loud.returncode == 0, loud.stderr[-3000:]
+  assert 'Sharding callback' in loud.stderr

@@ -27,10 +27,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.main_test import ROOT
 from tests.main_test import TINY
+
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 # A constant rate, so that a run stopped and resumed is the uninterrupted run.
 _FLAGS = TINY + ['--config.schedule.name=constant']

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import config_checks
 from sam import plateau
 from sam import train
 from tests.train_test import tiny_config
@@ -38,7 +39,8 @@ def test_early_stopping_counts_from_the_best_and_watches_accuracy():
 
 def test_plateau_needs_a_validation_split():
   with pytest.raises(ValueError, match='dataset.validation_size'):
-    train.validate_config(tiny_config(**{'schedule.name': 'plateau'}), 1)
+    config_checks.validate_config(
+        tiny_config(**{'schedule.name': 'plateau'}), 1)
 
 
 def test_early_stopping_ends_training_and_resumes_stopped(tmp_path):

@@ -1,9 +1,10 @@
-"""The README's Python examples run as written, each in a fresh process.
+"""The Python examples of README.md and docs/ run as written, each alone.
 
 A fresh process, as a user's would be: strategies built earlier in the test
 process (and its virtual CPU devices) would share its collective state.
 """
 
+import glob
 import os
 import re
 import subprocess
@@ -11,9 +12,14 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(ROOT, 'README.md')) as _f:
-  BLOCKS = re.findall(r'```python\n(.*?)```', _f.read(), re.S)
+BLOCKS = []
+for _path in [os.path.join(ROOT, 'README.md'),
+              *sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))]:
+  with open(_path) as _f:
+    BLOCKS += re.findall(r'```python\n(.*?)```', _f.read(), re.S)
 
 
 def test_readme_has_examples():

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import config_checks
 from sam import input_pipeline
 from sam import train
 from tests.main_test import ROOT
 from tests.main_test import TINY
 from tests.train_test import tiny_config
+
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 
 def _weights(workdir):
@@ -138,8 +141,8 @@ def test_structural_config_change_is_refused(tmp_path):
 def test_fields_newer_than_the_checkpoint_are_no_change():
   old = {'model': {'name': 'cnn'}, 'seed': 0}
   new = {'model': {'name': 'cnn'}, 'seed': 0, 'ema_decay': 0.0}
-  assert not train.config_changes(old, new)
-  assert train.config_changes(new | {'ema_decay': 0.9}, new) == [
+  assert not config_checks.config_changes(old, new)
+  assert config_checks.config_changes(new | {'ema_decay': 0.9}, new) == [
       'ema_decay: 0.9 -> 0.0']
 
 

@@ -16,9 +16,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from sam import models
+
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')

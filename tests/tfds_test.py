@@ -63,6 +63,7 @@ def test_cifar10_sam_config_reads_the_prepared_files(cifar10_dir):
     assert (split.images == split.images[:, :1, :1, :1]).all()
 
 
+@pytest.mark.slow
 def test_main_trains_on_the_prepared_files(cifar10_dir, tmp_path):
   workdir = tmp_path / 'workdir'
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')

@@ -10,7 +10,10 @@ import tensorflow as tf
 
 from configs import default
 from sam import input_pipeline
+from sam import optim
+from sam import state as state_lib
 from sam import train
+from sam.trainer import Trainer
 from tests.conftest import requires_xla_cpu
 
 
@@ -44,7 +47,7 @@ def _trainer(config, strategy, total_steps):
   """A fresh Trainer and an iterator over its distributed training data."""
   data = input_pipeline.load(config)
   epoch_steps = input_pipeline.steps_per_epoch(data, config.batch_size)
-  trainer = train.Trainer(config, strategy, data.num_classes,
+  trainer = Trainer(config, strategy, data.num_classes,
                           data.image_shape, epoch_steps, total_steps)
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: input_pipeline.train_dataset(data, config, ctx))
@@ -68,7 +71,7 @@ def _values(variables, replica=0, strategy=None):
 
 
 def _assert_same_as_one_device(config, mirrored, num_replicas, steps,
-                               variables=lambda t: t.model.variables):
+                               variables=lambda t: t.state.model.variables):
   """Trains on one and on `num_replicas` replicas: the variables agree.
 
   Returns:
@@ -157,7 +160,7 @@ def test_matches_manual_reference(rho):
   """The trainer's SAM (functional) equals in-place perturb-and-restore."""
   config = tiny_config(**{'sam.rho': rho, 'optimizer.momentum': 0.0})
   trainer = _train(config, tf.distribute.get_strategy(), 3)
-  for got, want in zip(_values(trainer.model.trainable_variables),
+  for got, want in zip(_values(trainer.state.model.trainable_variables),
                        _manual_sam_sgd(config, 3)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -185,7 +188,7 @@ def test_rho_zero_is_plain_optimizer():
     optimizer.apply_gradients(
         zip(tape.gradient(loss, model.trainable_variables),
             model.trainable_variables))
-  for got, want in zip(_values(trainer.model.trainable_variables),
+  for got, want in zip(_values(trainer.state.model.trainable_variables),
                        _values(model.trainable_variables)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -195,8 +198,8 @@ def test_replicas_stay_identical_with_batch_norm(mirrored):
   strategy = mirrored(2)
   config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05})
   trainer = _train(config, strategy, 3)
-  variables = trainer.model.variables + trainer.optimizer.variables
-  moving = [v for v in trainer.model.non_trainable_variables]
+  variables = trainer.state.model.variables + trainer.state.optimizer.variables
+  moving = [v for v in trainer.state.model.non_trainable_variables]
   assert moving, 'resnet20 should have batch-norm moving statistics'
   for a, b in zip(_values(variables, 0, strategy),
                   _values(variables, 1, strategy)):
@@ -303,12 +306,12 @@ def test_clipping_uses_the_cross_replica_norm(mirrored):
                           'optimizer.grad_clip_norm': clip})
   strategy = mirrored(2)
   data = input_pipeline.load(config)
-  before = train.Trainer(config, tf.distribute.get_strategy(),
+  before = Trainer(config, tf.distribute.get_strategy(),
                          data.num_classes, data.image_shape, 4, 4)
-  initial = _values(before.model.trainable_variables)
+  initial = _values(before.state.model.trainable_variables)
   after = _train(config, strategy, 1)
   moved = np.sqrt(sum(((a - b)**2).sum() for a, b in zip(
-      _values(after.model.trainable_variables, 0, strategy), initial)))
+      _values(after.state.model.trainable_variables, 0, strategy), initial)))
   # float32 round-off of w - w' limits the precision; clipping per replica
   # would be off by a factor of about sqrt(2).
   np.testing.assert_allclose(moved, config.schedule.learning_rate * clip,
@@ -328,13 +331,13 @@ def test_decoupled_weight_decay_shrinks_kernels_only(all_params):
                             'optimizer.weight_decay_type': 'decoupled',
                             'optimizer.decay_all_params': all_params})
     trainer = _train(config, tf.distribute.get_strategy(), 1)
-    return _values(trainer.model.trainable_variables)
+    return _values(trainer.state.model.trainable_variables)
 
   config = tiny_config(**{'model.name': 'resnet20'})
   data = input_pipeline.load(config)
-  initial = _values(train.Trainer(config, tf.distribute.get_strategy(),
-                                  data.num_classes, data.image_shape, 4,
-                                  4).model.trainable_variables)
+  initial = _values(Trainer(config, tf.distribute.get_strategy(),
+                            data.num_classes, data.image_shape, 4,
+                            4).state.model.trainable_variables)
   decayed, plain = one_step(0.1), one_step(0.0)
   lr = config.schedule.learning_rate
   assert any(w0.ndim == 1 and w0.any() for w0 in initial)  # gamma = 1.
@@ -352,7 +355,7 @@ def test_decoupled_weight_decay_shrinks_kernels_only(all_params):
 ])
 def test_schedules(name, step, want):
   # 10 warm-up steps: step s < 10 gets (s + 1) / 10 of the peak.
-  schedule = train.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
+  schedule = optim.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
                             boundaries=(30, 60), decay_factor=0.2)
   np.testing.assert_allclose(float(schedule(step)), want, atol=1e-7)
 
@@ -371,8 +374,8 @@ def test_xla_step_matches_graph_step(model):
     dataset = tf.distribute.get_strategy().distribute_datasets_from_function(
         lambda ctx, data=data, config=config: input_pipeline.eval_dataset(
             data, config, ctx))
-    results[jit] = (_values(trainer.model.variables),
-                    trainer.train_sums.numpy(),
+    results[jit] = (_values(trainer.state.model.variables),
+                    trainer.state.train_sums.numpy(),
                     trainer.evaluate(dataset, input_pipeline.num_eval_steps(
                         data, config.eval_batch_size)))
   # XLA fuses and reorders float sums (and expands the fused batch-norm
@@ -399,7 +402,8 @@ def test_looksam_reuses_the_direction_between_sam_steps():
                           'sam.every_k_steps': 3, 'sam.looksam_alpha': 0.7})
   trainer = _train(config, tf.distribute.get_strategy(), 4)
   want = _manual_sam_sgd(config, 4, sam_steps=(0, 3), looksam_alpha=0.7)
-  for got, expected in zip(_values(trainer.model.trainable_variables), want):
+  weights = _values(trainer.state.model.trainable_variables)
+  for got, expected in zip(weights, want):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   # The reuse changed the update (the test would pass vacuously otherwise).
   plain = _manual_sam_sgd(config, 4, sam_steps=(0, 3))
@@ -413,8 +417,8 @@ def test_every_k_steps_on_replicas_matches_single_device(mirrored,
   config = tiny_config(**{'sam.rho': 0.1, 'sam.every_k_steps': 2,
                           'sam.looksam_alpha': looksam_alpha})
   one, many, strategy = _assert_same_as_one_device(config, mirrored, 2, 4)
-  for a, b in zip(_values(one.looksam_direction),
-                  _values(many.looksam_direction, 1, strategy)):
+  for a, b in zip(_values(one.state.looksam_direction),
+                  _values(many.state.looksam_direction, 1, strategy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -422,7 +426,7 @@ def test_sam_every_k_steps_alternates_with_plain_steps():
   config = tiny_config(**{'sam.rho': 0.1, 'optimizer.momentum': 0.0,
                           'sam.every_k_steps': 2})
   trainer = _train(config, tf.distribute.get_strategy(), 4)
-  for got, want in zip(_values(trainer.model.trainable_variables),
+  for got, want in zip(_values(trainer.state.model.trainable_variables),
                        _manual_sam_sgd(config, 4, sam_steps=(0, 2))):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -436,7 +440,7 @@ def test_sam_every_k_steps_counts_across_loop_calls(calls):
   for steps in calls:
     trainer.train_loop(iterator, tf.constant(steps))
   assert trainer.step == 7
-  for got, want in zip(_values(trainer.model.trainable_variables),
+  for got, want in zip(_values(trainer.state.model.trainable_variables),
                        _manual_sam_sgd(config, 7, sam_steps=(0, 3, 6))):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -449,17 +453,18 @@ def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
                           'model.name': 'resnet20'})
   one, _, _ = _assert_same_as_one_device(
       config, mirrored, num_replicas, 2,
-      variables=lambda t: t.model.trainable_variables)
+      variables=lambda t: t.state.model.trainable_variables)
   plain = _train(tiny_config(**{'sam.rho': 0.1, 'model.name': 'resnet20'}),
                  mirrored(1), 2)
-  assert not np.allclose(_values(one.model.trainable_variables)[0],
-                         _values(plain.model.trainable_variables)[0])
+  assert not np.allclose(_values(one.state.model.trainable_variables)[0],
+                         _values(plain.state.model.trainable_variables)[0])
 
 
 def test_gsam_runs_in_the_trainer(mirrored):
   config = tiny_config(**{'sam.rho': 0.1, 'sam.gsam_alpha': 0.2})
-  _assert_same_as_one_device(config, mirrored, 2, 2,
-                             variables=lambda t: t.model.trainable_variables)
+  _assert_same_as_one_device(
+      config, mirrored, 2, 2,
+      variables=lambda t: t.state.model.trainable_variables)
 
 
 def test_ema_of_weights(mirrored):
@@ -467,18 +472,18 @@ def test_ema_of_weights(mirrored):
   config = tiny_config(**{'ema_decay': decay, 'model.name': 'resnet20'})
   strategy = mirrored(2)
   data = input_pipeline.load(config)
-  trainer = train.Trainer(config, strategy, data.num_classes,
+  trainer = Trainer(config, strategy, data.num_classes,
                           data.image_shape, 4, 4)
   iterator = iter(strategy.distribute_datasets_from_function(
       lambda ctx: input_pipeline.train_dataset(data, config, ctx)))
-  variables = (trainer.model.trainable_variables +
-               trainer.model.non_trainable_variables)
+  variables = (trainer.state.model.trainable_variables +
+               trainer.state.model.non_trainable_variables)
   want = _values(variables, 0, strategy)
   for _ in range(3):
     trainer.train_loop(iterator, tf.constant(1))
     want = [decay * w + (1 - decay) * v
             for w, v in zip(want, _values(variables, 0, strategy))]
-  averages = trainer.ema[0] + trainer.ema[1]
+  averages = trainer.state.ema[0] + trainer.state.ema[1]
   for replica in (0, 1):
     got = [strategy.experimental_local_results(a)[replica].numpy()
            for a in averages]
@@ -509,19 +514,20 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
   mixed = _train(config, tf.distribute.get_strategy(), 3)
   # The policy applies to this model only, not to later ones.
   assert keras.config.dtype_policy().name == 'float32'
-  assert mixed.model.get_layer('stem_conv').compute_dtype == 'bfloat16'
-  assert mixed.model.get_layer('logits').compute_dtype == 'float32'
-  assert all(v.dtype == 'float32' for v in mixed.model.variables)
+  assert mixed.state.model.get_layer('stem_conv').compute_dtype == 'bfloat16'
+  assert mixed.state.model.get_layer('logits').compute_dtype == 'float32'
+  assert all(v.dtype == 'float32' for v in mixed.state.model.variables)
   assert all(v.dtype in ('float32', 'int64')
-             for v in mixed.optimizer.variables)
-  sums = mixed.train_sums.numpy()
+             for v in mixed.state.optimizer.variables)
+  sums = mixed.state.train_sums.numpy()
   assert np.isfinite(sums).all()
   # Close to the float32 run (the same data and initialization), yet not
   # equal: bfloat16 keeps 8 bits of mantissa. (Losses and grad norm; the
   # count of correct predictions may differ by one.)
-  np.testing.assert_allclose(sums[:3], full.train_sums.numpy()[:3], rtol=0.05)
+  np.testing.assert_allclose(sums[:3], full.state.train_sums.numpy()[:3],
+                             rtol=0.05)
   got, want = (np.concatenate([v.ravel() for v in _values(
-      t.model.trainable_variables)]) for t in (mixed, full))
+      t.state.model.trainable_variables)]) for t in (mixed, full))
   assert 1e-5 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
@@ -531,19 +537,20 @@ def test_mixed_float16_tracks_float32_with_loss_scaling():
   full = _train(config, tf.distribute.get_strategy(), 3)
   config.dtype_policy = 'mixed_float16'
   mixed = _train(config, tf.distribute.get_strategy(), 3)
-  assert mixed.model.get_layer('stem_conv').compute_dtype == 'float16'
+  assert mixed.state.model.get_layer('stem_conv').compute_dtype == 'float16'
   assert all(v.dtype in ('float32', 'int64')
-             for v in (*mixed.model.variables, *mixed.optimizer.variables))
-  sums = dict(zip(train._TRAIN_FIELDS, mixed.train_sums.numpy()))
+             for v in (*mixed.state.model.variables,
+                       *mixed.state.optimizer.variables))
+  sums = dict(zip(state_lib.TRAIN_FIELDS, mixed.state.train_sums.numpy()))
   assert sums['skipped'] == 0
   # Two finite steps in a row doubled the scale once; one more counted.
-  assert mixed.loss_scale.numpy() == 2.0**16
-  assert mixed.good_steps.numpy() == 1
+  assert mixed.state.loss_scale.numpy() == 2.0**16
+  assert mixed.state.good_steps.numpy() == 1
   # Unscaled: close to the float32 run (as the bfloat16 test above).
-  np.testing.assert_allclose(mixed.train_sums.numpy()[:3],
-                             full.train_sums.numpy()[:3], rtol=0.05)
+  np.testing.assert_allclose(mixed.state.train_sums.numpy()[:3],
+                             full.state.train_sums.numpy()[:3], rtol=0.05)
   got, want = (np.concatenate([v.ravel() for v in _values(
-      t.model.trainable_variables)]) for t in (mixed, full))
+      t.state.model.trainable_variables)]) for t in (mixed, full))
   assert 1e-6 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
@@ -563,15 +570,16 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
   trainer, iterator = _trainer(config, strategy, 100)
 
   def state(replica=0):
-    return _values([*trainer.model.variables, *trainer.optimizer.variables[1:],
-                    *trainer.looksam_direction], replica, strategy)
+    return _values([*trainer.state.model.variables,
+                    *trainer.state.optimizer.variables[1:],
+                    *trainer.state.looksam_direction], replica, strategy)
 
   before = state()
   trainer.train_loop(iterator, tf.constant(2))  # A SAM and a LookSAM step.
   for a, b in zip(before, state()):
     np.testing.assert_array_equal(a, b)
   assert trainer.step == 2
-  assert trainer.loss_scale.numpy() == 2.0**38
+  assert trainer.state.loss_scale.numpy() == 2.0**38
   metrics = trainer.read_train_metrics()
   assert metrics['train/skipped_steps'] == 2
   assert metrics['train/loss_scale'] == 2.0**38
@@ -603,7 +611,7 @@ def test_loss_scaling_skips_under_xla(mirrored):
   trainer = _train(config, mirrored(1), 3)
   assert trainer.jit_compile
   assert trainer.step == 3
-  assert trainer.loss_scale.numpy() == 2.0**37
-  for a, b in zip(_values(initial.model.variables),
-                  _values(trainer.model.variables)):
+  assert trainer.state.loss_scale.numpy() == 2.0**37
+  for a, b in zip(_values(initial.state.model.variables),
+                  _values(trainer.state.model.variables)):
     np.testing.assert_array_equal(a, b)

@@ -55,8 +55,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
   """Keras 3 batch norm that trains with TensorFlow's fused kernel.
 
   Keras 3 normalizes with separate moment and normalization ops, which cost
-  a ResNet-20 training step about a fifth of its time on a CPU (README,
-  "Speed"); TensorFlow's FusedBatchNormV3, which Keras 2 used, does the
+  a ResNet-20 training step about a fifth of its time on a CPU
+  (docs/speed.md); TensorFlow's FusedBatchNormV3, which Keras 2 used, does the
   forward and the backward pass in one kernel each (XLA compiles it too,
   tested; on a GPU it is cuDNN's, not measured here). The results are the
   parent's up to float32 rounding: normalization by the batch statistics,
