@@ -57,7 +57,8 @@ when skipped) and the run's `context`.
 
 The Keras 2 SAM is cheaper than two plain steps partly because its ascent
 pass runs batch norm in inference mode and it keeps the moving statistics of
-the perturbed pass; ours computes the exact update of DESIGN.md.
+the perturbed pass; ours computes the exact update of the paper (the
+module docstring of sam/sam.py).
 """
 
 import collections

@@ -21,6 +21,30 @@ WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
 DTYPE_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
 
 
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field}={value!r} is invalid: {allowed}.')
+
+
+def _one_of(field: str, value, options) -> None:
+  _check(value in options, field, value, f'use one of {tuple(options)}')
+
+
+def _check_sam(sc: ml_collections.ConfigDict, per_replica: int) -> None:
+  """The fields of config.sam that validate_config does not check alone."""
+  _check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
+        'it must be >= 1 (1 runs SAM at every step)')
+  _check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
+        'it must be >= 0 (0 takes plain steps between SAM steps)')
+  _check(not sc.looksam_alpha or sc.every_k_steps > 1, 'sam.looksam_alpha',
+        sc.looksam_alpha, 'LookSAM reuses a direction between SAM steps: '
+        'also set sam.every_k_steps > 1 (they use 5)')
+  _check(sc.micro_batch_size == 0 or (
+      sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
+        'sam.micro_batch_size', sc.micro_batch_size,
+        f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_replicas: int) -> None:
   """Checks the config before any data is loaded or model built.
@@ -28,80 +52,61 @@ def validate_config(config: ml_collections.ConfigDict,
   Raises:
     ValueError: naming the offending field, its value and what is allowed.
   """
-  def check(ok, field, value, allowed):
-    if not ok:
-      raise ValueError(f'config.{field}={value!r} is invalid: {allowed}.')
-
-  def one_of(field, value, options):
-    check(value in options, field, value, f'use one of {tuple(options)}')
-
-  one_of('dataset.name', config.dataset.name, input_pipeline.DATASETS)
-  one_of('dataset.augment', config.dataset.augment,
+  _one_of('dataset.name', config.dataset.name, input_pipeline.DATASETS)
+  _one_of('dataset.augment', config.dataset.augment,
          input_pipeline.AUGMENTATIONS)
-  one_of('model.name', config.model.name, models.MODELS)
-  one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
-  one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
+  _one_of('model.name', config.model.name, models.MODELS)
+  _one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
+  _one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
          WEIGHT_DECAY_TYPES)
-  one_of('schedule.name', config.schedule.name, SCHEDULES)
-  one_of('strategy', config.strategy, distribute.STRATEGIES)
-  one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
-  one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
+  _one_of('schedule.name', config.schedule.name, SCHEDULES)
+  _one_of('strategy', config.strategy, distribute.STRATEGIES)
+  _one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
+  _one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
   for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha',
                 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
-    check(value >= 0, field, value, 'it must be >= 0')
-  sc = config.sam
-  check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
-        'it must be >= 1 (1 runs SAM at every step)')
-  check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
-        'it must be >= 0 (0 takes plain steps between SAM steps)')
-  check(not sc.looksam_alpha or sc.every_k_steps > 1, 'sam.looksam_alpha',
-        sc.looksam_alpha, 'LookSAM reuses a direction between SAM steps: '
-        'also set sam.every_k_steps > 1 (they use 5)')
-  per_replica = config.batch_size // max(num_replicas, 1)
-  check(sc.micro_batch_size == 0 or (
-      sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
-        'sam.micro_batch_size', sc.micro_batch_size,
-        f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
-  check(config.loss_scale.initial > 0, 'loss_scale.initial',
+    _check(value >= 0, field, value, 'it must be >= 0')
+  _check_sam(config.sam, config.batch_size // max(num_replicas, 1))
+  _check(config.loss_scale.initial > 0, 'loss_scale.initial',
         config.loss_scale.initial, 'it must be > 0 (2**15 is usual)')
-  check(config.loss_scale.growth_steps >= 1, 'loss_scale.growth_steps',
+  _check(config.loss_scale.growth_steps >= 1, 'loss_scale.growth_steps',
         config.loss_scale.growth_steps, 'it must be >= 1')
-  check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
+  _check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
         'it must be in [0, 1); 0 turns the moving average off')
   pc = config.plateau
-  one_of('plateau.monitor', pc.monitor, plateau.MONITORS)
+  _one_of('plateau.monitor', pc.monitor, plateau.MONITORS)
   if config.schedule.name == 'plateau' or pc.early_stopping_patience:
-    check(config.dataset.validation_size > 0, 'dataset.validation_size',
+    _check(config.dataset.validation_size > 0, 'dataset.validation_size',
           config.dataset.validation_size,
           f'schedule.name=plateau and early stopping watch {pc.monitor}, '
           'so hold out a validation split (> 0)')
-  check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
-  check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
+  _check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
+  _check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
         config.schedule.learning_rate, 'it must be > 0')
-  check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
+  _check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
         config.optimizer.label_smoothing, 'it must be in [0, 1)')
   for field in ('batch_size', 'eval_batch_size'):
     value = config[field]
-    check(value > 0 and value % num_replicas == 0, field, value,
+    _check(value > 0 and value % num_replicas == 0, field, value,
           f'it must be a positive multiple of the {num_replicas} replicas')
-  check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
+  _check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
         'it must be >= 1')
-  check(config.num_train_steps > 0 or config.num_epochs > 0,
+  _check(config.num_train_steps > 0 or config.num_epochs > 0,
         'num_train_steps', config.num_train_steps,
         'set it > 0, or -1 with config.num_epochs > 0')
   for field in ('log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps'):
-    check(config[field] == -1 or config[field] >= 1, field, config[field],
+    _check(config[field] == -1 or config[field] >= 1, field, config[field],
           'it must be >= 1, or -1 for once per epoch')
-  check(0 <= config.dataset.label_noise < 1, 'dataset.label_noise',
+  _check(0 <= config.dataset.label_noise < 1, 'dataset.label_noise',
         config.dataset.label_noise, 'it must be in [0, 1)')
-  check(config.dataset.validation_size >= 0, 'dataset.validation_size',
+  _check(config.dataset.validation_size >= 0, 'dataset.validation_size',
         config.dataset.validation_size, 'it must be >= 0')
-  check(config.dataset.cutout_size >= 1, 'dataset.cutout_size',
+  _check(config.dataset.cutout_size >= 1, 'dataset.cutout_size',
         config.dataset.cutout_size, 'it must be >= 1')
-  check(config.dataset.train_subset == -1 or
+  _check(config.dataset.train_subset == -1 or
         config.dataset.train_subset >= config.batch_size,
         'dataset.train_subset', config.dataset.train_subset,
         'it must be -1 (all) or at least config.batch_size')

@@ -19,6 +19,10 @@ from sam import plateau
 # and over eval batches (`step.eval_step`).
 TRAIN_FIELDS = ('loss', 'perturbed_loss', 'grad_norm', 'correct', 'examples',
                 'steps', 'skipped')
+# Over the SAM steps only (with sam.every_k_steps > 1 the others are plain):
+# the clean loss, and their number. perturbed_loss and grad_norm above are
+# summed over the SAM steps only too.
+SAM_FIELDS = ('loss', 'steps')
 EVAL_FIELDS = ('loss', 'correct', 'top5', 'examples')
 
 
@@ -33,6 +37,7 @@ class TrainState:
     plateau_state: the plateau logic's variable, read by the schedule inside
       the step and written on the host (`sam.plateau`).
     train_sums: sums of TRAIN_FIELDS since they were last read.
+    sam_sums: sums of SAM_FIELDS since they were last read.
     eval_sums: sums of EVAL_FIELDS of the evaluation under way.
     ema: moving averages of the trainable and of the non-trainable
       variables ([[], []] when config.ema_decay is 0).
@@ -41,6 +46,8 @@ class TrainState:
       under any policy so that a run may resume under another one).
     good_steps: finite steps since the loss scale last changed.
     checkpoint: all of the above that a resumed run needs.
+    older_checkpoints: the layouts of checkpoints that older versions of
+      this code wrote, for `sam.workdir.restore`.
     num_classes: of the model's output.
     loss_scaling: whether the step scales the loss (mixed_float16).
     l2: the weight of the L2 term in the loss (0 for decoupled decay).
@@ -50,12 +57,14 @@ class TrainState:
   schedule: optim.Schedule
   plateau_state: tf.Variable
   train_sums: tf.Variable
+  sam_sums: tf.Variable
   eval_sums: tf.Variable
   ema: list[list[tf.Variable]]
   looksam_direction: list[tf.Variable]
   loss_scale: tf.Variable
   good_steps: tf.Variable
   checkpoint: tf.train.Checkpoint
+  older_checkpoints: tuple[tf.train.Checkpoint, ...]
   num_classes: int
   loss_scaling: bool
   l2: float
@@ -128,20 +137,25 @@ def create_train_state(config: ml_collections.ConfigDict,
     looksam_direction = [variable(tf.zeros_like(v)) for v in trainable
                         ] if config.sam.looksam_alpha else []
     train_sums = variable(tf.zeros(len(TRAIN_FIELDS)))
+    sam_sums = variable(tf.zeros(len(SAM_FIELDS)))
     loss_scale = variable(float(config.loss_scale.initial))
     good_steps = variable(0, dtype=tf.int64)
     eval_sums = variable(tf.zeros(len(EVAL_FIELDS)))
-  # The keys of a workdir written before create_train_state existed
-  # (tests/resume_v1_test.py).
-  checkpoint = tf.train.Checkpoint(
-      model=model, optimizer=optimizer, train_sums=train_sums, ema=ema,
-      plateau=plateau_state, looksam_direction=looksam_direction,
-      loss_scale=[loss_scale, good_steps])
+  saved = dict(model=model, optimizer=optimizer, train_sums=train_sums,
+               ema=ema, plateau=plateau_state,
+               looksam_direction=looksam_direction,
+               loss_scale=[loss_scale, good_steps])
+  checkpoint = tf.train.Checkpoint(**saved, sam_sums=sam_sums)
+  # Written before sam_sums existed (tests/resume_v1_test.py). Resumed from
+  # one, sam_sums starts at 0, and the perturbed loss, sharpness and norm of
+  # the first logged interval are off if that checkpoint fell inside one.
+  older_checkpoints = (tf.train.Checkpoint(**saved),)
   return TrainState(
       model=model, optimizer=optimizer, schedule=schedule,
-      plateau_state=plateau_state, train_sums=train_sums,
+      plateau_state=plateau_state, train_sums=train_sums, sam_sums=sam_sums,
       eval_sums=eval_sums, ema=ema, looksam_direction=looksam_direction,
       loss_scale=loss_scale, good_steps=good_steps, checkpoint=checkpoint,
+      older_checkpoints=older_checkpoints,
       num_classes=num_classes,
       loss_scaling=config.dtype_policy == 'mixed_float16',
       l2=oc.weight_decay if oc.weight_decay_type == 'l2' else 0.0)

@@ -59,8 +59,8 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   grads = _clip_by_global_norm(out.grads, config.optimizer.grad_clip_norm)
   loss_scaling.apply_gradients(state, config, grads, finite)
   if config.ema_decay:
-    _update_ema(state, config.ema_decay)
-  _add_train_metrics(state, out, logits, labels, finite)
+    _update_ema(state, config.ema_decay, finite)
+  _add_train_metrics(state, out, logits, labels, finite, sam_now)
 
 
 def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
@@ -185,39 +185,51 @@ def _clip_by_global_norm(grads, clip_norm: float):
   return [g * scale for g in grads]
 
 
-def _update_ema(state: TrainState, decay: float) -> None:
+def _update_ema(state: TrainState, decay: float, finite) -> None:
+  """Moves the averages towards the weights; not on a skipped step."""
   model = state.model
   for averages, variables in zip(state.ema, (model.trainable_variables,
                                              model.non_trainable_variables)):
     for average, variable in zip(averages, variables):
       if tf.as_dtype(variable.dtype).is_floating:
-        average.assign(decay * average + (1 - decay) * variable.value)
+        new = decay * average + (1 - decay) * variable.value
       else:  # Seeds are not averaged.
-        average.assign(variable.value)
+        new = variable.value
+      if finite is not None:
+        # A step that loss scaling skipped changed nothing: nor does it here.
+        new = tf.where(finite, new, average.read_value())
+      average.assign(new)
 
 
 def _add_train_metrics(state: TrainState, out: sam_lib.SAMOutput, logits,
-                       labels, finite) -> None:
-  """Adds this step's TRAIN_FIELDS, summed over replicas, to the sums."""
+                       labels, finite, sam_now: bool) -> None:
+  """Adds this step's TRAIN_FIELDS and SAM_FIELDS, summed over replicas."""
   ctx = tf.distribute.get_replica_context()
   num_replicas = ctx.num_replicas_in_sync
+  # The perturbed loss and the gradient norm of SAM steps only: a plain step
+  # between them has neither.
+  sam = 1.0 if sam_now else 0.0
   correct = tf.reduce_sum(tf.cast(
       tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
       tf.float32))
   count = tf.cast(tf.shape(labels)[0], tf.float32)
   skipped = 0.0 if finite is None else 1.0 - tf.cast(finite, tf.float32)
-  local = tf.stack([out.loss, out.perturbed_loss,
-                    out.grad_norm / num_replicas, correct, count,
-                    1.0 / num_replicas, skipped / num_replicas])
+  local = tf.stack([out.loss, sam * out.perturbed_loss,
+                    sam * out.grad_norm / num_replicas, correct, count,
+                    1.0 / num_replicas, skipped / num_replicas,
+                    # SAM_FIELDS:
+                    sam * out.loss, sam / num_replicas])
   if finite is not None:
     # A skipped step's figures (its gradient norm overflowed) stay out of
     # the sums, but a non-finite loss does not: that is divergence, which
     # loss scaling cannot cure, and it must stop the run.
     keep = finite | ~tf.math.is_finite(out.loss)
-    local = tf.where(keep | tf.equal(tf.range(len(TRAIN_FIELDS)),
+    local = tf.where(keep | tf.equal(tf.range(local.shape[0]),
                                      TRAIN_FIELDS.index('skipped')),
                      local, 0.0)
-  state.train_sums.assign_add(ctx.all_reduce(_SUM, local))
+  total = ctx.all_reduce(_SUM, local)
+  state.train_sums.assign_add(total[:len(TRAIN_FIELDS)])
+  state.sam_sums.assign_add(total[len(TRAIN_FIELDS):])
 
 
 def eval_step(state: TrainState, batch, ema: bool) -> None:

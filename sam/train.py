@@ -72,8 +72,9 @@ class _Run:
     self.manager = tf.train.CheckpointManager(
         self.trainer.state.checkpoint, os.path.join(workdir, 'checkpoints'),
         max_to_keep=config.keep_checkpoints)
-    restored = workdir_lib.restore(self.trainer.state.checkpoint,
-                                   self.manager)
+    state = self.trainer.state
+    restored = workdir_lib.restore(state.checkpoint, self.manager,
+                                   state.older_checkpoints)
     self.step = self.trainer.state.step
     if restored:
       logging.info('Resumed from %s at step %d.', restored, self.step)

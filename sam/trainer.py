@@ -101,10 +101,14 @@ class Trainer:
 
     Under loss scaling the means are over the applied steps only (a skipped
     step's gradient norm overflowed); train/skipped_steps counts the others.
+    The perturbed loss, the sharpness and the gradient norm are means over
+    the SAM steps only (all steps, unless sam.every_k_steps > 1).
     """
     state = self.state
     sums = dict(zip(state_lib.TRAIN_FIELDS, state.train_sums.numpy().tolist()))
+    sam = dict(zip(state_lib.SAM_FIELDS, state.sam_sums.numpy().tolist()))
     state.train_sums.assign(tf.zeros_like(state.train_sums))
+    state.sam_sums.assign(tf.zeros_like(state.sam_sums))
     metrics = {'train/learning_rate': float(state.schedule(state.step - 1))}
     if state.loss_scaling:
       metrics.update({'train/skipped_steps': sums['skipped'],
@@ -112,14 +116,16 @@ class Trainer:
     steps = sums['steps']
     if not steps:
       return metrics
-    loss = sums['loss'] / steps
-    metrics.update({'train/loss': loss,
+    metrics.update({'train/loss': sums['loss'] / steps,
                     'train/accuracy': sums['correct'] / sums['examples']})
-    if self.config.sam.rho:
-      perturbed = sums['perturbed_loss'] / steps
+    if self.config.sam.rho and sam['steps']:
+      perturbed = sums['perturbed_loss'] / sam['steps']
+      # Under ASAM, sam_step's norm is that of T g, not of g.
+      norm = ('train/asam_grad_norm' if self.config.sam.adaptive else
+              'train/grad_norm')
       metrics.update({'train/perturbed_loss': perturbed,
-                      'train/sharpness': perturbed - loss,
-                      'train/grad_norm': sums['grad_norm'] / steps})
+                      'train/sharpness': perturbed - sam['loss'] / sam['steps'],
+                      norm: sums['grad_norm'] / sam['steps']})
     return metrics
 
   def _count_flags_fn(self, flag):

@@ -64,17 +64,33 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
 
 
 def restore(checkpoint: tf.train.Checkpoint,
-             manager: tf.train.CheckpointManager) -> str | None:
-  """Restores the newest readable checkpoint; skips corrupt ones."""
+            manager: tf.train.CheckpointManager,
+            older_layouts: tuple[tf.train.Checkpoint, ...] = ()) -> str | None:
+  """Restores the newest readable checkpoint; skips corrupt ones.
+
+  Args:
+    checkpoint: what to restore into.
+    manager: the workdir's checkpoint manager.
+    older_layouts: checkpoints of the same variables as written by older
+      versions of this code, tried when `checkpoint` does not match.
+
+  Returns:
+    The path restored, or None if there was no checkpoint.
+
+  Raises:
+    RuntimeError: if there are checkpoints, but none is readable.
+  """
   for path in reversed(manager.checkpoints):
-    try:
-      checkpoint.restore(path).assert_existing_objects_matched()
-      return path
-    # What a truncated or corrupt file raises depends on where it breaks.
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError,
-            OSError) as e:
-      logging.error('Checkpoint %s is unreadable (%s: %s); trying the one '
-                    'before it.', path, type(e).__name__, e)
+    for layout in (checkpoint, *older_layouts):
+      try:
+        layout.restore(path).assert_existing_objects_matched()
+        return path
+      # What a truncated or corrupt file raises depends on where it breaks.
+      except (tf.errors.OpError, ValueError, AssertionError, IndexError,
+              OSError) as e:
+        error = e
+    logging.error('Checkpoint %s is unreadable (%s: %s); trying the one '
+                  'before it.', path, type(error).__name__, error)
   if manager.checkpoints:
     raise RuntimeError(f'No readable checkpoint in {manager.directory}.')
   return None

@@ -164,6 +164,7 @@ def _augment_many(image, seeds, policy=autoaugment.CIFAR10_POLICY):
   return np.stack([x.numpy() for x in _augmented(image, seeds, policy)])
 
 
+@pytest.mark.slow
 def test_runs_in_dataset_map_and_is_a_function_of_the_seed():
   # Not the full range, so that AutoContrast changes it too.
   image = np.random.default_rng(1).integers(40, 200, (32, 32, 3), np.uint8)
@@ -209,6 +210,7 @@ def test_rejects_images_it_cannot_augment():
                             tf.constant([0, 0]))
 
 
+@pytest.mark.slow
 def test_train_dataset_with_autoaugment():
   config = tiny_config(**{'dataset.augment': 'autoaugment',
                           'dataset.cutout_size': 4})

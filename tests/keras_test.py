@@ -92,6 +92,7 @@ def _one_device_trainer_weights(adaptive):
   return trainer.state.model.get_weights()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_replicas,adaptive,sync', [
     (1, False, True), (2, False, True), (4, False, True), (2, True, True),
     (2, False, False)])
@@ -235,6 +236,7 @@ class _Recorder(keras.callbacks.Callback):
     self._record()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_replicas', [2, 4])
 def test_batch_norm_first_pass_statistics_identical_on_replicas(
     num_replicas, mirrored):

@@ -268,6 +268,7 @@ def test_sam_step_sees_the_same_network_twice(name):
   assert abs(float(other - out.loss)) > 1e-2
 
 
+@pytest.mark.slow
 # The basic block's ShakeDrop is the bottleneck's: XLA compiles slowly.
 @requires_xla_cpu
 @pytest.mark.parametrize('name', ['pyramidnet_bottleneck', 'shake_shake'])
@@ -366,6 +367,7 @@ def test_tiny_forward_pass_shape(name, input_shape):
     assert np.all(np.isfinite(logits))
 
 
+@pytest.mark.slow
 # MNIST shapes: the tiny models above and the output widths tests.
 @pytest.mark.parametrize('name', SMALL_MODELS)
 def test_small_forward_pass_shape(name):

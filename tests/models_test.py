@@ -115,6 +115,7 @@ def test_models_lists_every_name():
   assert set(models.MODELS) == set(TRAINABLE_PARAMS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(TRAINABLE_PARAMS))
 def test_trainable_params(name):
   model = models.get_model(name, 10, CIFAR)

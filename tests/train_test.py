@@ -193,6 +193,7 @@ def test_rho_zero_is_plain_optimizer():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_replicas_stay_identical_with_batch_norm(mirrored):
   """Weights, BN moving statistics and optimizer slots match on replicas."""
   strategy = mirrored(2)
@@ -219,6 +220,7 @@ def _scalars(workdir):
           for tag in acc.Tags()['tensors']}
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(tmp_path):
   config = tiny_config(**{'num_train_steps': 6, 'steps_per_loop': 4,
                           'model.name': 'resnet20'})
@@ -318,6 +320,7 @@ def test_clipping_uses_the_cross_replica_norm(mirrored):
                              rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('all_params', [False, True])
 def test_decoupled_weight_decay_shrinks_kernels_only(all_params):
   """One step: w = w0 - lr * g - lr * wd * w0 on kernels; BN: no decay.
@@ -360,6 +363,7 @@ def test_schedules(name, step, want):
   np.testing.assert_allclose(float(schedule(step)), want, atol=1e-7)
 
 
+@pytest.mark.slow
 @requires_xla_cpu
 @pytest.mark.parametrize('model', ['resnet20', 'wrn16_4', 'cnn'])
 def test_xla_step_matches_graph_step(model):
@@ -445,6 +449,7 @@ def test_sam_every_k_steps_counts_across_loop_calls(calls):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_replicas', [2, 4])
 def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
                                                          num_replicas):
@@ -467,6 +472,7 @@ def test_gsam_runs_in_the_trainer(mirrored):
       variables=lambda t: t.state.model.trainable_variables)
 
 
+@pytest.mark.slow
 def test_ema_of_weights(mirrored):
   decay = 0.5
   config = tiny_config(**{'ema_decay': decay, 'model.name': 'resnet20'})
@@ -507,6 +513,7 @@ def test_top5_accuracy_for_100_classes(tmp_path):
       tiny_config(**{'num_train_steps': 2}), str(tmp_path / 'ten'))
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
   config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05})
   full = _train(config, tf.distribute.get_strategy(), 3)
@@ -531,6 +538,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
   assert 1e-5 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
+@pytest.mark.slow
 def test_mixed_float16_tracks_float32_with_loss_scaling():
   config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05,
                           'loss_scale.growth_steps': 2})
@@ -554,6 +562,7 @@ def test_mixed_float16_tracks_float32_with_loss_scaling():
   assert 1e-6 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_replicas', [1, 2])
 @pytest.mark.parametrize('looksam', [False, True])
 def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
@@ -572,8 +581,12 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
   def state(replica=0):
     return _values([*trainer.state.model.variables,
                     *trainer.state.optimizer.variables[1:],
-                    *trainer.state.looksam_direction], replica, strategy)
+                    *trainer.state.looksam_direction,
+                    *trainer.state.ema[0]], replica, strategy)
 
+  # Averages away from the weights, so that an update would show.
+  for average in trainer.state.ema[0]:
+    average.assign(tf.zeros_like(average))
   before = state()
   trainer.train_loop(iterator, tf.constant(2))  # A SAM and a LookSAM step.
   for a, b in zip(before, state()):
@@ -601,6 +614,7 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @requires_xla_cpu
 def test_loss_scaling_skips_under_xla(mirrored):
   """The skip (a cond, and merge_call under MirroredStrategy) compiles."""
@@ -615,3 +629,31 @@ def test_loss_scaling_skips_under_xla(mirrored):
   for a, b in zip(_values(initial.state.model.variables),
                   _values(trainer.state.model.variables)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_every_k_metrics_are_means_over_the_sam_steps(tmp_path):
+  """With SAM every 2nd step, a logged interval of 2 steps holds one SAM
+  step: its perturbed loss, sharpness and norm are that step's, as logged
+  at every step (the plain steps have none)."""
+  def scalars(name, **overrides):
+    config = tiny_config(**{'sam.rho': 0.1, 'sam.every_k_steps': 2,
+                            'num_train_steps': 4, **overrides})
+    train.train_and_evaluate(config, str(tmp_path / name))
+    return _scalars(str(tmp_path / name))
+
+  every_step = scalars('a', log_every_steps=1, steps_per_loop=1)
+  every_2nd = scalars('b', log_every_steps=2, steps_per_loop=2)
+  for tag in ('train/perturbed_loss', 'train/sharpness', 'train/grad_norm'):
+    assert set(every_step[tag]) == {1, 3}  # The SAM steps (0 and 2 done).
+    for sam_step, logged in ((1, 2), (3, 4)):
+      np.testing.assert_allclose(every_2nd[tag][logged],
+                                 every_step[tag][sam_step], rtol=1e-5)
+  assert every_step['train/grad_norm'][1] > 0
+
+
+def test_asam_logs_the_norm_of_t_g_by_its_name():
+  config = tiny_config(**{'sam.rho': 0.5, 'sam.adaptive': True})
+  metrics = _train(config, tf.distribute.get_strategy(), 2).read_train_metrics()
+  assert metrics['train/asam_grad_norm'] > 0
+  assert 'train/grad_norm' not in metrics
