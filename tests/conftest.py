@@ -46,3 +46,17 @@ def mirrored(num_replicas: int) -> tf.distribute.Strategy:
 @pytest.fixture(name='mirrored')
 def mirrored_fixture():
   return mirrored
+
+
+def requirement_lines(filename: str) -> list[str]:
+  """Requirement lines of a requirements file, following `-r` includes."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  lines = []
+  with open(os.path.join(root, filename)) as f:
+    for line in f:
+      line = line.split('#', 1)[0].strip()
+      if line.startswith('-r'):
+        lines += requirement_lines(line[2:].strip())
+      elif line:
+        lines.append(line)
+  return lines

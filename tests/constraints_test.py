@@ -15,6 +15,7 @@ from packaging.version import Version
 import pytest
 
 from sam import versions
+from tests.conftest import requirement_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONS = ('3.10.13', '3.11.7', '3.12.1')
@@ -29,16 +30,7 @@ PLATFORMS = {
 
 
 def _requirements(filename: str) -> list[Requirement]:
-  """The requirements of a requirements file, following `-r` includes."""
-  out = []
-  with open(os.path.join(ROOT, filename)) as f:
-    for line in f:
-      line = line.split('#', 1)[0].strip()
-      if line.startswith('-r'):
-        out += _requirements(line[2:].strip())
-      elif line:
-        out.append(Requirement(line))
-  return out
+  return [Requirement(line) for line in requirement_lines(filename)]
 
 
 def _pins(filename: str, python: str) -> dict[str, Version]:

@@ -8,6 +8,8 @@ import importlib.metadata
 import os
 import re
 
+from tests.conftest import requirement_lines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TF_WHEELS = ('tensorflow', 'tensorflow-cpu', 'tensorflow-gpu', 'tf-nightly',
               'tensorflow-intel')
@@ -16,19 +18,6 @@ _TF_WHEELS = ('tensorflow', 'tensorflow-cpu', 'tensorflow-gpu', 'tf-nightly',
 def _name(requirement: str) -> str:
   return re.split(r'[\s\[<>=!~;]', requirement.strip(), maxsplit=1)[0].lower(
   ).replace('_', '-')
-
-
-def _requirements(filename: str) -> list[str]:
-  """Requirement lines of a requirements file, following `-r` includes."""
-  lines = []
-  with open(os.path.join(ROOT, filename)) as f:
-    for line in f:
-      line = line.split('#', 1)[0].strip()
-      if line.startswith('-r'):
-        lines += _requirements(line[2:].strip())
-      elif line:
-        lines.append(line)
-  return lines
 
 
 def _unconditional_deps(package: str) -> list[str]:
@@ -41,7 +30,7 @@ def _unconditional_deps(package: str) -> list[str]:
 
 
 def test_tpu_path_installs_no_tensorflow_wheel():
-  top = [_name(r) for r in _requirements('requirements.txt')]
+  top = [_name(r) for r in requirement_lines('requirements.txt')]
   assert not set(top) & set(_TF_WHEELS), top
   # Walk what those requirements pull in, as installed here.
   seen, todo = set(), list(top)
@@ -57,12 +46,12 @@ def test_tpu_path_installs_no_tensorflow_wheel():
 
 
 def test_cpu_path_pins_a_supported_tensorflow():
-  tf_lines = [r for r in _requirements('requirements-cpu.txt')
+  tf_lines = [r for r in requirement_lines('requirements-cpu.txt')
               if _name(r) == 'tensorflow']
   assert tf_lines == ['tensorflow>=2.20,<2.22']
 
 
-def test_pyproject_dependencies_match_requirements():
+def test_pyproject_dependencies_matchrequirement_lines():
   try:
     import tomllib  # pylint: disable=g-import-not-at-top
   except ModuleNotFoundError:  # Python 3.10.
@@ -70,10 +59,10 @@ def test_pyproject_dependencies_match_requirements():
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
   assert sorted(project['dependencies']) == sorted(
-      _requirements('requirements.txt'))
+      requirement_lines('requirements.txt'))
   extras = project['optional-dependencies']
   assert extras['cpu'] == ['tensorflow>=2.20,<2.22']
-  test_only = [r for r in _requirements('requirements-test.txt')
-               if r not in _requirements('requirements-cpu.txt')]
+  test_only = [r for r in requirement_lines('requirements-test.txt')
+               if r not in requirement_lines('requirements-cpu.txt')]
   assert sorted(extras['test']) == sorted(test_only)
   assert [_name(r) for r in extras['tpu']] == ['tensorflow-tpu']
