@@ -27,6 +27,7 @@ CVPR 2022 (LookSAM).
 
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+import warnings
 
 import tensorflow as tf
 
@@ -165,9 +166,50 @@ def sam_step(
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
 ) -> SAMOutput:
-  """Like `sam_gradients`, and also returns the perturbed loss and ||g||.
+  """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
-  See `sam_gradients` for the arguments.
+  The one entry point of the SAM rule (the variants are its arguments).
+
+  Call it where you would call `tape.gradient`, inside your own
+  `strategy.run` replica function, under `tf.function`, or eagerly:
+
+    def loss_fn(params):
+      logits, new_state = model.stateless_call(params, state, x, training=True)
+      return loss(y, logits) / global_batch_size, new_state
+    out = sam_step(loss_fn, [v.value for v in model.trainable_variables],
+                   rho=0.05)
+    optimizer.apply_gradients(zip(out.grads, model.trainable_variables))
+    new_state = out.aux
+
+  Args:
+    loss_fn: `loss_fn(params) -> (loss, aux)`, a pure function of `params`;
+      under a strategy, `loss` is this replica's share of the global-batch
+      loss (sum of per-example losses / global batch size). `aux` is anything
+      (logits, new batch-norm statistics); only the first pass's is returned.
+    params: the trainable values, a list of tensors (not variables: nothing is
+      assigned, and the second pass runs on new tensors w + eps).
+    rho: the neighbourhood radius; a Python 0 means the plain base optimizer
+      (one forward/backward pass, no all-reduce). A tensor always runs SAM.
+    adaptive: ASAM, eps = rho T^2 g / ||T g|| with T = |w| + eta.
+    sync_perturbation: in a replica context with several replicas, sum the
+      ascent gradient across replicas before its norm, so that every replica
+      perturbs by the same eps (the SAM of the paper with the global batch).
+      False: each replica perturbs with its own gradient (m-sharpness with m
+      the per-replica batch).
+    eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
+    gsam_alpha: GSAM (Zhuang et al. 2022): descend along
+      h - alpha * f_perp instead of h (see `surrogate_gap_guided`); 0 is SAM.
+    loss_scale: for float16 compute (dynamic loss scaling): each backward
+      pass differentiates loss * loss_scale, so that small float16 gradients
+      do not underflow, and its gradients are divided by loss_scale at once,
+      in the params' float32; the norm, eps and the returned grads are
+      unscaled. An overflow gives a non-finite ||g|| and so non-finite grads:
+      the caller skips such a step and lowers the scale. None: no scaling.
+
+  Returns:
+    A `SAMOutput`: the loss at params, the SAM gradients (per replica, for a
+    Keras optimizer to sum across replicas), the first pass's aux, the
+    perturbed loss, ||g|| and the clean gradients.
   """
   params = [tf.convert_to_tensor(p) for p in params]
   loss, grads, aux = _value_and_grad(loss_fn, params, loss_scale)
@@ -294,47 +336,14 @@ def sam_gradients(
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
-  """SAM gradients: the gradient at params + eps, for any base optimizer.
+  """`sam_step`'s (loss, grads, aux), for code written against earlier releases.
 
-  Call it where you would call `tape.gradient`, inside your own
-  `strategy.run` replica function, under `tf.function`, or eagerly:
-
-    def loss_fn(params):
-      logits, new_state = model.stateless_call(params, state, x, training=True)
-      return loss(y, logits) / global_batch_size, new_state
-    loss, grads, new_state = sam_gradients(
-        loss_fn, [v.value for v in model.trainable_variables], rho=0.05)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
-
-  Args:
-    loss_fn: `loss_fn(params) -> (loss, aux)`, a pure function of `params`;
-      under a strategy, `loss` is this replica's share of the global-batch
-      loss (sum of per-example losses / global batch size). `aux` is anything
-      (logits, new batch-norm statistics); only the first pass's is returned.
-    params: the trainable values, a list of tensors (not variables: nothing is
-      assigned, and the second pass runs on new tensors w + eps).
-    rho: the neighbourhood radius; a Python 0 means the plain base optimizer
-      (one forward/backward pass, no all-reduce). A tensor always runs SAM.
-    adaptive: ASAM, eps = rho T^2 g / ||T g|| with T = |w| + eta.
-    sync_perturbation: in a replica context with several replicas, sum the
-      ascent gradient across replicas before its norm, so that every replica
-      perturbs by the same eps (the SAM of the paper with the global batch).
-      False: each replica perturbs with its own gradient (m-sharpness with m
-      the per-replica batch).
-    eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
-    gsam_alpha: GSAM (Zhuang et al. 2022): descend along
-      h - alpha * f_perp instead of h (see `surrogate_gap_guided`); 0 is SAM.
-    loss_scale: for float16 compute (dynamic loss scaling): each backward
-      pass differentiates loss * loss_scale, so that small float16 gradients
-      do not underflow, and its gradients are divided by loss_scale at once,
-      in the params' float32; the norm, eps and the returned grads are
-      unscaled. An overflow gives a non-finite ||g|| and so non-finite grads:
-      the caller skips such a step and lowers the scale. None: no scaling.
-
-  Returns:
-    (loss, grads, aux): the loss at params, the SAM gradients (per replica,
-    for a Keras optimizer to sum across replicas) and the first pass's aux.
+  Deprecated: call `sam_step`, the one entry point, and read `.loss`,
+  `.grads` and `.aux` of its result.
   """
+  warnings.warn('sam_gradients is deprecated: call sam_step and read .loss, '
+                '.grads and .aux of its result.', DeprecationWarning,
+                stacklevel=2)
   out = sam_step(loss_fn, params, rho, adaptive=adaptive,
                  sync_perturbation=sync_perturbation, eta=eta,
                  gsam_alpha=gsam_alpha, loss_scale=loss_scale)

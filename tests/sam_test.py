@@ -58,7 +58,7 @@ def _loss_fn(x, y, global_batch, calls=None):
 @pytest.mark.parametrize('adaptive', [False, True])
 def test_eager_matches_numpy(adaptive):
   x, y, w, b = _problem()
-  loss, grads, logits = sam.sam_gradients(
+  loss, grads, logits, *_ = sam.sam_step(
       _loss_fn(x, y, BATCH), [tf.constant(w), tf.constant(b)], rho=0.5,
       adaptive=adaptive, eta=0.01)
   want = _np_sam(x, y, w, b, 0.5, adaptive=adaptive, eta=0.01)
@@ -81,8 +81,9 @@ def test_sam_differs_from_plain_gradient():
 def test_rho_zero_is_one_plain_pass():
   x, y, w, b = _problem()
   calls = []
-  _, grads, _ = sam.sam_gradients(
-      _loss_fn(x, y, BATCH, calls), [tf.constant(w), tf.constant(b)], rho=0)
+  grads = sam.sam_step(
+      _loss_fn(x, y, BATCH, calls), [tf.constant(w), tf.constant(b)],
+      rho=0).grads
   assert len(calls) == 1
   for got, ref in zip(grads, _np_grad(x, y, w, b, BATCH)):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
@@ -155,10 +156,10 @@ def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
   def run(shard):
     def replica_fn(shard):
       xs, ys = shard
-      loss, grads, _ = sam.sam_gradients(
+      out = sam.sam_step(
           _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
           rho=0.5, adaptive=adaptive, eta=0.01)
-      return loss, grads
+      return out.loss, out.grads
     loss, grads = strategy.run(replica_fn, args=(shard,))
     return (strategy.reduce('SUM', loss, axis=None),
             [strategy.reduce('SUM', g, axis=None) for g in grads])
@@ -182,9 +183,9 @@ def test_unsynced_perturbation_is_per_replica(mirrored):
   def run(shard):
     def replica_fn(shard):
       xs, ys = shard
-      return sam.sam_gradients(
+      return sam.sam_step(
           _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
-          rho=0.5, sync_perturbation=False)[1]
+          rho=0.5, sync_perturbation=False).grads
     return strategy.run(replica_fn, args=(shard,))
 
   grads = run(shards)
@@ -199,10 +200,22 @@ def test_unsynced_perturbation_is_per_replica(mirrored):
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_sam_gradients_is_sam_step_deprecated():
+  x, y, w, b = _problem()
+  params = [tf.constant(w), tf.constant(b)]
+  with pytest.warns(DeprecationWarning, match='call sam_step'):
+    loss, grads, logits = sam.sam_gradients(_loss_fn(x, y, BATCH), params,
+                                            rho=0.5)
+  out = sam.sam_step(_loss_fn(x, y, BATCH), params, rho=0.5)
+  for got, ref in zip([loss, *grads, logits],
+                      [out.loss, *out.grads, out.aux]):
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_works_under_tf_function_without_strategy():
   x, y, w, b = _problem()
-  fn = tf.function(lambda w, b: sam.sam_gradients(
-      _loss_fn(x, y, BATCH), [w, b], rho=0.5)[1])
+  fn = tf.function(lambda w, b: sam.sam_step(
+      _loss_fn(x, y, BATCH), [w, b], rho=0.5).grads)
   for got, ref in zip(fn(tf.constant(w), tf.constant(b)),
                       _np_sam(x, y, w, b, 0.5)):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
@@ -227,9 +240,9 @@ def test_gsam_matches_numpy(mirrored, num_replicas):
   def run(shard):
     def replica_fn(shard):
       xs, ys = shard
-      return sam.sam_gradients(
+      return sam.sam_step(
           _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
-          rho=0.5, gsam_alpha=0.3)[1]
+          rho=0.5, gsam_alpha=0.3).grads
     grads = strategy.run(replica_fn, args=(shard,))
     return [strategy.reduce('SUM', g, axis=None) for g in grads]
 
