@@ -16,7 +16,8 @@ from sam import curves
 from sam import landscape
 from sam import sharpness
 from sam import train
-from tests.train_test import tiny_config
+from sam.analyze import cli
+from tests.conftest import tiny_config
 
 
 def _png_shape(path):
@@ -157,7 +158,7 @@ def _main(*args):
   """Runs the CLI's main with these flags; restores the flags after."""
   with flagsaver.flagsaver():
     argv = flags.FLAGS(['analyze', *args])
-    analyze.main(argv)
+    cli.main(argv)
 
 
 def test_cli_sharpness_and_hessian(workdirs, tmp_path, capsys):

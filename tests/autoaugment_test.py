@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from sam import autoaugment
 from sam import input_pipeline
-from tests.train_test import tiny_config
+from tests.conftest import tiny_config
 
 _FILL = (autoaugment.FILL_VALUE,) * 3
 

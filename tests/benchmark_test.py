@@ -59,6 +59,11 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
   rows = figures['rows']
   assert figures['sgd_images_per_sec'] == (
       rows['cnn: custom loop, plain (rho=0)']['images_per_sec_best'])
+  # Each headline key names its row: X_images_per_sec is row X's best.
+  for key, row in benchmark.headline_rows('cnn').items():
+    if figures[f'{key}_images_per_sec'] is not None:
+      assert figures[f'{key}_images_per_sec'] == (
+          rows[row]['images_per_sec_best']), key
   assert len(rows) == 11  # Input, 9 custom loop rows, Keras 3 SAMModel.
   for name, row in rows.items():
     for key in ROW_KEYS:
@@ -128,3 +133,16 @@ def test_xla_rows():
   assert {'cnn: custom loop, plain, XLA', 'cnn: custom loop, SAM, XLA'} <= (
       set(names))
   assert all(results['rows'][n] for n in names)
+
+
+def test_keras2_rows():
+  # tf_keras is a benchmark extra (pip install .[bench]), not in CI.
+  pytest.importorskip('tf_keras')
+  results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
+                              rho=0.05, loop_rows=False, precision_rows=False)
+  keras2_sam = benchmark.headline_rows('cnn')['keras_sam']
+  assert 'Keras 2' in keras2_sam
+  assert results['keras_sam_images_per_sec'] == (
+      results['rows'][keras2_sam]['images_per_sec_best'])
+  assert _positive(results['rows']['cnn: tf_keras (Keras 2) fit, plain'][
+      'images_per_sec_best'])

@@ -10,13 +10,13 @@ BUILD is Starlark, whose call syntax is Python's, so this test reads it with
   target, and every listed file exists;
 * the internal `deps` of each target are exactly the targets holding what its
   sources import (`from sam import train`, `import sam.keras`,
-  `from tests.train_test import ...`, `importlib.import_module('sam.keras')`),
+  `from configs import default`, `importlib.import_module('sam.keras')`),
   and its `requirement(...)`s exactly the distributions of its third-party
   imports (`_DISTRIBUTIONS`; `tensorflow` is whatever BUILD's TENSORFLOW
   names), each declared in pyproject.toml or a requirements*.txt;
-* each program (`if __name__ == '__main__'`) has a `py_binary`, each
-  tests/*_test.py a `py_test` that runs it with pytest, and every py_test
-  depends on `:conftest` (pytest loads tests/conftest.py for every test);
+* each program (`if __name__ == '__main__'`; a package's `__main__.py` is
+  `python -m package`) has a `py_binary`, and one `py_test` runs pytest on
+  tests/ with every file of tests/ in its srcs (conftest.py included);
 * every repository file a source names in a string ('README.md', 'main.py',
   '--config=configs/default.py') is in that target's runfiles.
 
@@ -350,12 +350,8 @@ def _owners() -> dict[str, list[str]]:
 
 
 def _suggest_name(path: str) -> str:
-  """The target name BUILD's convention gives to a module file."""
-  if path.startswith('configs/'):
-    return 'configs'
-  if path.startswith('tests/') and path.endswith('_test.py'):
-    return os.path.basename(path)[:-3]
-  return _module_name(path).replace('.', '_')
+  """The target BUILD's convention puts a file in: its top directory's."""
+  return path.split('/')[0].removesuffix('.py')
 
 
 def _main_module_of(target: Target) -> str | None:
@@ -559,8 +555,9 @@ def test_requirements_are_declared():
 def test_every_program_has_a_binary():
   binaries = [t for t in _build().targets.values() if t.rule == 'py_binary']
   runs = {t.attrs.get('main') for t in binaries}
-  runs |= {_module_path(_main_module_of(t)) for t in binaries
-           if _main_module_of(t)}
+  for module in filter(None, map(_main_module_of, binaries)):
+    # `python -m package` runs the package's __main__.py.
+    runs.add(_module_path(module + '.__main__') or _module_path(module))
   problems = []
   for path in _source_files():
     if _MAIN_GUARD.search(_read(path)) and path not in runs:
@@ -575,35 +572,27 @@ def test_every_program_has_a_binary():
   assert not problems, '\n'.join(problems)
 
 
-def test_every_test_file_has_a_pytest_target():
+def test_one_pytest_target_runs_every_test_file():
   tests = [t for t in _build().targets.values() if t.rule == 'py_test']
   problems = []
-  by_file = {}
+  if len(tests) != 1:
+    problems.append(f'BUILD has {len(tests)} py_tests: keep one, '
+                    'py_test(name = "tests", main_module = "pytest", '
+                    'args = ["tests"], srcs = glob(["tests/**/*.py"]))')
   for target in tests:
-    args = target.attrs.get('args', [])
-    if _main_module_of(target) != 'pytest' or len(args) != 1:
-      problems.append(f'{target.where()}: run its file with pytest: '
-                      f'main_module = "pytest", args = ["tests/'
-                      f'{target.name}.py"]')
-      continue
-    by_file.setdefault(args[0], []).append(target.name)
-    if target.name != os.path.basename(args[0])[:-3]:
-      problems.append(f'{target.where()}: name it '
-                      f'"{os.path.basename(args[0])[:-3]}" after its file')
-  for path in _source_files():
-    if re.fullmatch(r'tests/\w+_test\.py', path):
-      if len(by_file.get(path, [])) != 1:
-        problems.append(f'{path}: needs exactly one py_test with args = '
-                        f'["{path}"] (has {by_file.get(path, [])})')
-    elif path.startswith('tests/'):
-      owner = _owners().get(path, [None])[0]
-      if owner and _build().targets[owner].rule != 'py_library':
-        problems.append(f'{path} is no test file: put it in a py_library')
+    if (_main_module_of(target) != 'pytest' or
+        target.attrs.get('args') != ['tests']):
+      problems.append(f'{target.where()}: run pytest on tests/: '
+                      'main_module = "pytest", args = ["tests"]')
+    srcs = set(target.files('srcs'))
+    problems += [f'{target.where()}: add {path} to srcs'
+                 for path in _source_files()
+                 if path.startswith('tests/') and path not in srcs]
   for target in _build().targets.values():
-    if (target.rule == 'py_library' and
-        any(p.startswith('tests/') for p in target.files('srcs')) and
-        not target.attrs.get('testonly')):
-      problems.append(f'{target.where()}: add testonly = True')
+    if (target.rule != 'py_test' and
+        any(p.startswith('tests/') for p in target.files('srcs'))):
+      problems.append(f'{target.where()}: tests/ files belong to the '
+                      'py_test')
   assert not problems, '\n'.join(problems)
 
 

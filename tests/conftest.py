@@ -6,10 +6,14 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 NUM_VIRTUAL_DEVICES = 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _cpu = tf.config.list_physical_devices('CPU')[0]
 tf.config.set_logical_device_configuration(
@@ -50,9 +54,8 @@ def mirrored_fixture():
 
 def requirement_lines(filename: str) -> list[str]:
   """Requirement lines of a requirements file, following `-r` includes."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   lines = []
-  with open(os.path.join(root, filename)) as f:
+  with open(os.path.join(ROOT, filename)) as f:
     for line in f:
       line = line.split('#', 1)[0].strip()
       if line.startswith('-r'):
@@ -60,3 +63,109 @@ def requirement_lines(filename: str) -> list[str]:
       elif line:
         lines.append(line)
   return lines
+
+
+# The tiny runs: in process (tiny_config) and as main.py flags (TINY).
+
+
+def tiny_config(**overrides):
+  """Synthetic 8x8 data, a tiny model, constant learning rate."""
+  config = default.get_config()
+  config.dataset.name = 'synthetic'
+  config.dataset.augment = 'none'
+  config.dataset.synthetic_image_shape = (8, 8, 3)
+  config.dataset.synthetic_train_size = 64
+  config.dataset.synthetic_test_size = 40  # Not a multiple of the batch.
+  config.model.name = 'cnn'
+  config.schedule.name = 'constant'
+  config.schedule.learning_rate = 0.05
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 4
+  config.steps_per_loop = 2
+  config.log_every_steps = 1
+  config.progress_every_secs = 0.0
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for name in path:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+TINY = [
+    '--config.dataset.name=synthetic', '--config.dataset.augment=none',
+    '--config.dataset.synthetic_image_shape=(8, 8, 3)',
+    '--config.dataset.synthetic_train_size=64',
+    '--config.dataset.synthetic_test_size=32', '--config.model.name=cnn',
+    '--config.batch_size=16', '--config.eval_batch_size=16',
+    '--config.num_train_steps=2', '--config.steps_per_loop=1',
+]
+
+
+# The model zoo (models_test.py, models_shake_test.py).
+
+# Trainable parameters for 10 classes on 32x32x3 inputs: conv kernels, BN
+# gamma and beta, dense kernel and bias (BN moving statistics excluded).
+#
+# ResNet-20, option A, by hand (n = 3 blocks per stage):
+#   stem         3*3*3*16 + 2*16                                  =     464
+#   stage 1      3 * (2 * 3*3*16*16 + 2 * 2*16)                   =  14,016
+#   stage 2      (3*3*16*32 + 3*3*32*32 + 2 * 2*32)
+#                  + 2 * (2 * 3*3*32*32 + 2 * 2*32)               =  51,072
+#   stage 3      (3*3*32*64 + 3*3*64*64 + 2 * 2*64)
+#                  + 2 * (2 * 3*3*64*64 + 2 * 2*64)               = 203,520
+#   logits       64*10 + 10                                       =     650
+#   total                                                         = 269,722
+# i.e. the paper's 0.27M. Option B adds 16*32 + 2*32 + 32*64 + 2*64 = 2,752
+# for the two projection shortcuts (272,474). `_resnet_params` and
+# `_wrn_params` of models_test.py generalize these sums; WRN-28-10's
+# 36,479,194 is the figure of the authors' code.
+TRAINABLE_PARAMS = {
+    'cnn': 545_098,
+    'resnet20': 269_722,
+    'resnet32': 464_154,
+    'resnet56': 853_018,
+    'resnet20_b': 272_474,
+    'resnet32_b': 466_906,
+    'resnet56_b': 855_770,
+    'wrn16_4': 2_748_890,
+    'wrn16_8': 10_961_370,
+    'wrn28_10': 36_479_194,
+    # Hand counts in models_shake_test.py. PyramidNet widths truncated as
+    # in its paper; ShakeDrop adds no parameters.
+    'pyramidnet110_a48': 1_739_730,
+    'pyramidnet110_a48_shakedrop': 1_739_730,
+    'pyramidnet272_a200': 26_049_562,
+    'pyramidnet272_a200_shakedrop': 26_049_562,
+    'shake_shake_26_2x32d': 2_923_162,
+    'shake_shake_26_2x64d': 11_653_978,
+    'shake_shake_26_2x96d': 26_192_922,
+}
+
+
+def conv_params(k: int, c_in: int, c_out: int) -> int:
+  """A bias-free k x k convolution's kernel."""
+  return k * k * c_in * c_out
+
+
+def bn_params(c: int) -> int:
+  """A batch norm's trainable parameters."""
+  return 2 * c  # gamma and beta
+
+
+def assert_layer_conventions(model: keras.Model) -> None:
+  """Bias-free He-normal convs, CIFAR batch norm, plain float logits."""
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.Conv2D):
+      assert not layer.use_bias, layer.name
+      assert layer.kernel_regularizer is None, layer.name
+      assert isinstance(layer.kernel_initializer,
+                        keras.initializers.HeNormal), layer.name
+    if isinstance(layer, keras.layers.BatchNormalization):
+      assert layer.momentum == 0.9, layer.name
+      assert layer.epsilon == 1e-5, layer.name
+  logits = model.get_layer('logits')
+  assert logits.activation is keras.activations.linear
+  assert logits.kernel_regularizer is None

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from sam import distribute
-from tests.main_test import ROOT
-from tests.main_test import TINY
+from tests.conftest import ROOT
+from tests.conftest import TINY
 
 
 @pytest.fixture(name='machine')

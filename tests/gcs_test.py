@@ -18,8 +18,8 @@ import pytest
 import tensorflow as tf
 
 from tests import gcs_fixture
-from tests.main_test import ROOT
-from tests.main_test import TINY
+from tests.conftest import ROOT
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from sam import input_pipeline
-from tests.train_test import tiny_config
+from tests.conftest import tiny_config
 
 
 def _context(num_pipelines=1, pipeline=0, replicas=1):

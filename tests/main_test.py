@@ -7,17 +7,10 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
+from tests.conftest import ROOT
+from tests.conftest import TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    '--config.dataset.name=synthetic', '--config.dataset.augment=none',
-    '--config.dataset.synthetic_image_shape=(8, 8, 3)',
-    '--config.dataset.synthetic_train_size=64',
-    '--config.dataset.synthetic_test_size=32', '--config.model.name=cnn',
-    '--config.batch_size=16', '--config.eval_batch_size=16',
-    '--config.num_train_steps=2', '--config.steps_per_loop=1',
-]
+pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 
 def _main(*args, quiet=True):

@@ -16,15 +16,15 @@ from sam import models
 from sam import sam as sam_lib
 from sam.models import pyramidnet
 from sam.models import shake_shake
-from tests import models_test
+from tests import conftest
 from tests.conftest import requires_xla_cpu
 
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
 ODD = (27, 27, 3)  # 27 -> 14 -> 7: padded strides in both models.
 
-_conv = models_test._conv  # pylint: disable=protected-access
-_bn = models_test._bn  # pylint: disable=protected-access
+_conv = conftest.conv_params
+_bn = conftest.bn_params
 
 # One block per stage: a forward pass takes milliseconds.
 TINY = {
@@ -89,7 +89,7 @@ def _is_seed(variable) -> bool:
     ('shake_shake_26_2x96d', _shake_shake_params(4, 96)),
 ])
 def test_trainable_params_match_hand_count(name, expected):
-  assert models_test.TRAINABLE_PARAMS[name] == expected
+  assert conftest.TRAINABLE_PARAMS[name] == expected
 
 
 def test_block_channels():
@@ -381,7 +381,7 @@ def test_small_forward_pass_shape(name):
 
 @pytest.mark.parametrize('name', SMALL_MODELS)
 def test_layer_conventions(name):
-  models_test.assert_layer_conventions(models.get_model(name, 10, CIFAR))
+  conftest.assert_layer_conventions(models.get_model(name, 10, CIFAR))
 
 
 @pytest.mark.parametrize('name', sorted(TINY))

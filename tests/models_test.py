@@ -8,47 +8,13 @@ import tensorflow as tf
 from sam import models
 from sam.models import resnet
 from sam.models import wide_resnet
+from tests.conftest import assert_layer_conventions
+from tests.conftest import bn_params
+from tests.conftest import conv_params
+from tests.conftest import TRAINABLE_PARAMS
 
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
-
-# Trainable parameters for 10 classes on 32x32x3 inputs: conv kernels, BN
-# gamma and beta, dense kernel and bias (BN moving statistics excluded).
-#
-# ResNet-20, option A, by hand (n = 3 blocks per stage):
-#   stem         3*3*3*16 + 2*16                                  =     464
-#   stage 1      3 * (2 * 3*3*16*16 + 2 * 2*16)                   =  14,016
-#   stage 2      (3*3*16*32 + 3*3*32*32 + 2 * 2*32)
-#                  + 2 * (2 * 3*3*32*32 + 2 * 2*32)               =  51,072
-#   stage 3      (3*3*32*64 + 3*3*64*64 + 2 * 2*64)
-#                  + 2 * (2 * 3*3*64*64 + 2 * 2*64)               = 203,520
-#   logits       64*10 + 10                                       =     650
-#   total                                                         = 269,722
-# i.e. the paper's 0.27M. Option B adds 16*32 + 2*32 + 32*64 + 2*64 = 2,752
-# for the two projection shortcuts (272,474). `_resnet_params` and
-# `_wrn_params` below generalize these sums; WRN-28-10's 36,479,194 is the
-# figure of the authors' code.
-TRAINABLE_PARAMS = {
-    'cnn': 545_098,
-    'resnet20': 269_722,
-    'resnet32': 464_154,
-    'resnet56': 853_018,
-    'resnet20_b': 272_474,
-    'resnet32_b': 466_906,
-    'resnet56_b': 855_770,
-    'wrn16_4': 2_748_890,
-    'wrn16_8': 10_961_370,
-    'wrn28_10': 36_479_194,
-    # Hand counts in models_shake_test.py. PyramidNet widths truncated as
-    # in its paper; ShakeDrop adds no parameters.
-    'pyramidnet110_a48': 1_739_730,
-    'pyramidnet110_a48_shakedrop': 1_739_730,
-    'pyramidnet272_a200': 26_049_562,
-    'pyramidnet272_a200_shakedrop': 26_049_562,
-    'shake_shake_26_2x32d': 2_923_162,
-    'shake_shake_26_2x64d': 11_653_978,
-    'shake_shake_26_2x96d': 26_192_922,
-}
 
 # As the papers and the usual tables round them.
 PARAMS_IN_MILLIONS = {
@@ -77,38 +43,31 @@ def _trainable_params(model: keras.Model) -> int:
   return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
-def _conv(k: int, c_in: int, c_out: int) -> int:
-  return k * k * c_in * c_out
-
-
-def _bn(c: int) -> int:
-  return 2 * c  # gamma and beta
-
-
 def _resnet_params(n: int, shortcut: str, classes: int = 10) -> int:
   """Trainable parameters of ResNet-(6n+2) on RGB inputs, summed by hand."""
-  total = _conv(3, 3, 16) + _bn(16)
+  total = conv_params(3, 3, 16) + bn_params(16)
   c_in = 16
   for c in (16, 32, 64):
     for _ in range(n):
-      total += _conv(3, c_in, c) + _conv(3, c, c) + 2 * _bn(c)
+      total += conv_params(3, c_in, c) + conv_params(3, c, c) + 2 * bn_params(c)
       if shortcut == 'B' and c_in != c:
-        total += _conv(1, c_in, c) + _bn(c)
+        total += conv_params(1, c_in, c) + bn_params(c)
       c_in = c
   return total + 64 * classes + classes
 
 
 def _wrn_params(n: int, k: int, classes: int = 10) -> int:
   """Trainable parameters of WRN-(6n+4)-k on RGB inputs, summed by hand."""
-  total = _conv(3, 3, 16)
+  total = conv_params(3, 3, 16)
   c_in = 16
   for c in (16 * k, 32 * k, 64 * k):
     for _ in range(n):
-      total += _bn(c_in) + _conv(3, c_in, c) + _bn(c) + _conv(3, c, c)
+      total += (bn_params(c_in) + conv_params(3, c_in, c) + bn_params(c) +
+                conv_params(3, c, c))
       if c_in != c:
-        total += _conv(1, c_in, c)
+        total += conv_params(1, c_in, c)
       c_in = c
-  return total + _bn(c_in) + c_in * classes + classes
+  return total + bn_params(c_in) + c_in * classes + classes
 
 
 def test_models_lists_every_name():
@@ -170,22 +129,6 @@ def test_static_shapes():
   model = models.get_model('resnet20', 10, MNIST)
   # 28 -> 14 -> 7 through the two stride-2 stages.
   assert model.get_layer('stage3_block3_out').output.shape == (None, 7, 7, 64)
-
-
-def assert_layer_conventions(model: keras.Model) -> None:
-  """Bias-free He-normal convs, CIFAR batch norm, plain float logits."""
-  for layer in model.layers:
-    if isinstance(layer, keras.layers.Conv2D):
-      assert not layer.use_bias, layer.name
-      assert layer.kernel_regularizer is None, layer.name
-      assert isinstance(layer.kernel_initializer,
-                        keras.initializers.HeNormal), layer.name
-    if isinstance(layer, keras.layers.BatchNormalization):
-      assert layer.momentum == 0.9, layer.name
-      assert layer.epsilon == 1e-5, layer.name
-  logits = model.get_layer('logits')
-  assert logits.activation is keras.activations.linear
-  assert logits.kernel_regularizer is None
 
 
 def test_layer_conventions():
@@ -317,3 +260,22 @@ def test_models_train_with_the_fused_batch_norm_kernel():
   assert 'FusedBatchNormV3' in ops
   # Not Keras 3's unfused moments (tf.nn.moments' SquaredDifference).
   assert 'SquaredDifference' not in ops
+
+
+def test_keras2_twins_have_the_same_architecture():
+  # The benchmark's Keras 2 rows build these; tf_keras is a benchmark extra.
+  tf_keras = pytest.importorskip('tf_keras')
+  assert models.KERAS2_MODELS == (
+      'cnn', 'resnet20_b', 'resnet32_b', 'resnet56_b', 'wrn16_4', 'wrn16_8',
+      'wrn28_10')
+  for name in ('cnn', 'resnet20_b', 'wrn16_4'):
+    ours = models.get_model(name, 10, (32, 32, 3))
+    twin = models.get_model(name, 10, (32, 32, 3), keras_module=tf_keras)
+    assert isinstance(twin, tf_keras.Model)
+    assert [(v.path.split('/')[0], tuple(v.shape)) for v in ours.weights] == [
+        (v.name.split('/')[0], tuple(v.shape)) for v in twin.weights], name
+    assert ours.count_params() == twin.count_params()
+    assert isinstance(twin.get_layer('logits'), tf_keras.layers.Dense)
+  for name in ('resnet20', 'pyramidnet110_a48', 'shake_shake_26_2x32d'):
+    with pytest.raises(ValueError, match='Keras 3 layers only'):
+      models.get_model(name, 10, (32, 32, 3), keras_module=tf_keras)

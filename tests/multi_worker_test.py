@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.main_test import ROOT
-from tests.main_test import TINY
+from tests.conftest import ROOT
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 

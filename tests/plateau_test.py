@@ -7,7 +7,7 @@ import tensorflow as tf
 from sam import config_checks
 from sam import plateau
 from sam import train
-from tests.train_test import tiny_config
+from tests.conftest import tiny_config
 
 
 def _plateau(**overrides):

@@ -14,9 +14,9 @@ import tensorflow as tf
 from sam import config_checks
 from sam import input_pipeline
 from sam import train
-from tests.main_test import ROOT
-from tests.main_test import TINY
-from tests.train_test import tiny_config
+from tests.conftest import ROOT
+from tests.conftest import TINY
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 from sam import input_pipeline
 from sam import models
 from sam import sharpness
-from tests.train_test import tiny_config
+from tests.conftest import tiny_config
 
 _DIM = 6
 _EIGENVALUES = np.array([5.0, 2.0, 1.0, 0.5, 0.25, 0.1])

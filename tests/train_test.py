@@ -8,39 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import default
 from sam import input_pipeline
 from sam import optim
 from sam import state as state_lib
 from sam import train
 from sam.trainer import Trainer
 from tests.conftest import requires_xla_cpu
-
-
-def tiny_config(**overrides):
-  """Synthetic 8x8 data, a tiny model, constant learning rate."""
-  config = default.get_config()
-  config.dataset.name = 'synthetic'
-  config.dataset.augment = 'none'
-  config.dataset.synthetic_image_shape = (8, 8, 3)
-  config.dataset.synthetic_train_size = 64
-  config.dataset.synthetic_test_size = 40  # Not a multiple of the batch.
-  config.model.name = 'cnn'
-  config.schedule.name = 'constant'
-  config.schedule.learning_rate = 0.05
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.num_train_steps = 4
-  config.steps_per_loop = 2
-  config.log_every_steps = 1
-  config.progress_every_secs = 0.0
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for name in path:
-      node = node[name]
-    node[leaf] = value
-  return config
+from tests.conftest import tiny_config
 
 
 def _trainer(config, strategy, total_steps):

@@ -36,6 +36,7 @@ coefficients, and the state returned by the first advances them.
 
 from collections.abc import Callable
 import functools
+import types
 
 import keras
 
@@ -77,11 +78,19 @@ _REGISTRY: dict[str, _Builder] = {
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
 
-__all__ = ['MODELS', 'get_model']
+# The models that another Keras (`tf_keras`) can build too, through
+# `get_model(..., keras_module=tf_keras)`: the others use Keras 3 layers of
+# their own (option-A shortcuts, ShakeDrop, Shake-Shake).
+KERAS2_MODELS: tuple[str, ...] = tuple(
+    n for n in MODELS if n == 'cnn' or n.startswith('wrn') or
+    (n.startswith('resnet') and n.endswith('_b')))
+
+__all__ = ['KERAS2_MODELS', 'MODELS', 'get_model']
 
 
 def get_model(
-    name: str, num_classes: int, input_shape: tuple[int, int, int]
+    name: str, num_classes: int, input_shape: tuple[int, int, int],
+    keras_module: types.ModuleType = keras,
 ) -> keras.Model:
   """Builds a model of the zoo.
 
@@ -93,13 +102,16 @@ def get_model(
     num_classes: the number of logits.
     input_shape: (height, width, channels) of one image, e.g. (32, 32, 3)
       or (28, 28, 1).
+    keras_module: the Keras that builds it; `tf_keras` builds a Keras 2
+      twin of one of `KERAS2_MODELS` (same architecture and layer names).
 
   Returns:
     An uncompiled functional model mapping a (batch, *input_shape) batch of
     images to (batch, num_classes) logits.
 
   Raises:
-    ValueError: if `name` is not one of `MODELS`.
+    ValueError: if `name` is not one of `MODELS`, or not one of
+      `KERAS2_MODELS` with another Keras.
   """
   try:
     builder = _REGISTRY[name]
@@ -107,4 +119,9 @@ def get_model(
     raise ValueError(
         f'Unknown model {name!r} (config.model.name); valid names: '
         f'{", ".join(MODELS)}.') from None
-  return builder(num_classes, tuple(input_shape))
+  if keras_module is keras:
+    return builder(num_classes, tuple(input_shape))
+  if name not in KERAS2_MODELS:
+    raise ValueError(f'{name!r} is built with Keras 3 layers only; another '
+                     f'Keras builds {", ".join(KERAS2_MODELS)}.')
+  return builder(num_classes, tuple(input_shape), keras_module=keras_module)

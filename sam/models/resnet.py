@@ -14,6 +14,7 @@ Where a block changes the shape, its shortcut is either
 The conv and batch-norm factories here are shared with `wide_resnet`.
 """
 
+import types
 from typing import Any
 
 import keras
@@ -29,7 +30,8 @@ SHORTCUTS = ('A', 'B')
 
 
 def conv2d(
-    filters: int, kernel_size: int, strides: int, name: str
+    filters: int, kernel_size: int, strides: int, name: str,
+    keras_module: types.ModuleType = keras
 ) -> keras.layers.Conv2D:
   """A bias-free 'same' convolution with He-normal initialization.
 
@@ -41,11 +43,12 @@ def conv2d(
     kernel_size: the (square) kernel size.
     strides: the (square) stride.
     name: the layer name, unique within the model.
+    keras_module: the Keras that builds it (`tf_keras` for a Keras 2 twin).
 
   Returns:
     The layer.
   """
-  return keras.layers.Conv2D(
+  return keras_module.layers.Conv2D(
       filters, kernel_size, strides=strides, padding='same', use_bias=False,
       kernel_initializer='he_normal', name=name)
 
@@ -88,24 +91,34 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return tf.cast(y, self.compute_dtype)
 
 
-def batch_norm(name: str) -> keras.layers.BatchNormalization:
+def batch_norm(
+    name: str, keras_module: types.ModuleType = keras
+) -> keras.layers.BatchNormalization:
   """Batch norm over channels-last inputs with the CIFAR reference settings.
 
   Args:
     name: the layer name, unique within the model.
+    keras_module: the Keras that builds it; another Keras than Keras 3
+      (`tf_keras`) gets its own batch norm, which is fused in training.
 
   Returns:
     The layer (fused in training, see `FusedBatchNormalization`).
   """
+  if keras_module is not keras:
+    return keras_module.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
   return FusedBatchNormalization(
       momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
-def logits_layer(num_classes: int) -> keras.layers.Dense:
+def logits_layer(
+    num_classes: int, keras_module: types.ModuleType = keras
+) -> keras.layers.Dense:
   """The final dense layer, which outputs logits (no softmax).
 
   Args:
     num_classes: the number of output units.
+    keras_module: the Keras that builds it.
 
   Returns:
     The layer.
@@ -113,7 +126,8 @@ def logits_layer(num_classes: int) -> keras.layers.Dense:
   # float32 even under a mixed-precision policy: the loss and its gradient
   # are numerically sensitive to the logits' precision (as the Keras
   # mixed-precision guide recommends); a no-op under the default policy.
-  return keras.layers.Dense(num_classes, dtype='float32', name='logits')
+  return keras_module.layers.Dense(num_classes, dtype='float32',
+                                   name='logits')
 
 
 @keras.saving.register_keras_serializable(package='sam')
@@ -177,22 +191,22 @@ class ZeroPadShortcut(keras.layers.Layer):
 
 def _basic_block(
     x: keras.KerasTensor, filters: int, strides: int, shortcut: str,
-    name: str
+    name: str, k: types.ModuleType
 ) -> keras.KerasTensor:
   """conv-BN-ReLU-conv-BN, plus the shortcut, then ReLU (post-activation)."""
-  y = conv2d(filters, 3, strides, name=f'{name}_conv1')(x)
-  y = batch_norm(name=f'{name}_bn1')(y)
-  y = keras.layers.ReLU(name=f'{name}_relu1')(y)
-  y = conv2d(filters, 3, 1, name=f'{name}_conv2')(y)
-  y = batch_norm(name=f'{name}_bn2')(y)
+  y = conv2d(filters, 3, strides, f'{name}_conv1', k)(x)
+  y = batch_norm(f'{name}_bn1', k)(y)
+  y = k.layers.ReLU(name=f'{name}_relu1')(y)
+  y = conv2d(filters, 3, 1, f'{name}_conv2', k)(y)
+  y = batch_norm(f'{name}_bn2', k)(y)
   if strides != 1 or x.shape[-1] != filters:
     if shortcut == 'A':
       x = ZeroPadShortcut(filters, strides, name=f'{name}_shortcut')(x)
     else:
-      x = conv2d(filters, 1, strides, name=f'{name}_shortcut_conv')(x)
-      x = batch_norm(name=f'{name}_shortcut_bn')(x)
-  y = keras.layers.Add(name=f'{name}_add')([x, y])
-  return keras.layers.ReLU(name=f'{name}_out')(y)
+      x = conv2d(filters, 1, strides, f'{name}_shortcut_conv', k)(x)
+      x = batch_norm(f'{name}_shortcut_bn', k)(x)
+  y = k.layers.Add(name=f'{name}_add')([x, y])
+  return k.layers.ReLU(name=f'{name}_out')(y)
 
 
 def resnet(
@@ -200,6 +214,7 @@ def resnet(
     num_classes: int,
     input_shape: tuple[int, int, int],
     shortcut: str = 'A',
+    keras_module: types.ModuleType = keras,
 ) -> keras.Model:
   """A CIFAR ResNet of the given depth.
 
@@ -209,6 +224,9 @@ def resnet(
     input_shape: (height, width, channels), e.g. (32, 32, 3) or (28, 28, 1).
     shortcut: 'A' (zero-padding identity) or 'B' (1x1 conv projection + BN)
       for the blocks that change the shape; other shortcuts are identities.
+    keras_module: the Keras that builds it: `tf_keras` builds the same
+      architecture with Keras 2 layers (option B only), e.g. for the
+      benchmark's Keras 2 rows.
 
   Returns:
     A functional model from images to logits, named e.g. 'resnet20'
@@ -222,18 +240,22 @@ def resnet(
   if shortcut not in SHORTCUTS:
     raise ValueError(f'ResNet shortcut must be one of {SHORTCUTS}, got '
                      f'{shortcut!r}.')
+  if shortcut == 'A' and keras_module is not keras:
+    raise ValueError('Option-A shortcuts are Keras 3 layers: build option B '
+                     'with another Keras.')
+  k = keras_module
   blocks_per_stage = (depth - 2) // 6
 
-  inputs = keras.Input(shape=input_shape, name='images')
-  x = conv2d(16, 3, 1, name='stem_conv')(inputs)
-  x = batch_norm(name='stem_bn')(x)
-  x = keras.layers.ReLU(name='stem_relu')(x)
+  inputs = k.Input(shape=input_shape, name='images')
+  x = conv2d(16, 3, 1, 'stem_conv', k)(inputs)
+  x = batch_norm('stem_bn', k)(x)
+  x = k.layers.ReLU(name='stem_relu')(x)
   for stage, filters in enumerate((16, 32, 64), start=1):
     for block in range(1, blocks_per_stage + 1):
       strides = 2 if stage > 1 and block == 1 else 1
       x = _basic_block(x, filters, strides, shortcut,
-                       name=f'stage{stage}_block{block}')
-  x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
-  outputs = logits_layer(num_classes)(x)
+                       f'stage{stage}_block{block}', k)
+  x = k.layers.GlobalAveragePooling2D(name='pool')(x)
+  outputs = logits_layer(num_classes, k)(x)
   suffix = '' if shortcut == 'A' else '_b'
-  return keras.Model(inputs, outputs, name=f'resnet{depth}{suffix}')
+  return k.Model(inputs, outputs, name=f'resnet{depth}{suffix}')

@@ -9,27 +9,30 @@ changes the shape, its shortcut is a 1x1 convolution of the block's
 pre-activated input; elsewhere it is the identity. No dropout.
 """
 
+import types
+
 import keras
 
 from sam.models import resnet
 
 
 def _preact_block(
-    x: keras.KerasTensor, filters: int, strides: int, name: str
+    x: keras.KerasTensor, filters: int, strides: int, name: str,
+    k: types.ModuleType
 ) -> keras.KerasTensor:
   """BN-ReLU-conv-BN-ReLU-conv, plus the shortcut (pre-activation)."""
-  preact = resnet.batch_norm(name=f'{name}_bn1')(x)
-  preact = keras.layers.ReLU(name=f'{name}_relu1')(preact)
-  y = resnet.conv2d(filters, 3, strides, name=f'{name}_conv1')(preact)
-  y = resnet.batch_norm(name=f'{name}_bn2')(y)
-  y = keras.layers.ReLU(name=f'{name}_relu2')(y)
-  y = resnet.conv2d(filters, 3, 1, name=f'{name}_conv2')(y)
+  preact = resnet.batch_norm(f'{name}_bn1', k)(x)
+  preact = k.layers.ReLU(name=f'{name}_relu1')(preact)
+  y = resnet.conv2d(filters, 3, strides, f'{name}_conv1', k)(preact)
+  y = resnet.batch_norm(f'{name}_bn2', k)(y)
+  y = k.layers.ReLU(name=f'{name}_relu2')(y)
+  y = resnet.conv2d(filters, 3, 1, f'{name}_conv2', k)(y)
   if strides != 1 or x.shape[-1] != filters:
     # The projection reads the pre-activated input, as in the authors' code:
     # the un-normalized sum then only flows on through identity shortcuts.
-    x = resnet.conv2d(filters, 1, strides, name=f'{name}_shortcut_conv')(
+    x = resnet.conv2d(filters, 1, strides, f'{name}_shortcut_conv', k)(
         preact)
-  return keras.layers.Add(name=f'{name}_add')([x, y])
+  return k.layers.Add(name=f'{name}_add')([x, y])
 
 
 def wide_resnet(
@@ -37,6 +40,7 @@ def wide_resnet(
     width: int,
     num_classes: int,
     input_shape: tuple[int, int, int],
+    keras_module: types.ModuleType = keras,
 ) -> keras.Model:
   """A WRN-depth-width.
 
@@ -46,6 +50,7 @@ def wide_resnet(
     width: the widening factor k.
     num_classes: the number of logits.
     input_shape: (height, width, channels), e.g. (32, 32, 3) or (28, 28, 1).
+    keras_module: the Keras that builds it (`tf_keras`: a Keras 2 twin).
 
   Returns:
     A functional model from images to logits, named e.g. 'wrn28_10'.
@@ -60,17 +65,17 @@ def wide_resnet(
     raise ValueError(f'WideResNet width must be positive, got {width}.')
   blocks_per_group = (depth - 4) // 6
 
-  inputs = keras.Input(shape=input_shape, name='images')
-  x = resnet.conv2d(16, 3, 1, name='stem_conv')(inputs)
+  k = keras_module
+  inputs = k.Input(shape=input_shape, name='images')
+  x = resnet.conv2d(16, 3, 1, 'stem_conv', k)(inputs)
   for group, filters in enumerate((16 * width, 32 * width, 64 * width),
                                   start=1):
     for block in range(1, blocks_per_group + 1):
       strides = 2 if group > 1 and block == 1 else 1
-      x = _preact_block(x, filters, strides,
-                        name=f'group{group}_block{block}')
+      x = _preact_block(x, filters, strides, f'group{group}_block{block}', k)
   # The last block's sum is not yet normalized (pre-activation).
-  x = resnet.batch_norm(name='final_bn')(x)
-  x = keras.layers.ReLU(name='final_relu')(x)
-  x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
-  outputs = resnet.logits_layer(num_classes)(x)
-  return keras.Model(inputs, outputs, name=f'wrn{depth}_{width}')
+  x = resnet.batch_norm('final_bn', k)(x)
+  x = k.layers.ReLU(name='final_relu')(x)
+  x = k.layers.GlobalAveragePooling2D(name='pool')(x)
+  outputs = resnet.logits_layer(num_classes, k)(x)
+  return k.Model(inputs, outputs, name=f'wrn{depth}_{width}')
