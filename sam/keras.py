@@ -192,7 +192,9 @@ class SAMModel(keras.Model):
         adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
         eta=self.eta)
     loss, y_pred, new_state, new_metrics = out.aux
-    self._assign_state(state_vars, new_state, ctx)
+    for variable, value in zip(state_vars,
+                               sam_lib.sync_model_state(new_state)):
+      variable.assign(value)
     for variable, value in zip(metric_vars, new_metrics):
       # Metric variables are per replica (ON_READ): each keeps its own.
       if value is not None:
@@ -205,25 +207,6 @@ class SAMModel(keras.Model):
     self._loss_tracker.update_state(
         loss * tf.cast(num_replicas, loss.dtype), sample_weight=batch_size)
     return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-  @staticmethod
-  def _assign_state(variables: list[keras.Variable], values: list[Any],
-                    ctx: tf.distribute.ReplicaContext) -> None:
-    """Assigns the first pass's state, identical on every replica."""
-    if ctx.num_replicas_in_sync > 1:
-      # Keras 3 variables have aggregation NONE: an assign in replica
-      # context writes only this replica's copy. Replicas saw different
-      # batches, so average the float state (moving statistics) first.
-      # Integer state (dropout seeds) advances identically everywhere.
-      floats = [i for i, v in enumerate(values) if v.dtype.is_floating]
-      if floats:
-        means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
-                               [values[i] for i in floats])
-        values = list(values)
-        for i, mean in zip(floats, means):
-          values[i] = mean
-    for variable, value in zip(variables, values):
-      variable.assign(value)
 
   def get_config(self) -> dict[str, Any]:
     return {

@@ -71,6 +71,35 @@ def _replica_context_to_sync() -> tf.distribute.ReplicaContext | None:
   return ctx
 
 
+def sync_model_state(values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+  """The new model state of a replica step, made the same on every replica.
+
+  Replicas saw different batches, so their float state (batch-norm moving
+  statistics) is averaged across them; integer state (the seeds of dropout,
+  ShakeDrop and Shake-Shake) advances identically everywhere by construction,
+  and a mean would not be an integer. Call it in replica context on the
+  `aux` state of `sam_step`'s first pass before assigning it: Keras 3
+  variables have no aggregation, so an assign there writes only this
+  replica's copy.
+
+  Args:
+    values: the new values of the model's non-trainable variables.
+
+  Returns:
+    The values to assign, identical on every replica.
+  """
+  values = list(values)
+  ctx = tf.distribute.get_replica_context()
+  floats = [i for i, v in enumerate(values) if v.dtype.is_floating]
+  if ctx is None or ctx.num_replicas_in_sync == 1 or not floats:
+    return values
+  means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                         [values[i] for i in floats])
+  for i, mean in zip(floats, means):
+    values[i] = mean
+  return values
+
+
 def _value_and_grad(
     loss_fn: LossFn, params: Sequence[tf.Tensor],
     loss_scale: tf.Tensor | None = None,

@@ -155,20 +155,7 @@ def _assign_model_state(state: TrainState, new_state, finite) -> None:
     # A skipped step keeps the batch-norm statistics too.
     new_state = [tf.where(finite, new, old.value)
                  for new, old in zip(new_state, variables)]
-  if not new_state:
-    return
-  # Replicas saw different batches, so average their statistics: the copies
-  # stay identical. Integer state (the seeds of ShakeDrop and Shake-Shake) is
-  # the same on every replica by construction, and a mean would not be an int.
-  ctx = tf.distribute.get_replica_context()
-  floats = [i for i, v in enumerate(new_state) if v.dtype.is_floating]
-  if ctx.num_replicas_in_sync > 1 and floats:
-    means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
-                           [new_state[i] for i in floats])
-    new_state = list(new_state)
-    for i, mean in zip(floats, means):
-      new_state[i] = mean
-  for variable, value in zip(variables, new_state):
+  for variable, value in zip(variables, sam_lib.sync_model_state(new_state)):
     variable.assign(value)
 
 
