@@ -12,9 +12,7 @@ import os
 # 2.21 prints its import notices, oneDNN and CUDA, before it reads it.)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import logging as std_logging
-import re
-import time
+import contextlib
 
 from absl import app
 from absl import flags
@@ -24,6 +22,8 @@ import tensorflow as tf
 
 from sam import distribute
 from sam import input_pipeline
+from sam import lock
+from sam import logs
 from sam import train
 from sam import versions
 from sam import workdir as workdir_lib
@@ -41,52 +41,8 @@ _TF_INFO = flags.DEFINE_bool(
 
 
 _USER_ERRORS = (ValueError, PermissionError, FloatingPointError,
-                input_pipeline.DataNotFoundError,
-                versions.UnsupportedVersionError)
-
-
-class _NoLibraryInfo(std_logging.Filter):
-  """Keeps TensorFlow's and Keras' own INFO lines off the console.
-
-  They log through absl, as we do (e.g. 'Sharding callback duration' at every
-  checkpoint); the workdir's log.txt keeps them.
-  """
-
-  _LIBRARY = re.compile(r'[/\\](tensorflow|keras|tf_keras)[/\\]')
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING or
-            not self._LIBRARY.search(record.pathname))
-
-
-class _GFileHandler(std_logging.Handler):
-  """Mirrors the log into the workdir, which may be on GCS.
-
-  GCS objects cannot be appended to: a flush uploads the whole file again, so
-  remote logs are flushed at most every `flush_secs` (and at exit), and the
-  log of an earlier (resumed) run is copied over rather than appended to.
-  """
-
-  def __init__(self, path: str, flush_secs: float):
-    super().__init__()
-    previous = ''
-    if tf.io.gfile.exists(path):
-      with tf.io.gfile.GFile(path) as f:
-        previous = f.read()
-    self._file = tf.io.gfile.GFile(path, 'w')
-    self._file.write(previous)
-    self._flush_secs = flush_secs
-    self._last_flush = 0.0
-
-  def emit(self, record):
-    self._file.write(self.format(record) + '\n')
-    if time.monotonic() - self._last_flush >= self._flush_secs:
-      self._file.flush()
-      self._last_flush = time.monotonic()
-
-  def close(self):
-    self._file.close()
-    super().close()
+                input_pipeline.DataNotFoundError, lock.WorkdirBusyError,
+                workdir_lib.CheckpointError, versions.UnsupportedVersionError)
 
 
 def main(argv):
@@ -95,43 +51,53 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
   if not _TF_INFO.value:
-    logging.get_absl_handler().addFilter(_NoLibraryInfo())
-  try:
-    versions.check_installed()
-    # The strategy first: TPU and multi-worker set-up must precede other ops.
-    strategy = distribute.create_strategy(config.strategy, config.tpu)
-    handler = _mirror_log(workdir, distribute.is_chief(strategy))
-  except _USER_ERRORS as e:
-    raise SystemExit(f'Error: {e}') from None
-  try:
-    logging.info('TensorFlow %s; devices: %s', tf.__version__,
-                 tf.config.list_logical_devices())
-    logging.info('Config:\n%s', config)
-    train.train_and_evaluate(config, workdir, strategy)
-  except _USER_ERRORS as e:
-    # A bad config, missing data or a diverged run: the message says what to
-    # fix, and a traceback from deep inside TensorFlow would only hide it.
-    logging.error('%s: %s', type(e).__name__, e)
-    raise SystemExit(f'Error: {e}') from None
-  finally:
-    logging.get_absl_logger().removeHandler(handler)
-    handler.close()
+    logging.get_absl_handler().addFilter(logs.NoLibraryInfo())
+  with contextlib.ExitStack() as stack:
+    try:
+      versions.check_installed()
+      # The strategy first: TPU and multi-worker set-up must precede other
+      # ops.
+      strategy = distribute.create_strategy(config.strategy, config.tpu)
+      chief = distribute.is_chief(strategy)
+      _makedirs(workdir)
+      if chief:
+        # Before anything is written there: a second run must change nothing.
+        stack.enter_context(lock.hold(workdir))
+      log = stack.enter_context(logs.mirror(workdir, chief))
+    except _USER_ERRORS as e:
+      raise SystemExit(f'Error: {e}') from None
+    try:
+      logging.info('TensorFlow %s; devices: %s', tf.__version__,
+                   tf.config.list_logical_devices())
+      logging.info('Config:\n%s', config)
+      train.train_and_evaluate(config, workdir, strategy)
+    except _USER_ERRORS as e:
+      # A bad config, missing data, a diverged run, a full disk: the line
+      # says what to fix, and the traceback (in the workdir's log only)
+      # would hide it on the console.
+      logging.error('%s: %s', type(e).__name__, e)
+      log.write_traceback()
+      raise SystemExit(f'Error: {e}') from None
+    except KeyboardInterrupt:
+      # A second Ctrl-C (the first stops after the current loop), or one
+      # before training started.
+      logging.error('Interrupted: stopped at once; run the same command to '
+                    'resume from the last checkpoint.')
+      raise SystemExit(130) from None
+    except Exception:
+      # Unforeseen: the traceback goes to the console and, for a remote
+      # run, into the workdir's log too.
+      log.write_traceback()
+      raise
 
 
-def _mirror_log(workdir: str, chief: bool) -> _GFileHandler:
-  """Adds a handler that copies the absl log into the workdir."""
+def _makedirs(workdir: str) -> None:
   try:
     workdir_lib.makedirs(workdir)
-    name = 'log.txt' if chief else f'log-{os.getpid()}.txt'
-    handler = _GFileHandler(os.path.join(workdir, name),
-                            flush_secs=60.0 if '://' in workdir else 0.0)
   except (tf.errors.OpError, OSError) as e:
     raise PermissionError(
         f'Cannot write to --workdir={workdir} ({e}). Choose a writable '
         'directory or bucket.') from None
-  handler.setFormatter(logging.PythonFormatter())
-  logging.get_absl_logger().addHandler(handler)
-  return handler
 
 
 def run():

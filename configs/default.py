@@ -163,6 +163,6 @@ def get_config() -> ml_collections.ConfigDict:
   # How many checkpoints to keep in workdir/checkpoints.
   config.keep_checkpoints = 3
   # Resume even if the workdir's config differs in a field of
-  # sam.train.STRUCTURAL_FIELDS (model, data stream, optimizer kind).
+  # sam.config_checks.STRUCTURAL_FIELDS (model, data, optimizer kind).
   config.allow_structural_changes = False
   return config

@@ -5,6 +5,7 @@
 that wrote a workdir's checkpoints (a resume must continue the same run).
 """
 
+import math
 from typing import Any
 
 import ml_collections
@@ -67,7 +68,7 @@ def validate_config(config: ml_collections.ConfigDict,
                 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
-    _check(value >= 0, field, value, 'it must be >= 0')
+    _check(0 <= value < math.inf, field, value, 'it must be finite and >= 0')
   _check_sam(config.sam, config.batch_size // max(num_replicas, 1))
   _check(config.loss_scale.initial > 0, 'loss_scale.initial',
         config.loss_scale.initial, 'it must be > 0 (2**15 is usual)')
@@ -83,8 +84,9 @@ def validate_config(config: ml_collections.ConfigDict,
           f'schedule.name=plateau and early stopping watch {pc.monitor}, '
           'so hold out a validation split (> 0)')
   _check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
-  _check(config.schedule.learning_rate > 0, 'schedule.learning_rate',
-        config.schedule.learning_rate, 'it must be > 0')
+  _check(0 < config.schedule.learning_rate < math.inf,
+        'schedule.learning_rate', config.schedule.learning_rate,
+        'it must be finite and > 0')
   _check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
         config.optimizer.label_smoothing, 'it must be in [0, 1)')
   for field in ('batch_size', 'eval_batch_size'):
@@ -93,9 +95,13 @@ def validate_config(config: ml_collections.ConfigDict,
           f'it must be a positive multiple of the {num_replicas} replicas')
   _check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
         'it must be >= 1')
-  _check(config.num_train_steps > 0 or config.num_epochs > 0,
+  _check(config.num_train_steps > 0 or (
+      config.num_train_steps == -1 and config.num_epochs > 0),
         'num_train_steps', config.num_train_steps,
         'set it > 0, or -1 with config.num_epochs > 0')
+  _check(config.seed >= 0, 'seed', config.seed, 'it must be >= 0')
+  _check(config.keep_checkpoints >= 1, 'keep_checkpoints',
+        config.keep_checkpoints, 'it must be >= 1 (a run resumes from them)')
   for field in ('log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps'):
     _check(config[field] == -1 or config[field] >= 1, field, config[field],
@@ -113,13 +119,33 @@ def validate_config(config: ml_collections.ConfigDict,
 
 
 
-# Fields that change the model, the data stream or the optimizer's state: a
-# resume with other values would not continue the same run.
+# Fields that change the model, the data a run trains on (its examples, their
+# labels, order and augmentation) or the optimizer's state: a resume with
+# other values would not continue the same run.
 STRUCTURAL_FIELDS = (
-    'seed', 'batch_size', 'model', 'dataset.name', 'dataset.train_subset',
-    'dataset.synthetic_image_shape', 'dataset.synthetic_num_classes',
-    'optimizer.name', 'optimizer.momentum', 'optimizer.nesterov',
-    'optimizer.weight_decay_type', 'ema_decay', 'sam.looksam_alpha')
+    'seed', 'batch_size', 'model', 'dataset.name', 'dataset.augment',
+    'dataset.cutout_size', 'dataset.label_noise', 'dataset.validation_size',
+    'dataset.train_subset', 'dataset.synthetic_image_shape',
+    'dataset.synthetic_num_classes', 'dataset.synthetic_train_size',
+    'dataset.synthetic_noise', 'dataset.synthetic_seed', 'optimizer.name',
+    'optimizer.momentum', 'optimizer.nesterov', 'optimizer.weight_decay_type',
+    'ema_decay', 'sam.looksam_alpha')
+
+# The others, which a resume may change (a longer run, another learning rate
+# or rho, where the files are, how often to log): tests/configs_test.py
+# checks that every field of configs/default.py is in one of the two lists.
+RESUMABLE_FIELDS = (
+    'strategy', 'tpu', 'jit_compile', 'dtype_policy', 'loss_scale',
+    'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
+    'sam.rho', 'sam.adaptive', 'sam.eta', 'sam.sync_perturbation',
+    'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',
+    'optimizer.beta1', 'optimizer.beta2', 'optimizer.epsilon',
+    'optimizer.weight_decay', 'optimizer.decay_all_params',
+    'optimizer.grad_clip_norm', 'optimizer.label_smoothing', 'schedule',
+    'plateau', 'eval_batch_size', 'num_epochs', 'num_train_steps',
+    'steps_per_loop', 'log_every_steps', 'eval_every_steps',
+    'checkpoint_every_steps', 'progress_every_secs', 'keep_checkpoints',
+    'allow_structural_changes')
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

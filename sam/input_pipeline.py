@@ -126,6 +126,10 @@ def load(config: ml_collections.ConfigDict) -> Data:
     train = _symmetric_label_noise(train, dc.label_noise, num_classes,
                                    np.random.default_rng([config.seed, 1]))
   validation = None
+  if dc.validation_size >= len(train):
+    raise ValueError(
+        f'config.dataset.validation_size={dc.validation_size} is invalid: '
+        f'the training set has {len(train)} examples; hold out fewer.')
   if dc.validation_size > 0:
     order = np.random.default_rng([config.seed, 2]).permutation(len(train))
     validation = _take(train, np.sort(order[:dc.validation_size]))
@@ -287,6 +291,17 @@ def _cutout(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
 
 
 def steps_per_epoch(data: Data, global_batch_size: int) -> int:
+  """Whole batches in the training split (the rest is dropped).
+
+  Raises:
+    ValueError: if not even one batch fits, naming config.batch_size.
+  """
+  if len(data.train) < global_batch_size:
+    raise ValueError(
+        f'config.batch_size={global_batch_size} is invalid: the training set '
+        f'has {len(data.train)} examples' + (
+            f' ({len(data.validation)} are held out for validation)'
+            if data.validation else '') + '; use a smaller batch_size.')
   return len(data.train) // global_batch_size
 
 

@@ -56,7 +56,8 @@ class _Run:
     self.chief = distribute.is_chief(strategy)
     self.multi_worker = isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    workdir_lib.prepare(config, workdir, self.chief)
+    self.workdir = workdir
+    workdir_lib.check_resumable(config, workdir)
     data = input_pipeline.load(config)
     self.steps_per_epoch = input_pipeline.steps_per_epoch(data,
                                                           config.batch_size)
@@ -69,13 +70,17 @@ class _Run:
     logging.info('Model %s: %d trainable parameters.', config.model.name,
                  sum(int(np.prod(v.shape))
                      for v in self.trainer.state.model.trainable_variables))
-    self.manager = tf.train.CheckpointManager(
-        self.trainer.state.checkpoint, os.path.join(workdir, 'checkpoints'),
-        max_to_keep=config.keep_checkpoints)
     state = self.trainer.state
-    restored = workdir_lib.restore(state.checkpoint, self.manager,
+    directory = os.path.join(workdir, 'checkpoints')
+    restored = workdir_lib.restore(state.checkpoint, directory,
                                    state.older_checkpoints)
-    self.step = self.trainer.state.step
+    if self.chief:
+      workdir_lib.tidy_checkpoints(directory)
+      # Only now: a resume that fails must leave the old config in place.
+      workdir_lib.write_config(config, workdir)
+    self.manager = tf.train.CheckpointManager(
+        state.checkpoint, directory, max_to_keep=config.keep_checkpoints)
+    self.step = state.step
     if restored:
       logging.info('Resumed from %s at step %d.', restored, self.step)
     self.saved_step = self.step if restored else None
@@ -142,18 +147,37 @@ class _Run:
     if self.saved_step == self.step:
       return
     if self.chief:
-      self.manager.save(checkpoint_number=self.step)
+      try:
+        self.manager.save(checkpoint_number=self.step)
+      except tf.errors.OpError as e:  # A full disk, a lost bucket.
+        raise workdir_lib.CheckpointError(
+            f'Could not save the checkpoint of step {self.step} in '
+            f'{self.manager.directory} ({type(e).__name__}: {e.message}). '
+            'The checkpoints before it are intact: fix that, then run the '
+            'same command to resume.') from e
     elif self.multi_worker:
       workdir_lib.take_part_in_save(self.trainer.state.checkpoint)
     self.saved_step = self.step
 
-  def stop_requested(self, sigterm: workdir_lib.SigtermFlag) -> bool:
+  def stop_requested(self, stop: workdir_lib.StopFlag) -> bool:
     if not self.multi_worker:
-      return sigterm.requested
+      return stop.requested
     # SIGTERM reaches the hosts at different moments; all must stop after the
     # same loop, or those going on wait for the others in the next
     # collective forever.
-    return self.trainer.any_replica(sigterm.requested)
+    return self.trainer.any_replica(stop.requested)
+
+  def finished_results(self) -> dict[str, float] | None:
+    """results.json of a run that had already finished, if there is one."""
+    path = os.path.join(self.workdir, 'results.json')
+    if self.saved_step is None or (self.step < self.total_steps and
+                                   not self.trainer.plateau.stopped):
+      return None
+    try:
+      with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+    except (tf.errors.NotFoundError, ValueError):
+      return None  # Stopped between its last save and results.json.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -177,12 +201,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log_every, eval_every, ckpt_every = (run.every(config.log_every_steps),
                                        run.every(config.eval_every_steps),
                                        run.every(config.checkpoint_every_steps))
+  finished = run.finished_results()
+  if finished is not None:
+    logging.info('Nothing to train: the checkpoint is at step %d and '
+                 'num_train_steps gives %d; %s is kept as it is. Final test '
+                 'accuracy %.2f%%.', run.step, total,
+                 os.path.join(workdir, 'results.json'),
+                 100 * finished.get('eval/accuracy', math.nan))
+    return finished
   start_time = time.time()
   train_metrics, eval_metrics = {}, {}
-  logging.info('Training from step %d to %d (%d steps per epoch).', run.step,
-               total, run.steps_per_epoch)
+  if run.step < total:
+    logging.info('Training from step %d to %d (%d steps per epoch).',
+                 run.step, total, run.steps_per_epoch)
+  else:
+    logging.info('Nothing to train: the checkpoint is at step %d and '
+                 'num_train_steps gives %d; evaluating it.', run.step, total)
   run.report_progress(run.step)
-  with workdir_lib.SigtermFlag() as sigterm:
+  with workdir_lib.StopFlag() as signals:
     while run.step < total and not trainer.plateau.stopped:
       stop = _next_stop(run.step, total, [config.steps_per_loop, log_every,
                                           eval_every, ckpt_every])
@@ -190,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       first, run.step = run.step + 1, stop
       run.check_finite(first)
       run.report_progress(run.step)
-      stop_requested = run.stop_requested(sigterm)
+      stop_requested = run.stop_requested(signals)
       if itstime(run.step, log_every, total):
         train_metrics = run.write_train_metrics()
       if itstime(run.step, eval_every, total):
@@ -200,8 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run.save()
       if stop_requested and run.step < total:
         run.writer.flush()
-        logging.warning('Stopped by SIGTERM at step %d, saved in %s; run the '
-                        'same command to resume.', run.step,
+        logging.warning('Stopped by %s at step %d, saved in %s; run the '
+                        'same command to resume.',
+                        signals.requested_by or 'a signal to another host',
+                        run.step,
                         os.path.join(run.manager.directory,
                                      f'ckpt-{run.step}'))
         return {'step': run.step, 'preempted': True}

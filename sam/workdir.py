@@ -1,4 +1,4 @@
-"""The workdir: creation (local or gs://), config.json, checkpoints, SIGTERM."""
+"""The workdir: creation (local or gs://), config.json, checkpoints, signals."""
 
 import json
 import os
@@ -11,6 +11,10 @@ import ml_collections
 import tensorflow as tf
 
 from sam import config_checks
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint could be restored, or one could not be saved."""
 
 
 def makedirs(path: str) -> None:
@@ -31,46 +35,91 @@ def makedirs(path: str) -> None:
   tf.io.gfile.makedirs(path)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str,
-                     chief: bool) -> None:
-  """Checks the workdir is writable and resumable; writes config.json.
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a resume whose config changes what the checkpoints trained.
+
+  Raises:
+    ValueError: if the workdir holds checkpoints of a structurally different
+      config, or checkpoints without their config.json.
+  """
+  if not checkpoints(os.path.join(workdir, 'checkpoints')):
+    return
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      old = json.load(f)
+  except tf.errors.NotFoundError:
+    old = None
+    problem = 'no config.json'
+  except ValueError as e:
+    old = None
+    problem = f'an unreadable config.json ({e})'
+  if old is None:
+    if config.allow_structural_changes:
+      return
+    raise ValueError(
+        f'{workdir} holds checkpoints but {problem}, so a resume cannot be '
+        'checked against the config that wrote them. Restore that file, use '
+        'another --workdir, or resume anyway with '
+        '--config.allow_structural_changes=True.')
+  changes = config_checks.config_changes(old, json.loads(
+      config.to_json_best_effort()))
+  if changes and not config.allow_structural_changes:
+    raise ValueError(
+        f'{workdir} holds checkpoints of a run whose config differs in '
+        f'{"; ".join(changes)}. Use another --workdir, or resume anyway '
+        'with --config.allow_structural_changes=True.')
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json (the chief, once the run's state is restored).
 
   Raises:
     PermissionError: if the workdir cannot be written.
-    ValueError: if it holds checkpoints of a structurally different config.
   """
   path = os.path.join(workdir, 'config.json')
-  new = json.loads(config.to_json_best_effort())
-  if tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints')):
-    with tf.io.gfile.GFile(path) as f:
-      changes = config_checks.config_changes(json.load(f), new)
-    if changes and not config.allow_structural_changes:
-      raise ValueError(
-          f'{workdir} holds checkpoints of a run whose config differs in '
-          f'{"; ".join(changes)}. Use another --workdir, or resume anyway '
-          'with --config.allow_structural_changes=True.')
   try:
     makedirs(workdir)
-    if chief:
-      # Written aside and renamed into place: the other hosts of a
-      # multi-host run may be reading the previous one right now.
-      with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-      tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+    # Written aside and renamed into place: the other hosts of a multi-host
+    # run may be reading the previous one right now.
+    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
   except (tf.errors.OpError, OSError) as e:
     raise PermissionError(
         f'Cannot write to --workdir={workdir} ({e}). Choose a writable '
         'directory or bucket.') from None
 
 
-def restore(checkpoint: tf.train.Checkpoint,
-            manager: tf.train.CheckpointManager,
+def checkpoints(directory: str) -> list[str]:
+  """The checkpoint prefixes in `directory`, oldest first.
+
+  Those the state file (`checkpoint`) lists and those on disk (an .index
+  file), so that a lost or garbled state file loses no checkpoint.
+  """
+  # A garbled state file reads as None (TensorFlow logs a warning).
+  state = tf.train.get_checkpoint_state(directory)
+  listed = [os.path.join(directory, os.path.basename(p))
+            for p in state.all_model_checkpoint_paths] if state else []
+  found = [p[:-len('.index')] for p in
+           tf.io.gfile.glob(os.path.join(directory, 'ckpt-*.index'))
+           if not tf.io.gfile.isdir(p)]
+
+  def number(path):
+    suffix = path.rsplit('-', 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+  return sorted(set(listed) | {p for p in found if number(p) >= 0},
+                key=number)
+
+
+def restore(checkpoint: tf.train.Checkpoint, directory: str,
             older_layouts: tuple[tf.train.Checkpoint, ...] = ()) -> str | None:
-  """Restores the newest readable checkpoint; skips corrupt ones.
+  """Restores the newest readable checkpoint in `directory`; skips corrupt ones.
 
   Args:
     checkpoint: what to restore into.
-    manager: the workdir's checkpoint manager.
+    directory: the workdir's checkpoints directory.
     older_layouts: checkpoints of the same variables as written by older
       versions of this code, tried when `checkpoint` does not match.
 
@@ -78,9 +127,10 @@ def restore(checkpoint: tf.train.Checkpoint,
     The path restored, or None if there was no checkpoint.
 
   Raises:
-    RuntimeError: if there are checkpoints, but none is readable.
+    CheckpointError: if there are checkpoints, but none is readable.
   """
-  for path in reversed(manager.checkpoints):
+  paths = checkpoints(directory)
+  for path in reversed(paths):
     for layout in (checkpoint, *older_layouts):
       try:
         layout.restore(path).assert_existing_objects_matched()
@@ -91,36 +141,81 @@ def restore(checkpoint: tf.train.Checkpoint,
         error = e
     logging.error('Checkpoint %s is unreadable (%s: %s); trying the one '
                   'before it.', path, type(error).__name__, error)
-  if manager.checkpoints:
-    raise RuntimeError(f'No readable checkpoint in {manager.directory}.')
+  if paths:
+    raise CheckpointError(
+        f'No readable checkpoint in {directory} (tried {len(paths)}; the '
+        'log names why each failed). Move them aside to start afresh, or '
+        'use another --workdir.')
   return None
 
 
-class SigtermFlag:
-  """Turns SIGTERM (preemption, `gcloud ... stop`) into a flag the loop reads.
+def tidy_checkpoints(directory: str) -> None:
+  """Puts the checkpoints directory in order (the chief, before it saves).
 
-  The host loop finishes its current call, saves a checkpoint and returns;
-  the same command resumes from there. Only the main thread can install
-  signal handlers, so elsewhere (tests in threads) this is inert.
+  Removes the `ckpt-N_temp` folders of saves that were cut short (a kill in
+  the middle of one), and lists every checkpoint on disk in the state file
+  if it lost some (deleted or garbled), so that the CheckpointManager made
+  next knows them all and `max_to_keep` keeps counting them.
+  """
+  for path in tf.io.gfile.glob(os.path.join(directory, 'ckpt-*_temp')):
+    logging.info('Removing %s, left by a save that was cut short.', path)
+    tf.io.gfile.rmtree(path)
+  paths = checkpoints(directory)
+  state = tf.train.get_checkpoint_state(directory)
+  listed = len(state.all_model_checkpoint_paths) if state else 0
+  if len(paths) == listed:
+    return
+  logging.warning('Rewriting %s/checkpoint, which listed %d of the %d '
+                  'checkpoints there.', directory, listed, len(paths))
+  # With their times (those of their index files): a manager counts only
+  # checkpoints newer than last_preserved_timestamp towards max_to_keep.
+  times = [tf.io.gfile.stat(p + '.index').mtime_nsec / 1e9 for p in paths]
+  tf.compat.v1.train.update_checkpoint_state(
+      directory, paths[-1], all_model_checkpoint_paths=paths,
+      all_model_checkpoint_timestamps=times,
+      last_preserved_timestamp=min(times) - 1)
+
+
+class StopFlag:
+  """Turns SIGTERM and SIGINT into a flag the host loop reads.
+
+  SIGTERM (a preemption, `gcloud ... stop`, `kill`) and a first Ctrl-C make
+  the loop finish its current call, save a checkpoint and return; the same
+  command resumes from there. A second Ctrl-C stops at once
+  (KeyboardInterrupt), losing the steps since the last checkpoint. Only the
+  main thread can install signal handlers, so elsewhere (tests in threads)
+  this is inert.
   """
 
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested_by: str | None = None
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.requested_by is not None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self._SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM: stopping after the current loop.')
-    self.requested = True
+    del frame
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.requested_by == name:
+      raise KeyboardInterrupt
+    logging.warning('%s: stopping after the current loop%s.', name,
+                    ' (Ctrl-C again to stop at once)'
+                    if signum == signal.SIGINT else '')
+    self.requested_by = self.requested_by or name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def take_part_in_save(checkpoint: tf.train.Checkpoint) -> None:

@@ -135,6 +135,29 @@ def test_gs_workdir_is_filled_and_resumed_after_sigterm(gcs, tmp_path):
                                atol=1e-7, err_msg=name)
 
 
+def test_second_run_on_a_live_gs_workdir_is_refused(gcs):
+  workdir = gcs.url('locked')
+  flags = ['--config.num_train_steps=100000', *_FLAGS[1:]]
+  first = _Run(workdir, gcs.env, *flags)
+  try:
+    first.wait_for('[10] train/', timeout=240)
+    lease = json.loads(gcs.read('locked/lock.json'))
+    assert lease['owner'].startswith(f'pid {first.process.pid} ')
+    config = gcs.read('locked/config.json')
+    second = _Run(workdir, gcs.env, *flags, '--config.sam.rho=0')
+    out = second.finish(timeout=240)
+    assert second.process.returncode == 1, out[-3000:]
+    assert (f'Error: --workdir={workdir} is in use by another run (pid '
+            f'{first.process.pid} ') in out
+    assert 'Traceback' not in out
+    assert gcs.read('locked/config.json') == config
+  finally:
+    first.process.send_signal(signal.SIGTERM)
+    out = first.finish()
+  assert first.process.returncode == 0, out[-3000:]
+  assert 'locked/lock.json' not in gcs.objects('locked/')  # Released.
+
+
 def test_missing_bucket_fails_fast(gcs):
   run = _Run('gs://no-such-bucket/run', gcs.env)
   out = run.finish(timeout=120)

@@ -148,13 +148,14 @@ def test_two_workers_match_one_process_and_resume(tmp_path):
   _assert_same_weights(workdir / 'checkpoints' / 'ckpt-8',
                        tmp_path / 'single' / 'checkpoints' / 'ckpt-8')
 
-  # Only the chief (worker 0) writes summaries, results.json, config.json and
-  # checkpoints; worker 1 leaves its own log and nothing else.
+  # Only the chief (worker 0) writes summaries, results.json, config.json,
+  # checkpoints and takes the workdir lock; worker 1 leaves its own log and
+  # nothing else.
   names = sorted(os.listdir(workdir))
   events = [n for n in names if n.startswith('events.out.tfevents')]
   worker_logs = [n for n in names if re.fullmatch(r'log-\d+\.txt', n)]
   assert len(events) == 2 and len(worker_logs) == 2, names
-  assert set(names) == {'checkpoints', 'config.json', 'log.txt',
+  assert set(names) == {'checkpoints', 'config.json', 'lock', 'log.txt',
                         'results.json', *events, *worker_logs}, names
   assert sorted(os.listdir(workdir / 'checkpoints')) == [
       'checkpoint', 'ckpt-4.data-00000-of-00001', 'ckpt-4.index',
@@ -198,11 +199,14 @@ def test_sigterm_to_one_worker_stops_both_and_they_resume(tmp_path):
   workers[1].send_signal(signal.SIGTERM)
   outputs = _finish(workers, logs)
   steps = {int(m) for out in outputs
-           for m in re.findall(r'Stopped by SIGTERM at step (\d+)', out)}
+           for m in re.findall(r'Stopped by (?:SIGTERM|a signal to another '
+                               r'host) at step (\d+)', out)}
   assert len(steps) == 1, outputs[0][-3000:]
   (step,) = steps
   assert step in (10, 20, 30), outputs[0][-3000:]
-  assert all('Stopped by SIGTERM' in out for out in outputs)
+  # The chief says why it stopped; the signalled worker names the signal.
+  assert 'Stopped by a signal to another host' in outputs[0]
+  assert 'Stopped by SIGTERM' in outputs[1]
   assert sorted(os.listdir(workdir / 'checkpoints')) == [
       'checkpoint', f'ckpt-{step}.data-00000-of-00001', f'ckpt-{step}.index']
   assert not (workdir / 'results.json').exists()

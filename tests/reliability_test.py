@@ -14,6 +14,7 @@ import tensorflow as tf
 from sam import config_checks
 from sam import input_pipeline
 from sam import train
+from sam import workdir as workdir_lib
 from tests.conftest import ROOT
 from tests.conftest import TINY
 from tests.conftest import tiny_config
@@ -182,3 +183,125 @@ def test_bad_config_exits_1_without_traceback(tmp_path):
   out, _ = run.communicate(timeout=240)
   assert run.returncode == 1
   assert 'config.batch_size=0' in out and 'Traceback' not in out
+  # The workdir's log says why the run died, with the traceback.
+  log = (tmp_path / 'log.txt').read_text()
+  assert 'config.batch_size=0' in log and 'Traceback' in log
+
+
+# Long enough that signals land mid-run (the steps after tracing are fast).
+_LONG = ['--config.num_train_steps=100000', '--config.steps_per_loop=10',
+         '--config.log_every_steps=10', '--config.schedule.name=constant',
+         '--config.checkpoint_every_steps=1000000',
+         '--config.eval_every_steps=1000000']
+
+
+def _wait_for_log(workdir, text, timeout=240):
+  log = workdir / 'log.txt'
+  deadline = time.time() + timeout
+  while not (log.exists() and text in log.read_text()):
+    assert time.time() < deadline, f'no {text!r} in {log}'
+    time.sleep(0.05)
+
+
+def test_second_run_on_a_live_workdir_is_refused(tmp_path):
+  first = _run_main(tmp_path, *_LONG)
+  try:
+    _wait_for_log(tmp_path, '[10] train/')
+    config = (tmp_path / 'config.json').read_text()
+    log = (tmp_path / 'log.txt').read_text()
+    second = _run_main(tmp_path, *_LONG, '--config.sam.rho=0')
+    out, _ = second.communicate(timeout=240)
+    assert second.returncode == 1, out[-3000:]
+    assert (f'Error: --workdir={tmp_path} is in use by another run (pid '
+            f'{first.pid} ') in out
+    assert 'Traceback' not in out
+    # It changed nothing there.
+    assert (tmp_path / 'config.json').read_text() == config
+    assert (tmp_path / 'log.txt').read_text().startswith(log)
+  finally:
+    first.send_signal(signal.SIGTERM)
+    out, _ = first.communicate(timeout=240)
+  assert first.returncode == 0, out[-3000:]
+
+
+def test_ctrl_c_saves_and_a_second_one_stops_at_once(tmp_path):
+  run = _run_main(tmp_path, *_LONG)
+  _wait_for_log(tmp_path, '[10] train/')
+  run.send_signal(signal.SIGINT)
+  out, _ = run.communicate(timeout=240)
+  assert run.returncode == 0, out[-3000:]
+  assert 'Stopped by SIGINT' in out and 'Traceback' not in out
+  step = int(tf.train.latest_checkpoint(
+      str(tmp_path / 'checkpoints')).rsplit('-', 1)[1])
+  assert step >= 10
+  run = _run_main(tmp_path, *_LONG)
+  _wait_for_log(tmp_path, f'[{step + 10}] train/')
+  run.send_signal(signal.SIGINT)
+  time.sleep(0.01)
+  run.send_signal(signal.SIGINT)
+  out, _ = run.communicate(timeout=240)
+  assert run.returncode == 130, out[-3000:]
+  assert 'Interrupted: stopped at once' in out and 'Traceback' not in out
+
+
+def test_a_failed_resume_leaves_config_json_alone(tmp_path):
+  config = tiny_config(**{'num_train_steps': 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
+  other_model = tiny_config(**{'num_train_steps': 4,
+                               'model.name': 'resnet20',
+                               'allow_structural_changes': True})
+  with pytest.raises(RuntimeError, match='No readable checkpoint'):
+    train.train_and_evaluate(other_model, str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == saved
+  config.num_train_steps = 4
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 4
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'garbled'])
+def test_a_lost_state_file_resumes_from_the_files(tmp_path, damage):
+  config = tiny_config(**{'num_train_steps': 6, 'checkpoint_every_steps': 2})
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  first = tiny_config(**{'num_train_steps': 4, 'checkpoint_every_steps': 2})
+  train.train_and_evaluate(first, str(tmp_path / 'b'))
+  state = tmp_path / 'b' / 'checkpoints' / 'checkpoint'
+  if damage == 'deleted':
+    state.unlink()
+  else:
+    state.write_text('model_checkpoint_path: "ckpt-4\n garbage {{')
+  # Still checked against the run's config...
+  with pytest.raises(ValueError, match='model.name'):
+    train.train_and_evaluate(tiny_config(**{'model.name': 'resnet20'}),
+                             str(tmp_path / 'b'))
+  # ...and resumed from step 4, not 0.
+  assert train.train_and_evaluate(config, str(tmp_path / 'b'))['step'] == 6
+  _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+  config = tiny_config(**{'num_train_steps': 4})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 'train/loss' in results
+  saved = (tmp_path / 'results.json').read_text()
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again == pytest.approx(results)
+  shorter = tiny_config(**{'num_train_steps': 2})
+  assert train.train_and_evaluate(shorter, str(tmp_path))['step'] == 4
+  assert (tmp_path / 'results.json').read_text() == saved
+
+
+def test_a_failed_save_stops_in_one_line_and_keeps_the_last_checkpoint(
+    tmp_path):
+  train.train_and_evaluate(tiny_config(**{'num_train_steps': 2}),
+                           str(tmp_path))
+  # Where ckpt-4's index file must go: its save fails, as on a full disk.
+  (tmp_path / 'checkpoints' / 'ckpt-4.index').mkdir()
+  config = tiny_config(**{'num_train_steps': 4, 'checkpoint_every_steps': 2})
+  with pytest.raises(workdir_lib.CheckpointError,
+                     match='Could not save the checkpoint of step 4 in .*'
+                     'The checkpoints before it are intact'):
+    train.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / 'checkpoints' / 'ckpt-4.index').rmdir()
+  assert workdir_lib.checkpoints(str(tmp_path / 'checkpoints'))[-1].endswith(
+      'ckpt-2')
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 4

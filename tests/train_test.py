@@ -256,6 +256,15 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('sam.looksam_alpha', 0.7, 'sam.every_k_steps > 1'),
     ('dtype_policy', 'float16', 'config.dtype_policy'),
     ('loss_scale.initial', 0.0, 'config.loss_scale.initial'),
+    ('sam.rho', float('inf'), 'config.sam.rho=inf'),
+    ('schedule.learning_rate', float('inf'), 'config.schedule.learning_rate'),
+    ('num_train_steps', 0, 'config.num_train_steps=0'),
+    ('seed', -1, 'config.seed=-1'),
+    ('keep_checkpoints', 0, 'config.keep_checkpoints=0'),
+    # Found once the data is loaded, still before the model is built.
+    ('batch_size', 128, 'config.batch_size=128 is invalid: the training set '
+     'has 64 examples'),
+    ('dataset.validation_size', 64, 'config.dataset.validation_size=64'),
 ])
 def test_bad_config_fails_before_training(mirrored, tmp_path, field, value,
                                           message):

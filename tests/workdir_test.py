@@ -1,0 +1,203 @@
+"""The workdir's guards, in process: the lock, checkpoints, config, log."""
+
+import json
+import logging as std_logging
+import os
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+
+from configs import default
+from sam import config_checks
+from sam import lock
+from sam import logs
+from sam import workdir as workdir_lib
+from tests.conftest import tiny_config
+
+
+def _fields(config) -> list[str]:
+  def flatten(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield prefix + key
+  return list(flatten(json.loads(config.to_json_best_effort())))
+
+
+def test_every_config_field_is_structural_or_resumable():
+  def owners(field):
+    return [f for f in config_checks.STRUCTURAL_FIELDS +
+            config_checks.RESUMABLE_FIELDS
+            if field == f or field.startswith(f + '.')]
+  problems = [f'{field}: {owners(field) or "in neither list"}'
+              for field in _fields(default.get_config())
+              if len(owners(field)) != 1]
+  assert not problems, ('each field of configs/default.py must be in exactly '
+                        'one of STRUCTURAL_FIELDS and RESUMABLE_FIELDS '
+                        '(sam/config_checks.py):\n' + '\n'.join(problems))
+
+
+@pytest.mark.parametrize('field,value', [
+    ('dataset.label_noise', 0.4), ('dataset.augment', 'basic'),
+    ('dataset.synthetic_train_size', 32), ('dataset.validation_size', 8),
+    ('model.name', 'resnet20'), ('seed', 3)])
+def test_a_change_of_the_data_or_model_is_structural(field, value):
+  base = json.loads(tiny_config().to_json_best_effort())
+  changed = json.loads(tiny_config(**{field: value}).to_json_best_effort())
+  assert [c.split(':')[0] for c in config_checks.config_changes(
+      base, changed)] == [field]
+
+
+def test_other_changes_are_not_structural():
+  base = json.loads(tiny_config().to_json_best_effort())
+  changed = json.loads(tiny_config(**{
+      'num_train_steps': 9, 'schedule.learning_rate': 0.3, 'sam.rho': 0.1,
+      'dataset.data_dir': '/elsewhere', 'keep_checkpoints': 7,
+      }).to_json_best_effort())
+  assert not config_checks.config_changes(base, changed)
+
+
+def test_file_lock_refuses_a_second_run(tmp_path):
+  with lock.hold(str(tmp_path)):
+    assert (tmp_path / 'lock').read_text().startswith(f'pid {os.getpid()} ')
+    # flock is per open file: a second open in this process is refused too.
+    with pytest.raises(lock.WorkdirBusyError,
+                       match=f'in use by another run \\(pid {os.getpid()} '):
+      with lock.hold(str(tmp_path)):
+        pass
+  with lock.hold(str(tmp_path)):  # Released at exit.
+    pass
+
+
+def _lease(path, owner, age, ttl=300.0):
+  path.write_text(json.dumps({'owner': owner, 'renewed': time.time() - age,
+                              'ttl_secs': ttl}))
+
+
+def test_lease_refuses_a_live_one_and_takes_an_expired_one(tmp_path):
+  path = tmp_path / 'lock.json'
+  _lease(path, 'pid 7 on other-host', age=10)
+  with pytest.raises(lock.WorkdirBusyError,
+                     match=r'pid 7 on other-host; its lease .*lock.json was '
+                     r'renewed 10 s ago'):
+    with lock.hold(str(tmp_path), lease=True, settle_secs=0):
+      pass
+  assert 'other-host' in path.read_text()  # Left alone.
+  _lease(path, 'pid 7 on other-host', age=301)
+  with lock.hold(str(tmp_path), lease=True, settle_secs=0):
+    assert json.loads(path.read_text())['owner'].startswith(
+        f'pid {os.getpid()} ')
+  assert not path.exists()  # Released at exit.
+  path.write_text('{"owner": "pid 7 on oth')  # Torn: holds nothing.
+  with lock.hold(str(tmp_path), lease=True, settle_secs=0):
+    pass
+
+
+def test_lease_is_renewed_and_lost_to_a_racing_run(tmp_path):
+  path = tmp_path / 'lock.json'
+  with lock.hold(str(tmp_path), lease=True, settle_secs=0,
+                 heartbeat_secs=0.05):
+    first = json.loads(path.read_text())['renewed']
+    time.sleep(0.5)
+    assert json.loads(path.read_text())['renewed'] > first
+  # Another run wrote its lease while this one settled: this one refuses.
+  racing = lock.hold(str(tmp_path), lease=True, settle_secs=0.5)
+  writer = threading.Timer(0.2, _lease, (path, 'pid 8 on racer', 0))
+  writer.start()
+  with pytest.raises(lock.WorkdirBusyError, match='pid 8 on racer; it took'):
+    with racing:
+      pass
+  writer.join()
+
+
+def _save_checkpoints(directory, steps):
+  variable = tf.Variable(0)
+  checkpoint = tf.train.Checkpoint(v=variable)
+  manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=5)
+  for step in steps:
+    variable.assign(step)
+    manager.save(checkpoint_number=step)
+  return checkpoint, variable
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'garbled', 'stale'])
+def test_checkpoints_are_found_without_their_state_file(tmp_path, damage):
+  directory = str(tmp_path)
+  checkpoint, variable = _save_checkpoints(directory, [2, 4, 10])
+  state = tmp_path / 'checkpoint'
+  if damage == 'deleted':
+    state.unlink()
+  elif damage == 'garbled':
+    state.write_bytes(state.read_bytes()[:20] + b'\x00{{garbage')
+  else:  # Lists only the oldest, as after a crash between writes.
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, os.path.join(directory, 'ckpt-2'),
+        all_model_checkpoint_paths=[os.path.join(directory, 'ckpt-2')])
+  want = [os.path.join(directory, f'ckpt-{s}') for s in (2, 4, 10)]
+  assert workdir_lib.checkpoints(directory) == want
+  variable.assign(-1)
+  assert workdir_lib.restore(checkpoint, directory) == want[-1]
+  assert int(variable.numpy()) == 10
+  (tmp_path / 'ckpt-12_temp').mkdir()  # A save cut short by a kill.
+  (tmp_path / 'ckpt-12_temp' / 'part-00000-of-00001.index').write_text('')
+  workdir_lib.tidy_checkpoints(directory)
+  assert not (tmp_path / 'ckpt-12_temp').exists()
+  manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+  assert manager.checkpoints == want
+  manager.save(checkpoint_number=11)  # max_to_keep counts the found ones.
+  assert workdir_lib.checkpoints(directory) == want[1:] + [
+      os.path.join(directory, 'ckpt-11')]
+
+
+def test_checkpoints_without_config_json_are_refused(tmp_path):
+  _save_checkpoints(str(tmp_path / 'checkpoints'), [2])
+  with pytest.raises(ValueError, match='holds checkpoints but no '
+                     'config.json.*allow_structural_changes=True'):
+    workdir_lib.check_resumable(tiny_config(), str(tmp_path))
+  (tmp_path / 'config.json').write_text('{"seed": ')
+  with pytest.raises(ValueError, match='an unreadable config.json'):
+    workdir_lib.check_resumable(tiny_config(), str(tmp_path))
+  workdir_lib.check_resumable(
+      tiny_config(**{'allow_structural_changes': True}), str(tmp_path))
+
+
+class _FullDisk:
+  """A file whose writes fail, as on a full disk, until `heal()`."""
+
+  def __init__(self):
+    self.lines, self.broken = [], True
+
+  def write(self, text):
+    if self.broken:
+      raise OSError(28, 'No space left on device')
+    self.lines.append(text)
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self.write('')
+
+
+def test_a_failing_log_file_never_stops_the_run(tmp_path, capsys):
+  disk = _FullDisk()
+  handler = logs.WorkdirLog(str(tmp_path / 'log.txt'), flush_secs=0,
+                            open_file=lambda path, mode: disk)
+  logger = std_logging.getLogger('workdir_test')
+  logger.addHandler(handler)
+  try:
+    for i in range(3):
+      logger.warning('line %d', i)  # Raises nothing.
+    disk.broken = False
+    logger.warning('line 3')
+    disk.broken = True
+    logger.warning('line 4')
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
+  assert disk.lines == ['line 3\n']
+  # Said once per spell of failures, not once per line.
+  assert capsys.readouterr().err.count('Could not write the log') == 2
