@@ -22,6 +22,7 @@ expects.
 import dataclasses
 import gzip
 import os
+import zlib
 
 from absl import logging
 import ml_collections
@@ -186,13 +187,30 @@ def _synthetic(dc) -> tuple[Split, Split, int]:
 
 
 def _read_idx(path: str) -> np.ndarray:
-  """Reads one gzipped IDX file (the MNIST format) into a uint8 array."""
+  """Reads one gzipped IDX file (the MNIST format) into a uint8 array.
+
+  Raises:
+    ValueError: naming the file, if it is no complete gzipped uint8 IDX file.
+  """
+  def broken(why):
+    return ValueError(f'{path} {why}: replace it with a complete copy (or '
+                      'point config.dataset.data_dir elsewhere).')
+
   with tf.io.gfile.GFile(path, 'rb') as f:
-    raw = gzip.decompress(f.read())
-  if raw[:2] != b'\x00\x00' or raw[2] != 0x08:
-    raise ValueError(f'{path} is not a uint8 IDX file.')
+    try:
+      raw = gzip.decompress(f.read())
+    except (EOFError, OSError, zlib.error) as e:  # Truncated, or no gzip.
+      raise broken(f'is no complete gzip file ({e})') from None
+  if len(raw) < 4 or raw[:2] != b'\x00\x00' or raw[2] != 0x08:
+    raise broken('is not a uint8 IDX file')
   ndim = raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise broken('ends inside its header')
   dims = np.frombuffer(raw, '>u4', count=ndim, offset=4)
+  size = len(raw) - 4 - 4 * ndim
+  if size != np.prod(dims, dtype=np.int64):
+    raise broken(f'holds {size} bytes of data, not the '
+                 f'{" x ".join(map(str, dims))} its header says')
   return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -205,6 +223,12 @@ def _fashion_mnist(dc) -> tuple[Split, Split]:
     splits = []
     for split in ('train', 'test'):
       images, labels = (_read_idx(p) for p in paths[split])
+      if len(images) != len(labels) or images.ndim != 3 or labels.ndim != 1:
+        raise ValueError(
+            f'{paths[split][0]} holds {images.shape} images and '
+            f'{paths[split][1]} {labels.shape} labels: they must be N x H x W '
+            'and N. Replace them with a matching pair (or point '
+            'config.dataset.data_dir elsewhere).')
       splits.append(Split(images[..., None], labels.astype(np.int32)))
     return splits[0], splits[1]
   try:

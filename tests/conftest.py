@@ -1,5 +1,6 @@
 """Test set-up: four virtual CPU devices stand in for TPU cores or GPUs."""
 
+import gzip
 import importlib.metadata
 import os
 
@@ -7,6 +8,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -102,6 +104,14 @@ TINY = [
     '--config.batch_size=16', '--config.eval_batch_size=16',
     '--config.num_train_steps=2', '--config.steps_per_loop=1',
 ]
+
+
+def write_idx(path, array) -> None:
+  """Writes a gzipped uint8 IDX file (Fashion-MNIST's format)."""
+  header = bytes([0, 0, 8, array.ndim]) + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
 
 
 # The model zoo (models_test.py, models_shake_test.py).

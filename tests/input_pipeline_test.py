@@ -1,5 +1,6 @@
 """Input pipelines: determinism from (seed, step), sharding, full eval."""
 
+import gzip
 import os
 
 import numpy as np
@@ -8,6 +9,7 @@ import tensorflow as tf
 
 from sam import input_pipeline
 from tests.conftest import tiny_config
+from tests.conftest import write_idx
 
 
 def _context(num_pipelines=1, pipeline=0, replicas=1):
@@ -165,3 +167,42 @@ def test_crop_brightness_changes_brightness_deterministically():
   plain = next(iter(input_pipeline.train_dataset(
       data, tiny_config(), _context())))[0]
   assert not np.allclose(a, plain)
+
+
+def _fashion_mnist_dir(tmp_path):
+  for prefix, n in (('train', 32), ('t10k', 8)):
+    write_idx(tmp_path / f'{prefix}-images-idx3-ubyte.gz',
+              np.zeros((n, 28, 28)))
+    write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte.gz', np.arange(n) % 10)
+  return tiny_config(**{'dataset.name': 'fashion_mnist',
+                        'dataset.data_dir': str(tmp_path)})
+
+
+@pytest.mark.parametrize('damage,message', [
+    ('truncated', 'is no complete gzip file'),
+    ('not gzip', 'is no complete gzip file'),
+    ('short data', r'holds 5000 bytes of data, not the 32 x 28 x 28'),
+    ('no header', 'is not a uint8 IDX file'),
+    ('more labels', r'holds \(32, 28, 28\) images and .* \(33,\) labels'),
+    ('fewer labels', r'holds \(32, 28, 28\) images and .* \(31,\) labels'),
+])
+def test_damaged_idx_files_are_named(tmp_path, damage, message):
+  config = _fashion_mnist_dir(tmp_path)
+  images = tmp_path / 'train-images-idx3-ubyte.gz'
+  labels = tmp_path / 'train-labels-idx1-ubyte.gz'
+  if damage == 'truncated':
+    images.write_bytes(images.read_bytes()[:-20])
+  elif damage == 'not gzip':
+    images.write_bytes(b'<html>not found</html>')
+  elif damage == 'short data':
+    with gzip.open(images) as f:
+      raw = f.read()
+    with gzip.open(images, 'wb') as f:
+      f.write(raw[:16 + 5000])
+  elif damage == 'no header':
+    with gzip.open(images, 'wb') as f:
+      f.write(b'\x01')
+  else:
+    write_idx(labels, np.zeros(33 if damage == 'more labels' else 31))
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.load(config)

@@ -1,6 +1,5 @@
 """Nothing lost on faults: preemption, exact resume, NaN, bad checkpoints."""
 
-import gzip
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from sam import workdir as workdir_lib
 from tests.conftest import ROOT
 from tests.conftest import TINY
 from tests.conftest import tiny_config
+from tests.conftest import write_idx
 
 pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
@@ -159,18 +159,11 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
   assert 'Traceback' not in out
 
 
-def _write_idx(path, array):
-  header = bytes([0, 0, 8, array.ndim]) + b''.join(
-      int(d).to_bytes(4, 'big') for d in array.shape)
-  with gzip.open(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_labels_out_of_range_are_reported(tmp_path):
   for prefix, n in (('train', 32), ('t10k', 8)):
-    _write_idx(tmp_path / f'{prefix}-images-idx3-ubyte.gz',
+    write_idx(tmp_path / f'{prefix}-images-idx3-ubyte.gz',
                np.zeros((n, 28, 28)))
-    _write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte.gz',
+    write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte.gz',
                np.arange(n) % 12)  # 10 and 11 are not Fashion-MNIST classes.
   config = tiny_config(**{'dataset.name': 'fashion_mnist',
                           'dataset.data_dir': str(tmp_path)})
