@@ -48,7 +48,7 @@ _USER_ERRORS = (ValueError, PermissionError, FloatingPointError,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = flags.FLAGS.config
+  config = _load_config()
   workdir = _WORKDIR.value
   if not _TF_INFO.value:
     logging.get_absl_handler().addFilter(logs.NoLibraryInfo())
@@ -91,6 +91,46 @@ def main(argv):
       raise
 
 
+# What a config file that cannot be loaded, or an override of a field it
+# does not have, raises (ml_collections' config_flags, at parse or access).
+_CONFIG_ERRORS = (OSError, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _config_error(e: Exception) -> SystemExit:
+  text = str(e).replace("\\'", "'").replace('\\n', '\n')
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+    text = text[1:-1]  # A KeyError's repr.
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if isinstance(e, OSError):  # The file: its last line says why.
+    what = lines[-1]
+  elif isinstance(e, (AttributeError, KeyError)):
+    what = ' '.join([f'no field {lines[0]} in the config.', *lines[1:]])
+  else:
+    what = ' '.join(lines)
+  return SystemExit(f'Error: --config: {what} (configs/default.py lists '
+                    'every field).')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # As absl says it.
+    raise SystemExit(f'FATAL Flags parsing error: {e}\nPass --helpshort or '
+                     '--helpfull to see help on flags.') from None
+  except _CONFIG_ERRORS as e:
+    raise _config_error(e) from None
+
+
+def _load_config():
+  """--config with its overrides, or one line on what is wrong with them."""
+  try:
+    config = flags.FLAGS.config
+    config.get('seed')  # A file that failed to load raises on first use.
+    return config
+  except _CONFIG_ERRORS as e:
+    raise _config_error(e) from None
+
+
 def _makedirs(workdir: str) -> None:
   try:
     workdir_lib.makedirs(workdir)
@@ -102,7 +142,7 @@ def _makedirs(workdir: str) -> None:
 
 def run():
   """The `sam-train` console script of `pip install .`."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

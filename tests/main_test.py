@@ -13,13 +13,13 @@ from tests.conftest import TINY
 pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 
-def _main(*args, quiet=True):
+def _main(*args, quiet=True, config='configs/default.py'):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # main.py's own default.
   if not quiet:
     env['TF_CPP_MIN_LOG_LEVEL'] = '0'
   return subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/default.py', *args],
+      [sys.executable, 'main.py', f'--config={config}', *args],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -53,6 +53,23 @@ def test_bad_override_names_the_field(tmp_path):
   run = _main(f'--workdir={tmp_path}', *TINY, '--config.sam.rho=-1')
   assert run.returncode != 0
   assert 'config.sam.rho' in run.stderr
+
+
+@pytest.mark.parametrize('config,override,message', [
+    ('configs/nope.py', [], "Error: --config: [Errno 2] No such file or "
+     "directory: 'configs/nope.py'"),
+    ('configs/default.py', ['--config.sam.rhoo=1'],
+     """Error: --config: no field 'rhoo' in the config. Did you mean "rho" """),
+    ('configs/default.py', ['--config.sam.rho=abc'],
+     "flag --config.sam.rho=abc: could not convert string to float"),
+])
+def test_a_bad_config_file_or_field_is_one_line(tmp_path, config, override,
+                                                 message):
+  run = _main(f'--workdir={tmp_path}', *override, config=config)
+  assert run.returncode == 1
+  assert message in run.stderr
+  assert 'Traceback' not in run.stderr
+  assert not os.listdir(tmp_path)  # Refused before anything is written.
 
 
 def test_console_is_quiet_by_default(tmp_path):
