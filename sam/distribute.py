@@ -25,7 +25,7 @@ def resolve_name(name: str) -> str:
     return name
   if _on_tpu_vm():
     return 'tpu'
-  if os.environ.get('TF_CONFIG'):
+  if _tf_config():
     return 'multi_worker'
   if tf.config.list_physical_devices('GPU'):
     return 'mirrored'
@@ -47,8 +47,7 @@ def create_strategy(name: str = 'auto',
   if name == 'tpu':
     strategy = _tpu_strategy(tpu)
   elif name == 'multi_worker':
-    task = json.loads(os.environ.get('TF_CONFIG', '{}')).get('task', {})
-    logging.info('Multi-worker task: %s', task)
+    logging.info('Multi-worker task: %s', _tf_config().get('task', {}))
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   elif name == 'mirrored':
     strategy = tf.distribute.MirroredStrategy()
@@ -57,6 +56,21 @@ def create_strategy(name: str = 'auto',
   logging.info('Strategy %s (%s) with %d replicas.', name,
                type(strategy).__name__, strategy.num_replicas_in_sync)
   return strategy
+
+
+def _tf_config() -> dict:
+  """TF_CONFIG, parsed; one line naming it if it is no JSON object."""
+  raw = os.environ.get('TF_CONFIG', '')
+  try:
+    value = json.loads(raw) if raw else {}
+    if not isinstance(value, dict):
+      raise ValueError('not a JSON object')
+  except ValueError as e:
+    raise ValueError(
+        f'TF_CONFIG={raw!r} is invalid ({e}): set it to a JSON object such as '
+        '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": '
+        '{"type": "worker", "index": 0}}, or unset it.') from None
+  return value
 
 
 def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:

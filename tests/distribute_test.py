@@ -38,6 +38,15 @@ def test_auto_picks_by_machine(machine, monkeypatch):
   assert distribute.resolve_name('default') == 'default'
 
 
+@pytest.mark.parametrize('value', ['{"cluster": ', '[1, 2]', 'worker0:2222'])
+def test_tf_config_that_is_no_json_object_names_it(machine, monkeypatch,
+                                                   value):
+  del machine
+  monkeypatch.setenv('TF_CONFIG', value)
+  with pytest.raises(ValueError, match=r'TF_CONFIG=.* is invalid .*unset it'):
+    distribute.resolve_name('auto')
+
+
 def test_unknown_strategy_names_the_field():
   with pytest.raises(ValueError, match='config.strategy'):
     distribute.resolve_name('horovod')
