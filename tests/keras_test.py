@@ -185,8 +185,9 @@ def _reference_steps(x, y, strategy, rho=0.5, sample_weight=None):
           labels, logits)
       return tf.reduce_sum(per_example * weights) / BATCH, new_state
 
-    _, grads, new_state = sam_lib.sam_gradients(
+    out = sam_lib.sam_step(
         loss_fn, [v.value for v in model.trainable_variables], rho)
+    grads, new_state = out.grads, out.aux
     if ctx.num_replicas_in_sync > 1:
       new_state = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, new_state)
     for variable, value in zip(model.non_trainable_variables, new_state):
