@@ -217,7 +217,7 @@ def test_second_run_on_a_live_workdir_is_refused(tmp_path):
   assert first.returncode == 0, out[-3000:]
 
 
-def test_ctrl_c_saves_and_a_second_one_stops_at_once(tmp_path):
+def test_ctrl_c_saves_and_exits_0(tmp_path):
   run = _run_main(tmp_path, *_LONG)
   _wait_for_log(tmp_path, '[10] train/')
   run.send_signal(signal.SIGINT)
@@ -227,14 +227,7 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(tmp_path):
   step = int(tf.train.latest_checkpoint(
       str(tmp_path / 'checkpoints')).rsplit('-', 1)[1])
   assert step >= 10
-  run = _run_main(tmp_path, *_LONG)
-  _wait_for_log(tmp_path, f'[{step + 10}] train/')
-  run.send_signal(signal.SIGINT)
-  time.sleep(0.01)
-  run.send_signal(signal.SIGINT)
-  out, _ = run.communicate(timeout=240)
-  assert run.returncode == 130, out[-3000:]
-  assert 'Interrupted: stopped at once' in out and 'Traceback' not in out
+  # (A second Ctrl-C: workdir_test.py, in process, where its timing is sure.)
 
 
 def test_a_failed_resume_leaves_config_json_alone(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import logging as std_logging
 import os
+import signal
 import threading
 import time
 
@@ -201,3 +202,18 @@ def test_a_failing_log_file_never_stops_the_run(tmp_path, capsys):
   assert disk.lines == ['line 3\n']
   # Said once per spell of failures, not once per line.
   assert capsys.readouterr().err.count('Could not write the log') == 2
+
+
+def test_stop_flag_takes_sigterm_and_sigint_and_a_second_ctrl_c_stops():
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    with workdir_lib.StopFlag() as flag:
+      assert not flag.requested
+      os.kill(os.getpid(), signum)
+      time.sleep(0.01)  # The handler runs at the next bytecode.
+      assert flag.requested_by == signal.Signals(signum).name
+      if signum == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+          os.kill(os.getpid(), signal.SIGINT)
+          time.sleep(0.01)
+  # The handlers before it are back.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
