@@ -35,6 +35,8 @@ import os
 import re
 import sys
 
+from tests.conftest import requirement_lines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = 'BUILD'
 
@@ -512,18 +514,6 @@ def test_requirements_match_third_party_imports():
   assert not problems, '\n'.join(problems)
 
 
-def _requirement_lines(filename: str) -> list[str]:
-  """Requirement lines of a requirements file, following `-r` includes."""
-  lines = []
-  for line in _read(filename).splitlines():
-    line = line.split('#', 1)[0].strip()
-    if line.startswith('-r'):
-      lines += _requirement_lines(line[2:].strip())
-    elif line:
-      lines.append(line)
-  return lines
-
-
 def test_requirements_are_declared():
   """A lock compiled from pyproject.toml and requirements*.txt has them all."""
   try:
@@ -536,7 +526,7 @@ def test_requirements_are_declared():
   for extra in project.get('optional-dependencies', {}).values():
     specs += extra
   for path in _glob(['requirements*.txt']):
-    specs += _requirement_lines(path)
+    specs += requirement_lines(path)
   declared = {_normalize(re.split(r'[\s\[<>=!~;]', s, maxsplit=1)[0])
               for s in specs}
   build = _build()
