@@ -6,6 +6,21 @@ Any config field can be overridden, e.g. `--config.sam.rho=0` (the baseline).
 """
 
 import os
+import signal
+import sys
+
+
+def _stop_while_loading(signum, frame):
+  del signum, frame
+  print('Stopped by SIGTERM while loading, before training started; nothing '
+        'was trained. Run the same command to start again.', file=sys.stderr)
+  sys.exit(0)
+
+
+if __name__ == '__main__':
+  # A preemption while TensorFlow loads ends the run at once, with nothing
+  # to save (main() then takes SIGTERM over).
+  signal.signal(signal.SIGTERM, _stop_while_loading)
 
 # TensorFlow reads its C++ log level once, at import: its INFO and WARNING
 # lines stay off unless TF_CPP_MIN_LOG_LEVEL says otherwise. (TensorFlow
@@ -24,6 +39,7 @@ from sam import distribute
 from sam import input_pipeline
 from sam import lock
 from sam import logs
+from sam import stopping
 from sam import train
 from sam import versions
 from sam import workdir as workdir_lib
@@ -42,7 +58,8 @@ _TF_INFO = flags.DEFINE_bool(
 
 _USER_ERRORS = (ValueError, PermissionError, FloatingPointError,
                 input_pipeline.DataNotFoundError, lock.WorkdirBusyError,
-                workdir_lib.CheckpointError, versions.UnsupportedVersionError)
+                workdir_lib.CheckpointError, versions.UnsupportedVersionError,
+                distribute.PeersMissingError)
 
 
 def main(argv):
@@ -53,11 +70,16 @@ def main(argv):
   if not _TF_INFO.value:
     logging.get_absl_handler().addFilter(logs.NoLibraryInfo())
   with contextlib.ExitStack() as stack:
+    # From here on SIGTERM and Ctrl-C stop the run where nothing is lost.
+    signals = stack.enter_context(stopping.StopFlag())
     try:
       versions.check_installed()
       # The strategy first: TPU and multi-worker set-up must precede other
       # ops.
-      strategy = distribute.create_strategy(config.strategy, config.tpu)
+      strategy = distribute.create_strategy(
+          config.strategy, config.tpu, config.multi_worker_timeout_secs,
+          signals)
+      signals.stop_if_requested()
       chief = distribute.is_chief(strategy)
       _makedirs(workdir)
       if chief:
@@ -66,11 +88,14 @@ def main(argv):
       log = stack.enter_context(logs.mirror(workdir, chief))
     except _USER_ERRORS as e:
       raise SystemExit(f'Error: {e}') from None
+    except stopping.Stopped as e:
+      logging.warning('Stopped by %s', e)
+      return
     try:
       logging.info('TensorFlow %s; devices: %s', tf.__version__,
                    tf.config.list_logical_devices())
       logging.info('Config:\n%s', config)
-      train.train_and_evaluate(config, workdir, strategy)
+      train.train_and_evaluate(config, workdir, strategy, signals)
     except _USER_ERRORS as e:
       # A bad config, missing data, a diverged run, a full disk: the line
       # says what to fix, and the traceback (in the workdir's log only)
@@ -78,9 +103,11 @@ def main(argv):
       logging.error('%s: %s', type(e).__name__, e)
       log.write_traceback()
       raise SystemExit(f'Error: {e}') from None
+    except stopping.Stopped as e:
+      logging.warning('Stopped by %s', e)
     except KeyboardInterrupt:
-      # A second Ctrl-C (the first stops after the current loop), or one
-      # before training started.
+      # A second Ctrl-C (the first stops after the current loop or start-up
+      # stage).
       logging.error('Interrupted: stopped at once; run the same command to '
                     'resume from the last checkpoint.')
       raise SystemExit(130) from None

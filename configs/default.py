@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.strategy = 'auto'
   # TPU name or address for TPUClusterResolver; '' means the local TPU VM.
   config.tpu = ''
+  # Seconds a multi-worker task waits for the other tasks in TF_CONFIG to
+  # start before it stops (exit 1) naming the ones that never answered.
+  config.multi_worker_timeout_secs = 600
   # Compile the train and eval steps with XLA on CPU/GPU: 'auto' (on with
   # one GPU replica), 'true' or 'false'. On a TPU everything is compiled.
   config.jit_compile = 'auto'

@@ -135,7 +135,8 @@ STRUCTURAL_FIELDS = (
 # or rho, where the files are, how often to log): tests/configs_test.py
 # checks that every field of configs/default.py is in one of the two lists.
 RESUMABLE_FIELDS = (
-    'strategy', 'tpu', 'jit_compile', 'dtype_policy', 'loss_scale',
+    'strategy', 'tpu', 'multi_worker_timeout_secs', 'jit_compile',
+    'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
     'sam.rho', 'sam.adaptive', 'sam.eta', 'sam.sync_perturbation',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',

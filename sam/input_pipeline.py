@@ -117,6 +117,12 @@ def load(config: ml_collections.ConfigDict) -> Data:
           f'[{split.labels.min()}, {split.labels.max()}], not [0, '
           f'{num_classes}); check the files in config.dataset.data_dir='
           f'{dc.data_dir!r}.')
+  if train.images.shape[1:] != test.images.shape[1:]:
+    raise ValueError(
+        f'config.dataset.name={dc.name!r}: the train images are '
+        f'{train.images.shape[1:]} and the test images '
+        f'{test.images.shape[1:]}; both splits must hold images of one '
+        f'shape: check the files in config.dataset.data_dir={dc.data_dir!r}.')
   # Each random choice below has its own stream, fixed by config.seed.
   if dc.train_subset > 0:
     # A fixed random subset, e.g. for quick studies.

@@ -33,6 +33,7 @@ import tensorflow as tf
 from sam import config_checks
 from sam import distribute
 from sam import input_pipeline
+from sam import stopping
 from sam import workdir as workdir_lib
 from sam.trainer import Trainer
 
@@ -58,6 +59,9 @@ class _Run:
         strategy, tf.distribute.MultiWorkerMirroredStrategy)
     self.workdir = workdir
     workdir_lib.check_resumable(config, workdir)
+    directory = os.path.join(workdir, 'checkpoints')
+    if self.chief:
+      workdir_lib.check_writable(directory)
     data = input_pipeline.load(config)
     self.steps_per_epoch = input_pipeline.steps_per_epoch(data,
                                                           config.batch_size)
@@ -71,7 +75,6 @@ class _Run:
                  sum(int(np.prod(v.shape))
                      for v in self.trainer.state.model.trainable_variables))
     state = self.trainer.state
-    directory = os.path.join(workdir, 'checkpoints')
     restored = workdir_lib.restore(state.checkpoint, directory,
                                    state.older_checkpoints)
     if self.chief:
@@ -159,13 +162,32 @@ class _Run:
       workdir_lib.take_part_in_save(self.trainer.state.checkpoint)
     self.saved_step = self.step
 
-  def stop_requested(self, stop: workdir_lib.StopFlag) -> bool:
+  def stop_requested(self, stop: stopping.StopFlag) -> bool:
     if not self.multi_worker:
       return stop.requested
     # SIGTERM reaches the hosts at different moments; all must stop after the
     # same loop, or those going on wait for the others in the next
     # collective forever.
     return self.trainer.any_replica(stop.requested)
+
+  def finish(self, train_metrics: dict[str, float],
+             eval_metrics: dict[str, float],
+             train_seconds: float) -> dict[str, float]:
+    """Writes results.json (the chief) and returns the final metrics."""
+    if not eval_metrics:
+      # Resumed a finished run: evaluate the final weights again.
+      eval_metrics = self.evaluate()
+    self.writer.flush()
+    results = {'step': self.step, **train_metrics, **eval_metrics,
+               'early_stopped': self.trainer.plateau.stopped,
+               'train_seconds': train_seconds}
+    if self.chief:
+      path = os.path.join(self.workdir, 'results.json')
+      with tf.io.gfile.GFile(path, 'w') as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    logging.info('Final test accuracy %.2f%% at step %d.',
+                 100 * eval_metrics['eval/accuracy'], self.step)
+    return results
 
   def finished_results(self) -> dict[str, float] | None:
     """results.json of a run that had already finished, if there is one."""
@@ -181,7 +203,8 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       strategy: tf.distribute.Strategy | None = None
+                       strategy: tf.distribute.Strategy | None = None,
+                       signals: stopping.StopFlag | None = None
                        ) -> dict[str, float]:
   """Trains and evaluates, resuming from `workdir` if it has a checkpoint.
 
@@ -190,11 +213,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: where checkpoints, summaries, config.json and results.json go;
       local or gs://.
     strategy: the distribution strategy; the current one if None.
+    signals: the StopFlag that SIGTERM and Ctrl-C set; a new one if None.
 
   Returns:
     The final metrics, as also written to `workdir/results.json`.
   """
   strategy = strategy or tf.distribute.get_strategy()
+  if signals is None:
+    with stopping.StopFlag() as signals:
+      return train_and_evaluate(config, workdir, strategy, signals)
   config_checks.validate_config(config, strategy.num_replicas_in_sync)
   run = _Run(config, workdir, strategy)
   trainer, total = run.trainer, run.total_steps
@@ -209,6 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  os.path.join(workdir, 'results.json'),
                  100 * finished.get('eval/accuracy', math.nan))
     return finished
+  if not run.multi_worker:
+    # A signal during the start-up; under several hosts the first loop
+    # boundary stops them all together.
+    signals.stop_if_requested()
   start_time = time.time()
   train_metrics, eval_metrics = {}, {}
   if run.step < total:
@@ -218,41 +249,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Nothing to train: the checkpoint is at step %d and '
                  'num_train_steps gives %d; evaluating it.', run.step, total)
   run.report_progress(run.step)
-  with workdir_lib.StopFlag() as signals:
-    while run.step < total and not trainer.plateau.stopped:
-      stop = _next_stop(run.step, total, [config.steps_per_loop, log_every,
-                                          eval_every, ckpt_every])
-      trainer.train_loop(run.train_iter, tf.constant(stop - run.step))
-      first, run.step = run.step + 1, stop
-      run.check_finite(first)
-      run.report_progress(run.step)
-      stop_requested = run.stop_requested(signals)
-      if itstime(run.step, log_every, total):
-        train_metrics = run.write_train_metrics()
-      if itstime(run.step, eval_every, total):
-        eval_metrics = run.evaluate_and_adapt()
-      if (itstime(run.step, ckpt_every, total) or stop_requested or
-          trainer.plateau.stopped):
-        run.save()
-      if stop_requested and run.step < total:
-        run.writer.flush()
-        logging.warning('Stopped by %s at step %d, saved in %s; run the '
-                        'same command to resume.',
-                        signals.requested_by or 'a signal to another host',
-                        run.step,
-                        os.path.join(run.manager.directory,
-                                     f'ckpt-{run.step}'))
-        return {'step': run.step, 'preempted': True}
-  if not eval_metrics:
-    # Resumed a finished run: evaluate the final weights again.
-    eval_metrics = run.evaluate()
-  run.writer.flush()
-  results = {'step': run.step, **train_metrics, **eval_metrics,
-             'early_stopped': trainer.plateau.stopped,
-             'train_seconds': time.time() - start_time}
-  if run.chief:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-  logging.info('Final test accuracy %.2f%% at step %d.',
-               100 * eval_metrics['eval/accuracy'], run.step)
-  return results
+  while run.step < total and not trainer.plateau.stopped:
+    stop = _next_stop(run.step, total, [config.steps_per_loop, log_every,
+                                        eval_every, ckpt_every])
+    trainer.train_loop(run.train_iter, tf.constant(stop - run.step))
+    first, run.step = run.step + 1, stop
+    run.check_finite(first)
+    run.report_progress(run.step)
+    stop_requested = run.stop_requested(signals)
+    if itstime(run.step, log_every, total):
+      train_metrics = run.write_train_metrics()
+    if itstime(run.step, eval_every, total):
+      eval_metrics = run.evaluate_and_adapt()
+    if (itstime(run.step, ckpt_every, total) or stop_requested or
+        trainer.plateau.stopped):
+      run.save()
+    if stop_requested and run.step < total:
+      run.writer.flush()
+      logging.warning('Stopped by %s at step %d, saved in %s; run the '
+                      'same command to resume.',
+                      signals.requested_by or 'a signal to another host',
+                      run.step,
+                      os.path.join(run.manager.directory,
+                                   f'ckpt-{run.step}'))
+      return {'step': run.step, 'preempted': True}
+  return run.finish(train_metrics, eval_metrics, time.time() - start_time)

@@ -2,9 +2,9 @@
 
 import json
 import os
-import signal
+import socket
 import tempfile
-import threading
+import urllib.parse
 
 from absl import logging
 import ml_collections
@@ -18,7 +18,7 @@ class CheckpointError(RuntimeError):
 
 
 def makedirs(path: str) -> None:
-  """tf.io.gfile.makedirs that fails on a missing GCS bucket.
+  """tf.io.gfile.makedirs that fails fast on a missing bucket or no network.
 
   Raises:
     tf.errors.NotFoundError: if `path` is in a gs:// bucket that does not
@@ -26,13 +26,33 @@ def makedirs(path: str) -> None:
       for the missing bucket again and again, forever (seen against a GCS
       emulator, which answers 404 as GCS does), so a mistyped bucket name
       would hang the run.
+    ConnectionError: if `path` is on gs:// and Cloud Storage cannot be
+      reached. TensorFlow retries for minutes (196 s measured) and then
+      reports the bucket as missing.
   """
   if path.startswith('gs://'):
+    _check_gcs_reachable()
     bucket = 'gs://' + path[len('gs://'):].split('/', 1)[0]
     if not tf.io.gfile.isdir(bucket):
       raise tf.errors.NotFoundError(None, None,
                                     f'the bucket {bucket} does not exist')
   tf.io.gfile.makedirs(path)
+
+
+def _check_gcs_reachable(timeout_secs: float = 20) -> None:
+  """Connects to Cloud Storage, or to the HTTPS proxy TensorFlow would use."""
+  proxy = os.environ.get('HTTPS_PROXY') or os.environ.get('https_proxy')
+  if proxy:
+    url = urllib.parse.urlsplit(proxy if '://' in proxy else 'http://' + proxy)
+    address, via = (url.hostname, url.port or 80), f' through {proxy}'
+  else:
+    address, via = ('storage.googleapis.com', 443), ''
+  try:
+    socket.create_connection(address, timeout=timeout_secs).close()
+  except OSError as e:
+    raise ConnectionError(
+        f'cannot reach Cloud Storage{via}: {e.strerror or e}; check the '
+        'network (and HTTPS_PROXY), or use a local --workdir') from None
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -89,6 +109,30 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise PermissionError(
         f'Cannot write to --workdir={workdir} ({e}). Choose a writable '
         'directory or bucket.') from None
+
+
+def check_writable(directory: str) -> None:
+  """Writes a file in `directory` and deletes it, leaving things as they were.
+
+  So that a checkpoint directory that cannot be written is found before the
+  data is loaded and the model built, not at the first save.
+
+  Raises:
+    PermissionError: naming the directory and the cause.
+  """
+  probe = os.path.join(directory, f'.write-test-{os.getpid()}')
+  try:
+    existed = tf.io.gfile.isdir(directory)
+    makedirs(directory)
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('')
+    tf.io.gfile.remove(probe)
+    if not existed:
+      tf.io.gfile.rmtree(directory)
+  except (tf.errors.OpError, OSError) as e:
+    raise PermissionError(
+        f'Cannot write to {directory} ({e}). Make it a writable directory '
+        'or choose another --workdir.') from None
 
 
 def checkpoints(directory: str) -> list[str]:
@@ -174,48 +218,6 @@ def tidy_checkpoints(directory: str) -> None:
       directory, paths[-1], all_model_checkpoint_paths=paths,
       all_model_checkpoint_timestamps=times,
       last_preserved_timestamp=min(times) - 1)
-
-
-class StopFlag:
-  """Turns SIGTERM and SIGINT into a flag the host loop reads.
-
-  SIGTERM (a preemption, `gcloud ... stop`, `kill`) and a first Ctrl-C make
-  the loop finish its current call, save a checkpoint and return; the same
-  command resumes from there. A second Ctrl-C stops at once
-  (KeyboardInterrupt), losing the steps since the last checkpoint. Only the
-  main thread can install signal handlers, so elsewhere (tests in threads)
-  this is inert.
-  """
-
-  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.requested_by: str | None = None
-    self._previous = {}
-
-  @property
-  def requested(self) -> bool:
-    return self.requested_by is not None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signum in self._SIGNALS:
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if signum == signal.SIGINT and self.requested_by == name:
-      raise KeyboardInterrupt
-    logging.warning('%s: stopping after the current loop%s.', name,
-                    ' (Ctrl-C again to stop at once)'
-                    if signum == signal.SIGINT else '')
-    self.requested_by = self.requested_by or name
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
 
 
 def take_part_in_save(checkpoint: tf.train.Checkpoint) -> None:

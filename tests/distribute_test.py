@@ -1,14 +1,19 @@
 """Strategy selection, with the TPU resolver faked."""
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import tensorflow as tf
 
 from sam import distribute
+from sam import stopping
 from tests.conftest import ROOT
 from tests.conftest import TINY
 
@@ -100,3 +105,99 @@ def test_tpu_requested_here_exits_1_at_once(tmp_path):
   assert run.returncode == 1
   assert 'no TPU VM' in run.stderr and 'Traceback' not in run.stderr
   assert time.time() - start < 60
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _tf_config(ports, index):
+  return {'cluster': {'worker': [f'127.0.0.1:{p}' for p in ports]},
+          'task': {'type': 'worker', 'index': index}}
+
+
+def test_peers_that_start_apart_find_each_other():
+  ports = [_free_port() for _ in range(3)]
+  errors, servers = [], []
+
+  def task(index, delay):
+    time.sleep(delay)
+    try:
+      distribute.wait_for_peers(_tf_config(ports, index), timeout_secs=30)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+    # Then TensorFlow's server takes the port over, until all are done.
+    servers.append(socket.create_server(('', ports[index])))
+
+  threads = [threading.Thread(target=task, args=(i, 1.5 * i))
+             for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  for server in servers:
+    server.close()
+  assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_a_stale_tf_config_times_out_naming_the_missing_task():
+  ports = [_free_port(), _free_port()]
+  start = time.monotonic()
+  with pytest.raises(distribute.PeersMissingError,
+                     match=rf'Waited 1.5 s for the other tasks in TF_CONFIG; '
+                     rf'these never answered: worker 1 \(127.0.0.1:{ports[1]}'
+                     r'\).*multi_worker_timeout_secs'):
+    distribute.wait_for_peers(_tf_config(ports, 0), timeout_secs=1.5)
+  assert time.monotonic() - start < 10
+
+
+def test_a_taken_port_or_a_task_not_in_the_cluster_is_one_line():
+  with socket.create_server(('', 0)) as taken:
+    port = taken.getsockname()[1]
+    with pytest.raises(ValueError, match=f'port {port}, which another'):
+      distribute.wait_for_peers(_tf_config([port, _free_port()], 0), 5)
+  with pytest.raises(ValueError, match='no such task'):
+    distribute.wait_for_peers(_tf_config([_free_port()], 3), 5)
+  with pytest.raises(ValueError, match='multi_worker_timeout_secs=0'):
+    distribute.wait_for_peers(_tf_config([_free_port()], 0), 0)
+
+
+def test_sigterm_ends_the_wait_for_peers():
+  timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+  start = time.monotonic()
+  with stopping.StopFlag() as signals:
+    timer.start()
+    with pytest.raises(stopping.Stopped, match='SIGTERM before training'):
+      distribute.wait_for_peers(_tf_config([_free_port(), _free_port()], 0),
+                                timeout_secs=60, signals=signals)
+  assert time.monotonic() - start < 10
+
+
+@pytest.mark.slow
+def test_main_with_a_stale_tf_config_exits_1_or_0_on_sigterm(tmp_path):
+  """The whole command: one line and exit 1 at the timeout; SIGTERM: 0."""
+  env = dict(os.environ, TF_CONFIG=json.dumps(
+      _tf_config([_free_port(), _free_port()], 0)))
+  command = [sys.executable, 'main.py', '--config=configs/default.py', *TINY]
+  run = subprocess.run(
+      [*command, f'--workdir={tmp_path / "a"}',
+       '--config.multi_worker_timeout_secs=2'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 1, run.stderr
+  assert 'Traceback' not in run.stderr
+  assert run.stderr.strip().splitlines()[-1].startswith(
+      'Error: Waited 2 s for the other tasks in TF_CONFIG')
+  waiting = subprocess.Popen(
+      [*command, f'--workdir={tmp_path / "b"}'], cwd=ROOT, env=env,
+      stderr=subprocess.PIPE, text=True)
+  for line in waiting.stderr:  # Until it waits for its peer.
+    if 'Multi-worker task' in line:
+      break
+  time.sleep(1)
+  waiting.send_signal(signal.SIGTERM)
+  _, rest = waiting.communicate(timeout=60)
+  assert waiting.returncode == 0, rest
+  assert 'Stopped by SIGTERM before training started' in rest
+  assert 'Traceback' not in rest

@@ -165,3 +165,13 @@ def test_missing_bucket_fails_fast(gcs):
   assert ('Error: Cannot write to --workdir=gs://no-such-bucket/run (the '
           'bucket gs://no-such-bucket does not exist)') in out
   assert 'Traceback' not in out
+
+
+def test_no_network_is_one_line_not_a_missing_bucket(gcs):
+  dead_proxy = dict(gcs.env, HTTPS_PROXY='http://127.0.0.1:9')  # discard
+  run = _Run('gs://bucket/run', dead_proxy)
+  out = run.finish(timeout=120)
+  assert run.process.returncode == 1, out[-3000:]
+  assert ('Error: Cannot write to --workdir=gs://bucket/run (cannot reach '
+          'Cloud Storage through http://127.0.0.1:9') in out
+  assert 'Traceback' not in out

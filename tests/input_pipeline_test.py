@@ -185,6 +185,8 @@ def _fashion_mnist_dir(tmp_path):
     ('no header', 'is not a uint8 IDX file'),
     ('more labels', r'holds \(32, 28, 28\) images and .* \(33,\) labels'),
     ('fewer labels', r'holds \(32, 28, 28\) images and .* \(31,\) labels'),
+    ('other shape', r'the train images are \(32, 32, 1\) and the test '
+     r'images \(28, 28, 1\); both splits must hold images of one shape'),
 ])
 def test_damaged_idx_files_are_named(tmp_path, damage, message):
   config = _fashion_mnist_dir(tmp_path)
@@ -202,6 +204,8 @@ def test_damaged_idx_files_are_named(tmp_path, damage, message):
   elif damage == 'no header':
     with gzip.open(images, 'wb') as f:
       f.write(b'\x01')
+  elif damage == 'other shape':  # CIFAR-sized training images, say.
+    write_idx(images, np.zeros((32, 32, 32)))
   else:
     write_idx(labels, np.zeros(33 if damage == 'more labels' else 31))
   with pytest.raises(ValueError, match=message):

@@ -159,6 +159,35 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
   assert 'Traceback' not in out
 
 
+@pytest.mark.parametrize('when', ['TensorFlow loads', 'the model is built'])
+def test_sigterm_during_start_up_exits_0(tmp_path, when):
+  """Nothing to save yet: exit 0 at once (TensorFlow's default is 143)."""
+  run = _run_main(tmp_path, '--config.num_train_steps=100000')
+  if when == 'TensorFlow loads':
+    time.sleep(1)
+  else:  # The log is opened once the workdir is locked, before the data.
+    deadline = time.monotonic() + 120
+    while not (tmp_path / 'log.txt').exists():
+      assert time.monotonic() < deadline and run.poll() is None
+      time.sleep(0.02)
+  run.send_signal(signal.SIGTERM)
+  out, _ = run.communicate(timeout=120)
+  assert run.returncode == 0, out
+  assert 'Stopped by SIGTERM' in out and 'before training started' in out
+  assert 'Traceback' not in out
+  assert not list(tmp_path.glob('checkpoints/ckpt-*'))
+
+
+def test_unwritable_checkpoints_fail_before_the_data_loads(tmp_path,
+                                                          monkeypatch):
+  (tmp_path / 'checkpoints').write_text('a file where the folder goes')
+  monkeypatch.setattr(input_pipeline, 'load',
+                      lambda config: pytest.fail('the data was loaded'))
+  with pytest.raises(PermissionError,
+                     match=r'Cannot write to .*checkpoints .*writable'):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+
+
 def test_labels_out_of_range_are_reported(tmp_path):
   for prefix, n in (('train', 32), ('t10k', 8)):
     write_idx(tmp_path / f'{prefix}-images-idx3-ubyte.gz',
@@ -171,14 +200,51 @@ def test_labels_out_of_range_are_reported(tmp_path):
     input_pipeline.load(config)
 
 
-def test_bad_config_exits_1_without_traceback(tmp_path):
-  run = _run_main(tmp_path, '--config.batch_size=0')
+def _truncated_fashion_mnist(workdir):
+  data = workdir.parent / 'data'
+  data.mkdir()
+  for prefix, n in (('train', 32), ('t10k', 8)):
+    write_idx(data / f'{prefix}-images-idx3-ubyte.gz', np.zeros((n, 28, 28)))
+    write_idx(data / f'{prefix}-labels-idx1-ubyte.gz', np.arange(n) % 10)
+  images = data / 'train-images-idx3-ubyte.gz'
+  images.write_bytes(images.read_bytes()[:-20])
+  return ['--config.dataset.name=fashion_mnist',
+          f'--config.dataset.data_dir={data}']
+
+
+def _checkpoints_a_file(workdir):
+  workdir.mkdir()
+  (workdir / 'checkpoints').write_text('a file where the folder goes')
+  return []
+
+
+# Every bad input that gets as far as the workdir (a bad config file or
+# field stops before it: main_test.py), with what its line must say.
+@pytest.mark.parametrize('flags,message', [
+    (['--config.batch_size=0'], 'config.batch_size=0'),
+    (['--config.seed=-1'], 'config.seed=-1'),
+    (['--config.keep_checkpoints=0'], 'config.keep_checkpoints=0'),
+    (['--config.num_train_steps=0'], 'config.num_train_steps=0'),
+    (['--config.sam.rho=inf'], 'config.sam.rho=inf'),
+    (['--config.dataset.validation_size=64'],
+     'config.dataset.validation_size=64'),
+    (_checkpoints_a_file, 'checkpoints'),
+    (_truncated_fashion_mnist, 'is no complete gzip file'),
+])
+def test_every_bad_input_is_one_line_exit_1_and_in_the_log(tmp_path, flags,
+                                                           message):
+  workdir = tmp_path / 'run'
+  if callable(flags):
+    flags = flags(workdir)
+  run = _run_main(workdir, *flags)
   out, _ = run.communicate(timeout=240)
-  assert run.returncode == 1
-  assert 'config.batch_size=0' in out and 'Traceback' not in out
+  assert run.returncode == 1, out
+  assert 'Traceback' not in out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith('Error: ') and message in last, last
   # The workdir's log says why the run died, with the traceback.
-  log = (tmp_path / 'log.txt').read_text()
-  assert 'config.batch_size=0' in log and 'Traceback' in log
+  log = (workdir / 'log.txt').read_text()
+  assert last[len('Error: '):] in log and 'Traceback' in log
 
 
 # Long enough that signals land mid-run (the steps after tracing are fast).

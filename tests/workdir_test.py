@@ -4,6 +4,7 @@ import json
 import logging as std_logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -14,6 +15,7 @@ from configs import default
 from sam import config_checks
 from sam import lock
 from sam import logs
+from sam import stopping
 from sam import workdir as workdir_lib
 from tests.conftest import tiny_config
 
@@ -206,14 +208,29 @@ def test_a_failing_log_file_never_stops_the_run(tmp_path, capsys):
 
 def test_stop_flag_takes_sigterm_and_sigint_and_a_second_ctrl_c_stops():
   for signum in (signal.SIGTERM, signal.SIGINT):
-    with workdir_lib.StopFlag() as flag:
+    with stopping.StopFlag() as flag:
       assert not flag.requested
       os.kill(os.getpid(), signum)
       time.sleep(0.01)  # The handler runs at the next bytecode.
       assert flag.requested_by == signal.Signals(signum).name
+      with pytest.raises(stopping.Stopped, match=' before training started'):
+        flag.stop_if_requested()  # As the start-up does between stages.
       if signum == signal.SIGINT:
         with pytest.raises(KeyboardInterrupt):
           os.kill(os.getpid(), signal.SIGINT)
           time.sleep(0.01)
   # The handlers before it are back.
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_gs_workdir_without_network_is_named_at_once(monkeypatch):
+  with socket.socket() as s:  # A port no one listens on: a dead proxy.
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  monkeypatch.setenv('HTTPS_PROXY', f'http://127.0.0.1:{port}')
+  start = time.monotonic()
+  with pytest.raises(ConnectionError,
+                     match=f'cannot reach Cloud Storage through http://'
+                     f'127.0.0.1:{port}: .*HTTPS_PROXY.*local --workdir'):
+    workdir_lib.makedirs('gs://some-bucket/run')
+  assert time.monotonic() - start < 10
