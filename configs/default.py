@@ -75,7 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sam = ml_collections.ConfigDict()
   # Neighbourhood radius; 0 trains with the plain base optimizer.
   config.sam.rho = 0.05
-  # ASAM (Kwon et al. 2021): perturbation scaled by |w| + eta.
+  # The perturbation, by name (sam.perturbations.REGISTRY, with each one's
+  # paper and reference code): 'sam', or 'asam' (Kwon et al. 2021: scaled by
+  # |w| + eta; ASAM's rho is typically 10x SAM's).
+  config.sam.variant = 'sam'
+  # ASAM, the same as variant='asam' (kept for configs written before it).
   config.sam.adaptive = False
   # ASAM's offset eta; ignored unless adaptive.
   config.sam.eta = 0.01

@@ -13,6 +13,7 @@ import ml_collections
 from sam import distribute
 from sam import input_pipeline
 from sam import models
+from sam import perturbations
 from sam import plateau
 
 OPTIMIZERS = ('sgd', 'adam')
@@ -33,6 +34,7 @@ def _one_of(field: str, value, options) -> None:
 
 def _check_sam(sc: ml_collections.ConfigDict, per_replica: int) -> None:
   """The fields of config.sam that validate_config does not check alone."""
+  _one_of('sam.variant', sc.variant, tuple(sorted(perturbations.REGISTRY)))
   _check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
         'it must be >= 1 (1 runs SAM at every step)')
   _check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
@@ -138,7 +140,8 @@ RESUMABLE_FIELDS = (
     'strategy', 'tpu', 'multi_worker_timeout_secs', 'jit_compile',
     'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
-    'sam.rho', 'sam.adaptive', 'sam.eta', 'sam.sync_perturbation',
+    'sam.rho', 'sam.variant', 'sam.adaptive', 'sam.eta',
+    'sam.sync_perturbation',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',
     'optimizer.beta1', 'optimizer.beta2', 'optimizer.epsilon',
     'optimizer.weight_decay', 'optimizer.decay_all_params',

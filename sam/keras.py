@@ -30,6 +30,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from sam import perturbations
 from sam import sam as sam_lib
 
 __all__ = ['SAMModel']
@@ -97,11 +98,12 @@ class SAMModel(keras.Model):
     adaptive: whether the perturbation is ASAM's.
     sync_perturbation: whether replicas share one perturbation.
     eta: ASAM's offset.
+    variant: the perturbation's name in `sam.perturbations.REGISTRY`.
   """
 
   def __init__(self, model: keras.Model, rho: float = 0.05,
                adaptive: bool = False, sync_perturbation: bool = True,
-               eta: float = 0.01, **kwargs: Any):
+               eta: float = 0.01, variant: str = 'sam', **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -118,12 +120,15 @@ class SAMModel(keras.Model):
         same eps (SAM on the global batch). False: each replica perturbs with
         its own gradient (m-sharpness, m = the per-replica batch).
       eta: ASAM's offset, >= 0; ignored unless `adaptive`.
+      variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
+        ('sam', 'asam'); `adaptive=True` is 'asam'.
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
       TypeError: if `model` is not a Keras 3 model.
       ValueError: naming the argument, if `rho` or `eta` is negative or not
-        a number, or `adaptive` or `sync_perturbation` is not a bool.
+        a number, `adaptive` or `sync_perturbation` is not a bool, or
+        `variant` is not registered.
     """
     # Checked before anything is built: a bad argument fails here, not at
     # the first trace inside `fit`.
@@ -136,6 +141,8 @@ class SAMModel(keras.Model):
     for name, value in (('adaptive', adaptive),
                         ('sync_perturbation', sync_perturbation)):
       _check(isinstance(value, bool), name, value, 'it must be True or False')
+    _check(variant in perturbations.REGISTRY, 'variant', variant,
+           f'it must be one of {sorted(perturbations.REGISTRY)}')
     super().__init__(**kwargs)
     self.model = model
     # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
@@ -143,6 +150,7 @@ class SAMModel(keras.Model):
     self.adaptive = adaptive
     self.sync_perturbation = sync_perturbation
     self.eta = float(eta)
+    self.variant = variant
     if model.built:
       self.built = True
 
@@ -190,7 +198,7 @@ class SAMModel(keras.Model):
     out = sam_lib.sam_step(
         loss_fn, [v.value for v in trainable], self.rho,
         adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
-        eta=self.eta)
+        eta=self.eta, variant=self.variant)
     loss, y_pred, new_state, new_metrics = out.aux
     for variable, value in zip(state_vars,
                                sam_lib.sync_model_state(new_state)):
@@ -217,6 +225,7 @@ class SAMModel(keras.Model):
         'adaptive': self.adaptive,
         'sync_perturbation': self.sync_perturbation,
         'eta': self.eta,
+        'variant': self.variant,
     }
 
   @classmethod

@@ -13,10 +13,11 @@ then updates w (never w + eps) with g_SAM. Everything is functional: the
 weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
-Variants: ASAM (`adaptive`), GSAM (`gsam_alpha`), m-sharpness per replica
-(`sync_perturbation=False`) or per micro-batch (`micro_batch_sam_step`), and
-LookSAM's reuse of the sharpness direction between SAM steps
-(`looksam_direction`, `looksam_reuse`).
+Variants: the perturbation by name (`variant`; `sam.perturbations` holds
+them with their papers and reference code: SAM, ASAM), GSAM's descent
+direction (`gsam_alpha`), m-sharpness per replica (`sync_perturbation=False`)
+or per micro-batch (`micro_batch_sam_step`), and LookSAM's reuse of the
+sharpness direction between SAM steps (`looksam_direction`, `looksam_reuse`).
 
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
@@ -31,9 +32,9 @@ import warnings
 
 import tensorflow as tf
 
-# Guards the division by ||g|| when the gradient vanishes (as in the paper's
-# reference code).
-_EPSILON = 1e-12
+from sam import perturbations
+
+_EPSILON = perturbations.EPSILON
 
 LossFn = Callable[[list[tf.Tensor]], tuple[tf.Tensor, Any]]
 
@@ -121,29 +122,25 @@ def perturbation(
     rho: float | tf.Tensor,
     adaptive: bool = False,
     eta: float = 0.0,
+    variant: str = 'sam',
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
-  """The SAM (or ASAM) perturbation for a given ascent gradient.
+  """The perturbation of a variant (`sam.perturbations`) for a gradient.
 
   Args:
     grads: the ascent gradient g, one tensor per param (already summed across
       replicas if the perturbation is to be shared).
-    params: the params w (only read for ASAM).
+    params: the params w (read by ASAM).
     rho: the neighbourhood radius.
-    adaptive: ASAM: scale by T = |w| + eta, eps = rho T^2 g / ||T g||.
+    adaptive: ASAM; the same as variant='asam'.
     eta: ASAM's offset that keeps zero weights perturbable.
+    variant: a name in `sam.perturbations.REGISTRY`: 'sam',
+      eps = rho g / ||g||; 'asam', eps = rho T^2 g / ||T g||, T = |w| + eta.
 
   Returns:
     (eps, norm): eps per param, and the norm that scaled it.
   """
-  if adaptive:
-    scales = [tf.abs(p) + eta for p in params]
-    scaled = [s * g for s, g in zip(scales, grads)]
-    norm = tf.linalg.global_norm(scaled)
-    eps = [rho * s * sg / (norm + _EPSILON) for s, sg in zip(scales, scaled)]
-  else:
-    norm = tf.linalg.global_norm(grads)
-    eps = [rho * g / (norm + _EPSILON) for g in grads]
-  return eps, norm
+  name = 'asam' if adaptive else variant
+  return perturbations.get(name).perturb(grads, params, rho, {'eta': eta})
 
 
 def surrogate_gap_guided(
@@ -194,6 +191,7 @@ def sam_step(
     eta: float = 0.0,
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
+    variant: str = 'sam',
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
@@ -234,6 +232,8 @@ def sam_step(
       in the params' float32; the norm, eps and the returned grads are
       unscaled. An overflow gives a non-finite ||g|| and so non-finite grads:
       the caller skips such a step and lowers the scale. None: no scaling.
+    variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
+      ('sam', 'asam'); `adaptive=True` is 'asam'.
 
   Returns:
     A `SAMOutput`: the loss at params, the SAM gradients (per replica, for a
@@ -250,7 +250,8 @@ def sam_step(
   ctx = _replica_context_to_sync() if sync_perturbation else None
   if ctx is not None:
     ascent = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-  eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta)
+  eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta,
+                           variant=variant)
   # tf.stop_gradient: eps is a constant of the second pass (the paper drops
   # its second-order term), and w + eps is a new tensor, not a new variable.
   perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]

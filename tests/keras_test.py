@@ -466,6 +466,7 @@ def test_unbuilt_subclassed_model_is_built_by_fit():
     (dict(rho=True), 'rho=True'),
     (dict(eta=-1.0), 'eta=-1.0'),
     (dict(adaptive=1), 'adaptive=1'),
+    (dict(variant='samm'), r"variant='samm' is invalid: it must be one of"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -69,6 +69,22 @@ def test_replicas_match_single_device(mirrored, num_replicas, adaptive):
   _assert_same_as_one_device(config, mirrored, num_replicas, 3)
 
 
+def test_variant_asam_is_adaptive():
+  """The perturbation by name (sam.variant) is the one by flag."""
+  by_flag = _train(tiny_config(**{'sam.rho': 0.5, 'sam.adaptive': True}),
+                   tf.distribute.get_strategy(), 2)
+  by_name = _train(tiny_config(**{'sam.rho': 0.5, 'sam.variant': 'asam'}),
+                   tf.distribute.get_strategy(), 2)
+  plain_sam = _train(tiny_config(**{'sam.rho': 0.5}),
+                     tf.distribute.get_strategy(), 2)
+  for a, b in zip(_values(by_flag.state.model.trainable_variables),
+                  _values(by_name.state.model.trainable_variables)):
+    np.testing.assert_array_equal(a, b)
+  assert max(np.abs(a - c).max() for a, c in zip(
+      _values(by_flag.state.model.trainable_variables),
+      _values(plain_sam.state.model.trainable_variables))) > 1e-6
+
+
 def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
   """SAM + SGD computed another way: perturb Keras variables in place.
 
@@ -251,6 +267,7 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('model.name', 'resnet7', 'config.model.name'),
     ('dataset.name', 'imagenet', 'config.dataset.name'),
     ('sam.rho', -0.1, 'config.sam.rho'),
+    ('sam.variant', 'samm', "config.sam.variant='samm'"),
     ('batch_size', 15, 'config.batch_size'),
     ('optimizer.name', 'rmsprop', 'config.optimizer.name'),
     ('sam.looksam_alpha', 0.7, 'sam.every_k_steps > 1'),

@@ -1,0 +1,139 @@
+"""The conformance harness of the perturbation registry (sam.perturbations).
+
+Every registered variant runs the whole SAM step (`sam_step(variant=...)`)
+against a NumPy reference written here, independently of the code under
+test: on 1, 2 and 4 replicas (the ascent gradient summed across replicas
+before the perturbation: every replica shares one eps, as the SAM paper's
+global-batch rule), under tf.function, compiled with XLA, and through
+`sam.keras.SAMModel`'s `fit`. A variant registered without a reference here
+fails the harness.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sam import perturbations
+from sam import sam
+from sam.keras import SAMModel
+from tests.conftest import requires_xla_cpu
+
+CLASSES, DIM, BATCH = 3, 5, 8
+RHO = 0.5
+OPTIONS = {'eta': 0.01}
+
+
+def _np_sam(g, w, rho, options):
+  del w, options
+  norm = np.sqrt(sum((gi.astype(np.float64)**2).sum() for gi in g))
+  return [rho * gi / norm for gi in g]
+
+
+def _np_asam(g, w, rho, options):
+  # Kwon et al.: eps = rho T^2 g / ||T g||, T = |w| + eta elementwise, over
+  # every parameter here (see the registry's deviations).
+  t = [np.abs(wi) + options['eta'] for wi in w]
+  norm = np.sqrt(sum(((ti * gi).astype(np.float64)**2).sum()
+                     for ti, gi in zip(t, g)))
+  return [rho * ti**2 * gi / norm for ti, gi in zip(t, g)]
+
+
+# name -> eps(g, w, rho, options) in NumPy, g the whole batch's gradient.
+NUMPY_REFERENCES = {'sam': _np_sam, 'asam': _np_asam}
+
+
+def _problem():
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(BATCH, DIM)).astype(np.float32)
+  y = rng.integers(0, CLASSES, BATCH)
+  w = [rng.normal(size=(DIM, CLASSES)).astype(np.float32),
+       rng.normal(size=(CLASSES,)).astype(np.float32)]
+  return x, y, w
+
+
+def _np_grad(x, y, w):
+  """Gradient of the mean softmax cross-entropy of logits x W + b."""
+  logits = x @ w[0] + w[1]
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  d = (p - np.eye(CLASSES)[y]) / len(y)
+  return [x.T @ d, d.sum(0)]
+
+
+def _np_sam_gradient(name, x, y, w):
+  eps = NUMPY_REFERENCES[name](_np_grad(x, y, w), w, RHO, OPTIONS)
+  return _np_grad(x, y, [wi + ei for wi, ei in zip(w, eps)])
+
+
+def _loss_fn(x, y):
+  def loss_fn(params):
+    logits = tf.matmul(x, params[0]) + params[1]
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+    return tf.reduce_sum(per_example) / BATCH, logits
+  return loss_fn
+
+
+def test_every_registered_variant_has_a_numpy_reference():
+  assert set(perturbations.REGISTRY) == set(NUMPY_REFERENCES)
+
+
+@pytest.mark.parametrize('name', sorted(perturbations.REGISTRY))
+def test_every_variant_cites_its_paper_and_reference_code(name):
+  entry = perturbations.get(name)
+  assert entry.paper and entry.deviations
+  assert entry.reference.startswith('github.com/')
+
+
+def test_an_unknown_variant_is_one_line_naming_the_known_ones():
+  with pytest.raises(ValueError, match=r"'samm' is not one of \['asam'"):
+    perturbations.get('samm')
+
+
+@pytest.mark.parametrize('compile_with', [
+    'tf.function', pytest.param('xla', marks=requires_xla_cpu)])
+@pytest.mark.parametrize('num_replicas', [1, 2, 4])
+@pytest.mark.parametrize('name', sorted(perturbations.REGISTRY))
+def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with):
+  x, y, w = _problem()
+  strategy = mirrored(num_replicas)
+  size = BATCH // num_replicas
+  shards = strategy.experimental_distribute_values_from_function(
+      lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
+                   y[ctx.replica_id_in_sync_group * size:][:size]))
+
+  @tf.function(jit_compile=compile_with == 'xla')
+  def replica_step(xs, ys):
+    out = sam.sam_step(_loss_fn(xs, ys), [tf.constant(v) for v in w],
+                       rho=RHO, variant=name, **OPTIONS)
+    return out.grads
+
+  @tf.function
+  def step(shards):
+    grads = strategy.run(replica_step, args=shards)
+    return [strategy.reduce('SUM', g, axis=None) for g in grads]
+
+  want = _np_sam_gradient(name, x, y, w)
+  for got, ref in zip(step(shards), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # The reference is no plain gradient: the perturbation mattered.
+  assert np.abs(want[0] - _np_grad(x, y, w)[0]).max() > 1e-4
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+@pytest.mark.parametrize('name', sorted(perturbations.REGISTRY))
+def test_variant_through_sam_model_matches_numpy(mirrored, name,
+                                                 num_replicas):
+  """One `fit` step of SAMModel(variant=name) with SGD at learning rate 1."""
+  x, y, w = _problem()
+  with mirrored(num_replicas).scope():
+    inner = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(CLASSES)])
+    inner.set_weights(w)
+    model = SAMModel(inner, rho=RHO, variant=name, **OPTIONS)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+  model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+  want = [wi - gi for wi, gi in zip(w, _np_sam_gradient(name, x, y, w))]
+  for got, ref in zip(inner.get_weights(), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
