@@ -83,6 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sam.adaptive = False
   # ASAM's offset eta; ignored unless adaptive.
   config.sam.eta = 0.01
+  # ASAM's |w| + eta also on biases and normalization offsets (beta); False
+  # leaves them at 1, as ASAM's reference code does.
+  config.sam.adaptive_biases = True
+  # Which parameters are perturbed: '' all; 'normalization' those of the
+  # normalization layers (SAM-ON, Mueller et al. 2023; they use a larger
+  # rho); else a regular expression searched in the variable paths.
+  config.sam.perturb_only = ''
   # Share one perturbation across replicas (the ascent gradient is summed
   # over all replicas); False perturbs each replica with its own gradient.
   config.sam.sync_perturbation = True

@@ -141,7 +141,7 @@ RESUMABLE_FIELDS = (
     'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
     'sam.rho', 'sam.variant', 'sam.adaptive', 'sam.eta',
-    'sam.sync_perturbation',
+    'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',
     'optimizer.beta1', 'optimizer.beta2', 'optimizer.epsilon',
     'optimizer.weight_decay', 'optimizer.decay_all_params',

@@ -99,11 +99,15 @@ class SAMModel(keras.Model):
     sync_perturbation: whether replicas share one perturbation.
     eta: ASAM's offset.
     variant: the perturbation's name in `sam.perturbations.REGISTRY`.
+    perturb_only: which parameters are perturbed ('' all).
+    adaptive_biases: ASAM's scaling on biases and offsets too.
   """
 
   def __init__(self, model: keras.Model, rho: float = 0.05,
                adaptive: bool = False, sync_perturbation: bool = True,
-               eta: float = 0.01, variant: str = 'sam', **kwargs: Any):
+               eta: float = 0.01, variant: str = 'sam',
+               perturb_only: str = '', adaptive_biases: bool = True,
+               **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -122,6 +126,12 @@ class SAMModel(keras.Model):
       eta: ASAM's offset, >= 0; ignored unless `adaptive`.
       variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
         ('sam', 'asam'); `adaptive=True` is 'asam'.
+      perturb_only: '' perturbs every parameter; 'normalization' only those
+        of the normalization layers (SAM-ON); else a regular expression
+        searched in the variable paths
+        (`sam.perturbations.parameter_mask`).
+      adaptive_biases: ASAM's T = |w| + eta on biases and normalization
+        offsets too; False leaves T = 1 there, as ASAM's reference code.
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
@@ -139,10 +149,13 @@ class SAMModel(keras.Model):
     _check(_is_number(rho) and rho >= 0, 'rho', rho, 'it must be a number >= 0')
     _check(_is_number(eta) and eta >= 0, 'eta', eta, 'it must be a number >= 0')
     for name, value in (('adaptive', adaptive),
-                        ('sync_perturbation', sync_perturbation)):
+                        ('sync_perturbation', sync_perturbation),
+                        ('adaptive_biases', adaptive_biases)):
       _check(isinstance(value, bool), name, value, 'it must be True or False')
     _check(variant in perturbations.REGISTRY, 'variant', variant,
            f'it must be one of {sorted(perturbations.REGISTRY)}')
+    _check(isinstance(perturb_only, str), 'perturb_only', perturb_only,
+           "it must be a string ('' for all parameters)")
     super().__init__(**kwargs)
     self.model = model
     # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
@@ -151,6 +164,8 @@ class SAMModel(keras.Model):
     self.sync_perturbation = sync_perturbation
     self.eta = float(eta)
     self.variant = variant
+    self.perturb_only = perturb_only
+    self.adaptive_biases = adaptive_biases
     if model.built:
       self.built = True
 
@@ -198,7 +213,10 @@ class SAMModel(keras.Model):
     out = sam_lib.sam_step(
         loss_fn, [v.value for v in trainable], self.rho,
         adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
-        eta=self.eta, variant=self.variant)
+        eta=self.eta, variant=self.variant,
+        mask=perturbations.parameter_mask(self, self.perturb_only),
+        names=[v.path for v in trainable],
+        adaptive_biases=self.adaptive_biases)
     loss, y_pred, new_state, new_metrics = out.aux
     for variable, value in zip(state_vars,
                                sam_lib.sync_model_state(new_state)):
@@ -226,6 +244,8 @@ class SAMModel(keras.Model):
         'sync_perturbation': self.sync_perturbation,
         'eta': self.eta,
         'variant': self.variant,
+        'perturb_only': self.perturb_only,
+        'adaptive_biases': self.adaptive_biases,
     }
 
   @classmethod

@@ -123,6 +123,9 @@ def perturbation(
     adaptive: bool = False,
     eta: float = 0.0,
     variant: str = 'sam',
+    mask: Sequence[bool] | None = None,
+    names: Sequence[str] | None = None,
+    adaptive_biases: bool = True,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
   """The perturbation of a variant (`sam.perturbations`) for a gradient.
 
@@ -135,12 +138,22 @@ def perturbation(
     eta: ASAM's offset that keeps zero weights perturbable.
     variant: a name in `sam.perturbations.REGISTRY`: 'sam',
       eps = rho g / ||g||; 'asam', eps = rho T^2 g / ||T g||, T = |w| + eta.
+    mask: which params are perturbed (`sam.perturbations.parameter_mask`);
+      the others get eps = 0 and no part in the norm. None: all.
+    names: the params' variable paths ('stem_bn/beta'), for variants that
+      treat kinds of params differently.
+    adaptive_biases: ASAM's T = |w| + eta on biases and normalization
+      offsets too; False leaves T = 1 there, as ASAM's reference code does
+      (needs `names`).
 
   Returns:
     (eps, norm): eps per param, and the norm that scaled it.
   """
-  name = 'asam' if adaptive else variant
-  return perturbations.get(name).perturb(grads, params, rho, {'eta': eta})
+  if mask is not None:
+    grads = [g if m else tf.zeros_like(g) for g, m in zip(grads, mask)]
+  options = {'eta': eta, 'names': names, 'adaptive_biases': adaptive_biases}
+  return perturbations.get('asam' if adaptive else variant).perturb(
+      grads, params, rho, options)
 
 
 def surrogate_gap_guided(
@@ -192,6 +205,9 @@ def sam_step(
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
     variant: str = 'sam',
+    mask: Sequence[bool] | None = None,
+    names: Sequence[str] | None = None,
+    adaptive_biases: bool = True,
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
@@ -234,6 +250,13 @@ def sam_step(
       the caller skips such a step and lowers the scale. None: no scaling.
     variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
       ('sam', 'asam'); `adaptive=True` is 'asam'.
+    mask: which params are perturbed, one bool per param (SAM-ON perturbs
+      the normalization layers' only: `sam.perturbations.parameter_mask`);
+      the others keep eps = 0 and no part in the norm. None: all.
+    names: the params' variable paths; read by ASAM with
+      `adaptive_biases=False`.
+    adaptive_biases: ASAM's scaling on biases and normalization offsets
+      too (True); False follows ASAM's reference code (T = 1 there).
 
   Returns:
     A `SAMOutput`: the loss at params, the SAM gradients (per replica, for a
@@ -251,7 +274,8 @@ def sam_step(
   if ctx is not None:
     ascent = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
   eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta,
-                           variant=variant)
+                           variant=variant, mask=mask, names=names,
+                           adaptive_biases=adaptive_biases)
   # tf.stop_gradient: eps is a constant of the second pass (the paper drops
   # its second-order term), and w + eps is a new tensor, not a new variable.
   perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from sam import models
 from sam import optim
+from sam import perturbations
 from sam import plateau
 
 # Layout of the metric accumulators: sums over steps (see `step.train_step`)
@@ -51,6 +52,8 @@ class TrainState:
     num_classes: of the model's output.
     loss_scaling: whether the step scales the loss (mixed_float16).
     l2: the weight of the L2 term in the loss (0 for decoupled decay).
+    sam_mask: which trainable variables SAM perturbs (config.sam.perturb_only;
+      None: all).
   """
   model: keras.Model
   optimizer: keras.optimizers.Optimizer
@@ -68,6 +71,7 @@ class TrainState:
   num_classes: int
   loss_scaling: bool
   l2: float
+  sam_mask: list[bool] | None
 
   @property
   def step(self) -> int:
@@ -158,4 +162,5 @@ def create_train_state(config: ml_collections.ConfigDict,
       older_checkpoints=older_checkpoints,
       num_classes=num_classes,
       loss_scaling=config.dtype_policy == 'mixed_float16',
-      l2=oc.weight_decay if oc.weight_decay_type == 'l2' else 0.0)
+      l2=oc.weight_decay if oc.weight_decay_type == 'l2' else 0.0,
+      sam_mask=perturbations.parameter_mask(model, config.sam.perturb_only))

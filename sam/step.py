@@ -45,9 +45,8 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
     # The SAM rule: the gradient at w, its norm across replicas, eps, the
     # gradient at w + eps (one pass at w if rho is 0).
     out = sam_lib.sam_step(
-        loss_fn, params, sc.rho, variant=sc.variant, adaptive=sc.adaptive,
-        eta=sc.eta, gsam_alpha=sc.gsam_alpha,
-        sync_perturbation=sc.sync_perturbation, loss_scale=scale)
+        loss_fn, params, sc.rho, sync_perturbation=sc.sync_perturbation,
+        loss_scale=scale, **_variant_args(state, config))
   else:
     out = sam_lib.sam_step(loss_fn, params, 0.0, loss_scale=scale)  # Plain.
   if sc.looksam_alpha:
@@ -110,14 +109,22 @@ def _micro_batch_sam(state, config, images, labels, model_state, params):
                       1 / (num_replicas * chunks))
          for x, y in zip(tf.split(images, chunks), tf.split(labels, chunks))]
   out = sam_lib.micro_batch_sam_step(
-      fns, params, sc.rho, variant=sc.variant, adaptive=sc.adaptive,
-      eta=sc.eta, gsam_alpha=sc.gsam_alpha,
-      loss_scale=loss_scaling.scale(state))
+      fns, params, sc.rho, loss_scale=loss_scaling.scale(state),
+      **_variant_args(state, config))
   logits = tf.concat([a[0] for a in out.aux], 0)
   # Each micro-batch updated the statistics from the same start; their mean
   # is what one pass over the replica's batch gives, to first order.
   new_state = [tf.add_n(s) / chunks for s in zip(*[a[1] for a in out.aux])]
   return out._replace(aux=(logits, new_state))
+
+
+def _variant_args(state: TrainState, config: ml_collections.ConfigDict):
+  """sam_step's arguments that choose and shape the SAM variant."""
+  sc = config.sam
+  return dict(variant=sc.variant, adaptive=sc.adaptive, eta=sc.eta,
+              gsam_alpha=sc.gsam_alpha, mask=state.sam_mask,
+              names=[v.path for v in state.model.trainable_variables],
+              adaptive_biases=sc.adaptive_biases)
 
 
 def _total(grads):

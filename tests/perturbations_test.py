@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import models
 from sam import perturbations
 from sam import sam
 from sam.keras import SAMModel
@@ -21,21 +22,40 @@ from tests.conftest import requires_xla_cpu
 
 CLASSES, DIM, BATCH = 3, 5, 8
 RHO = 0.5
-OPTIONS = {'eta': 0.01}
+NAMES = ['dense/kernel', 'dense/bias']  # The params' variable paths.
+
+# The options every variant runs with: (sam_step's arguments, SAMModel's).
+CASES = {
+    'all params': ({'eta': 0.01}, {'eta': 0.01}),
+    # Only the bias perturbed: a stand-in for SAM-ON's normalization params.
+    'mask': ({'eta': 0.01, 'mask': [False, True]},
+             {'eta': 0.01, 'perturb_only': 'bias$'}),
+    # ASAM as its reference code: T = 1 on biases.
+    'no adaptive biases': ({'eta': 0.01, 'adaptive_biases': False},
+                           {'eta': 0.01, 'adaptive_biases': False}),
+}
+
+
+def _masked(g, options):
+  mask = options.get('mask') or [True] * len(g)
+  return [gi.astype(np.float64) * m for gi, m in zip(g, mask)]
 
 
 def _np_sam(g, w, rho, options):
-  del w, options
-  norm = np.sqrt(sum((gi.astype(np.float64)**2).sum() for gi in g))
+  del w
+  g = _masked(g, options)
+  norm = np.sqrt(sum((gi**2).sum() for gi in g))
   return [rho * gi / norm for gi in g]
 
 
 def _np_asam(g, w, rho, options):
-  # Kwon et al.: eps = rho T^2 g / ||T g||, T = |w| + eta elementwise, over
-  # every parameter here (see the registry's deviations).
+  # Kwon et al.: eps = rho T^2 g / ||T g||, T = |w| + eta elementwise; the
+  # bias keeps T = 1 with adaptive_biases=False (ASAM's reference code).
+  g = _masked(g, options)
   t = [np.abs(wi) + options['eta'] for wi in w]
-  norm = np.sqrt(sum(((ti * gi).astype(np.float64)**2).sum()
-                     for ti, gi in zip(t, g)))
+  if not options.get('adaptive_biases', True):
+    t[1] = np.ones_like(t[1])
+  norm = np.sqrt(sum(((ti * gi)**2).sum() for ti, gi in zip(t, g)))
   return [rho * ti**2 * gi / norm for ti, gi in zip(t, g)]
 
 
@@ -61,8 +81,8 @@ def _np_grad(x, y, w):
   return [x.T @ d, d.sum(0)]
 
 
-def _np_sam_gradient(name, x, y, w):
-  eps = NUMPY_REFERENCES[name](_np_grad(x, y, w), w, RHO, OPTIONS)
+def _np_sam_gradient(name, x, y, w, options):
+  eps = NUMPY_REFERENCES[name](_np_grad(x, y, w), w, RHO, options)
   return _np_grad(x, y, [wi + ei for wi, ei in zip(w, eps)])
 
 
@@ -90,11 +110,14 @@ def test_an_unknown_variant_is_one_line_naming_the_known_ones():
     perturbations.get('samm')
 
 
+@pytest.mark.parametrize('case', sorted(CASES))
 @pytest.mark.parametrize('compile_with', [
     'tf.function', pytest.param('xla', marks=requires_xla_cpu)])
 @pytest.mark.parametrize('num_replicas', [1, 2, 4])
 @pytest.mark.parametrize('name', sorted(perturbations.REGISTRY))
-def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with):
+def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with,
+                               case):
+  options, _ = CASES[case]
   x, y, w = _problem()
   strategy = mirrored(num_replicas)
   size = BATCH // num_replicas
@@ -105,7 +128,7 @@ def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with):
   @tf.function(jit_compile=compile_with == 'xla')
   def replica_step(xs, ys):
     out = sam.sam_step(_loss_fn(xs, ys), [tf.constant(v) for v in w],
-                       rho=RHO, variant=name, **OPTIONS)
+                       rho=RHO, variant=name, names=NAMES, **options)
     return out.grads
 
   @tf.function
@@ -113,27 +136,57 @@ def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with):
     grads = strategy.run(replica_step, args=shards)
     return [strategy.reduce('SUM', g, axis=None) for g in grads]
 
-  want = _np_sam_gradient(name, x, y, w)
+  want = _np_sam_gradient(name, x, y, w, options)
   for got, ref in zip(step(shards), want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
   # The reference is no plain gradient: the perturbation mattered.
   assert np.abs(want[0] - _np_grad(x, y, w)[0]).max() > 1e-4
 
 
+@pytest.mark.parametrize('case', sorted(CASES))
 @pytest.mark.parametrize('num_replicas', [1, 2])
 @pytest.mark.parametrize('name', sorted(perturbations.REGISTRY))
 def test_variant_through_sam_model_matches_numpy(mirrored, name,
-                                                 num_replicas):
+                                                 num_replicas, case):
   """One `fit` step of SAMModel(variant=name) with SGD at learning rate 1."""
+  options, model_options = CASES[case]
   x, y, w = _problem()
   with mirrored(num_replicas).scope():
-    inner = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(CLASSES)])
+    inner = keras.Sequential([keras.Input((DIM,)),
+                              keras.layers.Dense(CLASSES, name='dense')])
     inner.set_weights(w)
-    model = SAMModel(inner, rho=RHO, variant=name, **OPTIONS)
+    model = SAMModel(inner, rho=RHO, variant=name, **model_options)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
   model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-  want = [wi - gi for wi, gi in zip(w, _np_sam_gradient(name, x, y, w))]
+  want = [wi - gi
+          for wi, gi in zip(w, _np_sam_gradient(name, x, y, w, options))]
   for got, ref in zip(inner.get_weights(), want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_mask_by_layer_type_or_path():
+  model = models.get_model('resnet20', 10, (32, 32, 3))
+  paths = [v.path for v in model.trainable_variables]
+  assert perturbations.parameter_mask(model, '') is None
+  norm = perturbations.parameter_mask(model, 'normalization')
+  # SAM-ON: exactly the batch-norm gammas and betas (19 layers).
+  assert [p for p, m in zip(paths, norm) if m] == [
+      p for p in paths if p.endswith(('/gamma', '/beta'))]
+  assert sum(norm) == 2 * 19
+  kernels = perturbations.parameter_mask(model, 'kernel$')
+  assert [p for p, m in zip(paths, kernels) if m] == [
+      p for p in paths if p.endswith('/kernel')]
+  with pytest.raises(ValueError, match=r"perturb_only='dense' selects none "
+                     r"of the 59 trainable variables .*'stem_conv/kernel'"):
+    perturbations.parameter_mask(model, 'dense')
+  with pytest.raises(ValueError, match="perturb_only='bn\\(' is no regular"):
+    perturbations.parameter_mask(model, 'bn(')
+
+
+def test_asam_without_adaptive_biases_needs_the_names():
+  g = [tf.ones([2, 2]), tf.ones([2])]
+  with pytest.raises(ValueError, match=r'needs the names'):
+    sam.perturbation(g, g, 0.1, variant='asam', eta=0.01,
+                     adaptive_biases=False)

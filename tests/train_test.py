@@ -11,6 +11,7 @@ import tensorflow as tf
 from sam import input_pipeline
 from sam import optim
 from sam import state as state_lib
+from sam import step as step_lib
 from sam import train
 from sam.trainer import Trainer
 from tests.conftest import requires_xla_cpu
@@ -83,6 +84,36 @@ def test_variant_asam_is_adaptive():
   assert max(np.abs(a - c).max() for a, c in zip(
       _values(by_flag.state.model.trainable_variables),
       _values(plain_sam.state.model.trainable_variables))) > 1e-6
+
+
+@pytest.mark.parametrize('micro_batch_size', [0, 4])
+def test_the_step_passes_the_variant_mask_and_names(monkeypatch,
+                                                    micro_batch_size):
+  seen = []
+  real = step_lib.sam_lib.sam_step
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(step_lib.sam_lib, 'sam_step', spy)
+  config = tiny_config(**{
+      'sam.rho': 0.5, 'sam.variant': 'asam', 'sam.adaptive_biases': False,
+      'sam.perturb_only': '^conv', 'sam.micro_batch_size': micro_batch_size})
+  trainer = _train(config, tf.distribute.get_strategy(), 1)
+  paths = [v.path for v in trainer.state.model.trainable_variables]
+  assert seen and all(
+      kwargs['variant'] == 'asam' and kwargs['adaptive_biases'] is False and
+      kwargs['names'] == paths and
+      kwargs['mask'] == [p.startswith('conv') for p in paths]
+      for kwargs in seen)
+
+
+def test_perturb_only_that_selects_nothing_is_one_line(tmp_path):
+  config = tiny_config(**{'sam.perturb_only': 'normalization'})  # No BN.
+  with pytest.raises(ValueError, match="perturb_only='normalization' "
+                     'selects none of the 8 trainable variables'):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):

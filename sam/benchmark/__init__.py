@@ -9,8 +9,11 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
 
 * this codebase's custom loop (`sam.Trainer`), one `train_loop` call of
   `--steps` steps per timed loop: the plain base optimizer (rho = 0), SAM,
-  SAM every 2nd step (`sam.every_k_steps`) and LookSAM with k = 5, alpha =
-  0.7 (`sam.looksam_alpha`; time a multiple of 5 steps per loop);
+  each other variant of `sam.perturbations.REGISTRY` (`sam.variant`),
+  SAM-ON (`sam.perturb_only='normalization'`; for models with
+  normalization layers), SAM every 2nd step (`sam.every_k_steps`) and
+  LookSAM with k = 5, alpha = 0.7 (`sam.looksam_alpha`; time a multiple of
+  5 steps per loop);
 * with `--xla`: the plain and SAM custom loop with the replica step compiled
   by XLA; and once, before the models, one 3x3 convolution (16 to 16
   channels on 32x32, the first stage of a ResNet-20) forward and backward,

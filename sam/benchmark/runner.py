@@ -14,6 +14,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from sam import perturbations
 from sam.benchmark import profile as profile_lib
 from sam.benchmark import rows
 
@@ -186,6 +187,16 @@ def _model_rows(name: str, batch_size: int, steps: int, rho: float,
 
   add(headline['sgd'], rows.custom_loop(name, batch_size, steps, rho=0.0))
   add(headline['sam'], rows.custom_loop(name, batch_size, steps, rho=rho))
+  for variant in sorted(perturbations.REGISTRY):
+    if variant != 'sam':
+      add(f'{name}: custom loop, SAM variant={variant}',
+          rows.custom_loop(name, batch_size, steps, rho=rho, variant=variant))
+  try:
+    add(f'{name}: custom loop, SAM-ON (perturb_only=normalization)',
+        rows.custom_loop(name, batch_size, steps, rho=rho,
+                         perturb_only='normalization'))
+  except ValueError as e:
+    logging.info('No SAM-ON row: %s', e)  # A model without normalization.
   add(f'{name}: custom loop, SAM every 2nd step',
       rows.custom_loop(name, batch_size, steps, rho=rho, every_k_steps=2))
   # LookSAM's own setting; time a multiple of 5 steps per loop.
