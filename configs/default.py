@@ -93,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Share one perturbation across replicas (the ascent gradient is summed
   # over all replicas); False perturbs each replica with its own gradient.
   config.sam.sync_perturbation = True
+  # With sync_perturbation: share one perturbation within groups of this many
+  # consecutive replicas only (m-sharpness over groups, the SAM code's
+  # inner_group_size); 0 shares it across all replicas.
+  config.sam.inner_group_size = 0
   # GSAM (Zhuang et al. 2022): descend along h - alpha * f_perp (the clean
   # gradient's part orthogonal to the SAM gradient); 0 is SAM. They use 0.1+.
   config.sam.gsam_alpha = 0.0

@@ -32,9 +32,19 @@ def _one_of(field: str, value, options) -> None:
   _check(value in options, field, value, f'use one of {tuple(options)}')
 
 
-def _check_sam(sc: ml_collections.ConfigDict, per_replica: int) -> None:
+def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
+               num_replicas: int) -> None:
   """The fields of config.sam that validate_config does not check alone."""
   _one_of('sam.variant', sc.variant, tuple(sorted(perturbations.REGISTRY)))
+  if sc.inner_group_size:
+    _check(sc.inner_group_size > 0 and num_replicas % sc.inner_group_size == 0,
+           'sam.inner_group_size', sc.inner_group_size,
+           f'use 0 (all replicas) or a divisor of the {num_replicas} replicas')
+    _check(sc.sync_perturbation and not sc.micro_batch_size and
+           not sc.gsam_alpha, 'sam.inner_group_size', sc.inner_group_size,
+           'groups of replicas share a perturbation only with '
+           'sam.sync_perturbation=True, sam.micro_batch_size=0 and '
+           'sam.gsam_alpha=0')
   _check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
         'it must be >= 1 (1 runs SAM at every step)')
   _check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
@@ -71,7 +81,8 @@ def validate_config(config: ml_collections.ConfigDict,
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
     _check(0 <= value < math.inf, field, value, 'it must be finite and >= 0')
-  _check_sam(config.sam, config.batch_size // max(num_replicas, 1))
+  _check_sam(config.sam, config.batch_size // max(num_replicas, 1),
+             num_replicas)
   _check(config.loss_scale.initial > 0, 'loss_scale.initial',
         config.loss_scale.initial, 'it must be > 0 (2**15 is usual)')
   _check(config.loss_scale.growth_steps >= 1, 'loss_scale.growth_steps',
@@ -142,6 +153,7 @@ RESUMABLE_FIELDS = (
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
     'sam.rho', 'sam.variant', 'sam.adaptive', 'sam.eta',
     'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
+    'sam.inner_group_size',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',
     'optimizer.beta1', 'optimizer.beta2', 'optimizer.epsilon',
     'optimizer.weight_decay', 'optimizer.decay_all_params',

@@ -46,6 +46,32 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+# SAMModel's own arguments, kept as attributes and in its config.
+_SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
+                  'perturb_only', 'adaptive_biases', 'inner_group_size')
+
+
+def _check_arguments(model: Any, rho: Any, eta: Any, variant: Any,
+                     perturb_only: Any, inner_group_size: Any,
+                     **flags: Any) -> None:
+  """SAMModel's arguments, checked: one line naming a bad one."""
+  if not isinstance(model, keras.Model):
+    raise TypeError(
+        f'SAMModel: model must be a Keras 3 model (keras.Model), got '
+        f'{type(model).__module__}.{type(model).__qualname__}.')
+  _check(_is_number(rho) and rho >= 0, 'rho', rho, 'it must be a number >= 0')
+  _check(_is_number(eta) and eta >= 0, 'eta', eta, 'it must be a number >= 0')
+  for name, value in flags.items():
+    _check(isinstance(value, bool), name, value, 'it must be True or False')
+  _check(variant in perturbations.REGISTRY, 'variant', variant,
+         f'it must be one of {sorted(perturbations.REGISTRY)}')
+  _check(isinstance(perturb_only, str), 'perturb_only', perturb_only,
+         "it must be a string ('' for all parameters)")
+  _check(isinstance(inner_group_size, int) and not isinstance(
+      inner_group_size, bool) and inner_group_size >= 0, 'inner_group_size',
+         inner_group_size, 'it must be an int >= 0 (0: all replicas)')
+
+
 @keras.saving.register_keras_serializable(package='sam')
 class SAMModel(keras.Model):
   """Wraps a Keras model so that `fit` trains it with SAM (or ASAM).
@@ -94,20 +120,15 @@ class SAMModel(keras.Model):
 
   Attributes:
     model: the wrapped Keras model, whose variables are trained.
-    rho: the neighbourhood radius; 0 is the plain optimizer in one pass.
-    adaptive: whether the perturbation is ASAM's.
-    sync_perturbation: whether replicas share one perturbation.
-    eta: ASAM's offset.
-    variant: the perturbation's name in `sam.perturbations.REGISTRY`.
-    perturb_only: which parameters are perturbed ('' all).
-    adaptive_biases: ASAM's scaling on biases and offsets too.
+    rho, adaptive, sync_perturbation, eta, variant, perturb_only,
+    adaptive_biases, inner_group_size: the constructor's arguments.
   """
 
   def __init__(self, model: keras.Model, rho: float = 0.05,
                adaptive: bool = False, sync_perturbation: bool = True,
                eta: float = 0.01, variant: str = 'sam',
                perturb_only: str = '', adaptive_biases: bool = True,
-               **kwargs: Any):
+               inner_group_size: int = 0, **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -132,40 +153,31 @@ class SAMModel(keras.Model):
         (`sam.perturbations.parameter_mask`).
       adaptive_biases: ASAM's T = |w| + eta on biases and normalization
         offsets too; False leaves T = 1 there, as ASAM's reference code.
+      inner_group_size: with `sync_perturbation`, share eps within groups
+        of this many consecutive replicas only; 0: all replicas.
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
       TypeError: if `model` is not a Keras 3 model.
       ValueError: naming the argument, if `rho` or `eta` is negative or not
-        a number, `adaptive` or `sync_perturbation` is not a bool, or
-        `variant` is not registered.
+        a number, a flag is not a bool, `variant` is not registered, or
+        `perturb_only` is no string.
     """
     # Checked before anything is built: a bad argument fails here, not at
     # the first trace inside `fit`.
-    if not isinstance(model, keras.Model):
-      raise TypeError(
-          f'SAMModel: model must be a Keras 3 model (keras.Model), got '
-          f'{type(model).__module__}.{type(model).__qualname__}.')
-    _check(_is_number(rho) and rho >= 0, 'rho', rho, 'it must be a number >= 0')
-    _check(_is_number(eta) and eta >= 0, 'eta', eta, 'it must be a number >= 0')
-    for name, value in (('adaptive', adaptive),
-                        ('sync_perturbation', sync_perturbation),
-                        ('adaptive_biases', adaptive_biases)):
-      _check(isinstance(value, bool), name, value, 'it must be True or False')
-    _check(variant in perturbations.REGISTRY, 'variant', variant,
-           f'it must be one of {sorted(perturbations.REGISTRY)}')
-    _check(isinstance(perturb_only, str), 'perturb_only', perturb_only,
-           "it must be a string ('' for all parameters)")
+    _check_arguments(model, rho=rho, eta=eta, adaptive=adaptive,
+                     sync_perturbation=sync_perturbation,
+                     adaptive_biases=adaptive_biases, variant=variant,
+                     perturb_only=perturb_only,
+                     inner_group_size=inner_group_size)
     super().__init__(**kwargs)
     self.model = model
     # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
-    self.rho = float(rho)
-    self.adaptive = adaptive
-    self.sync_perturbation = sync_perturbation
-    self.eta = float(eta)
-    self.variant = variant
-    self.perturb_only = perturb_only
+    self.rho, self.eta = float(rho), float(eta)
+    self.adaptive, self.sync_perturbation = adaptive, sync_perturbation
+    self.variant, self.perturb_only = variant, perturb_only
     self.adaptive_biases = adaptive_biases
+    self.inner_group_size = inner_group_size
     if model.built:
       self.built = True
 
@@ -214,6 +226,7 @@ class SAMModel(keras.Model):
         loss_fn, [v.value for v in trainable], self.rho,
         adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
         eta=self.eta, variant=self.variant,
+        inner_group_size=self.inner_group_size,
         mask=perturbations.parameter_mask(self, self.perturb_only),
         names=[v.path for v in trainable],
         adaptive_biases=self.adaptive_biases)
@@ -239,13 +252,7 @@ class SAMModel(keras.Model):
         'name': self.name,
         'trainable': self.trainable,
         'model': keras.saving.serialize_keras_object(self.model),
-        'rho': self.rho,
-        'adaptive': self.adaptive,
-        'sync_perturbation': self.sync_perturbation,
-        'eta': self.eta,
-        'variant': self.variant,
-        'perturb_only': self.perturb_only,
-        'adaptive_biases': self.adaptive_biases,
+        **{name: getattr(self, name) for name in _SAM_ARGUMENTS},
     }
 
   @classmethod

@@ -204,25 +204,16 @@ def sam_step(
     eta: float = 0.0,
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
-    variant: str = 'sam',
-    mask: Sequence[bool] | None = None,
-    names: Sequence[str] | None = None,
-    adaptive_biases: bool = True,
+    inner_group_size: int = 0,
+    **perturbation_args: Any,
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
   The one entry point of the SAM rule (the variants are its arguments).
 
   Call it where you would call `tape.gradient`, inside your own
-  `strategy.run` replica function, under `tf.function`, or eagerly:
-
-    def loss_fn(params):
-      logits, new_state = model.stateless_call(params, state, x, training=True)
-      return loss(y, logits) / global_batch_size, new_state
-    out = sam_step(loss_fn, [v.value for v in model.trainable_variables],
-                   rho=0.05)
-    optimizer.apply_gradients(zip(out.grads, model.trainable_variables))
-    new_state = out.aux
+  `strategy.run` replica function, under `tf.function`, or eagerly; docs/api.md
+  has a whole step around it (with `model.stateless_call`).
 
   Args:
     loss_fn: `loss_fn(params) -> (loss, aux)`, a pure function of `params`;
@@ -248,15 +239,13 @@ def sam_step(
       in the params' float32; the norm, eps and the returned grads are
       unscaled. An overflow gives a non-finite ||g|| and so non-finite grads:
       the caller skips such a step and lowers the scale. None: no scaling.
-    variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
-      ('sam', 'asam'); `adaptive=True` is 'asam'.
-    mask: which params are perturbed, one bool per param (SAM-ON perturbs
-      the normalization layers' only: `sam.perturbations.parameter_mask`);
-      the others keep eps = 0 and no part in the norm. None: all.
-    names: the params' variable paths; read by ASAM with
-      `adaptive_biases=False`.
-    adaptive_biases: ASAM's scaling on biases and normalization offsets
-      too (True); False follows ASAM's reference code (T = 1 there).
+    inner_group_size: with `sync_perturbation`, sum the ascent gradient
+      over groups of this many consecutive replicas only, each group with
+      its own eps (m-sharpness over groups, the SAM code's
+      inner_group_size); 0: over all replicas.
+    **perturbation_args: `variant` (the perturbation's name in
+      `sam.perturbations.REGISTRY`), `mask`, `names`, `adaptive_biases`:
+      see `perturbation`.
 
   Returns:
     A `SAMOutput`: the loss at params, the SAM gradients (per replica, for a
@@ -269,13 +258,13 @@ def sam_step(
     # The plain base optimizer: one pass and no cross-replica traffic.
     return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads)
 
-  ascent = grads
   ctx = _replica_context_to_sync() if sync_perturbation else None
-  if ctx is not None:
-    ascent = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+  if gsam_alpha and inner_group_size:
+    raise ValueError('GSAM (gsam_alpha) over groups of replicas '
+                     '(inner_group_size) is not supported: set one of them.')
+  ascent = _ascent_sum(grads, ctx, inner_group_size)
   eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta,
-                           variant=variant, mask=mask, names=names,
-                           adaptive_biases=adaptive_biases)
+                           **perturbation_args)
   # tf.stop_gradient: eps is a constant of the second pass (the paper drops
   # its second-order term), and w + eps is a new tensor, not a new variable.
   perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]
@@ -285,6 +274,29 @@ def sam_step(
     sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
                                      ctx)
   return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm, grads)
+
+
+def _ascent_sum(grads: list[tf.Tensor],
+                ctx: tf.distribute.ReplicaContext | None,
+                group_size: int) -> list[tf.Tensor]:
+  """The ascent gradient: summed over all replicas, or over a replica group.
+
+  A group is `group_size` consecutive replica ids. Each replica writes its
+  gradient into its group's slot of a [num_groups, ...] tensor, and one
+  all-reduce fills every slot with its group's sum.
+  """
+  if ctx is None:
+    return grads
+  if not group_size or group_size == ctx.num_replicas_in_sync:
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+  num_groups, ragged = divmod(ctx.num_replicas_in_sync, group_size)
+  if ragged:
+    raise ValueError(f'inner_group_size={group_size} does not divide the '
+                     f'{ctx.num_replicas_in_sync} replicas.')
+  slot = tf.one_hot(ctx.replica_id_in_sync_group // group_size, num_groups)
+  spread = [tf.tensordot(tf.cast(slot, g.dtype), g, axes=0) for g in grads]
+  totals = ctx.all_reduce(tf.distribute.ReduceOp.SUM, spread)
+  return [tf.tensordot(tf.cast(slot, t.dtype), t, axes=1) for t in totals]
 
 
 def _dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor]) -> tf.Tensor:

@@ -124,7 +124,8 @@ def _variant_args(state: TrainState, config: ml_collections.ConfigDict):
   return dict(variant=sc.variant, adaptive=sc.adaptive, eta=sc.eta,
               gsam_alpha=sc.gsam_alpha, mask=state.sam_mask,
               names=[v.path for v in state.model.trainable_variables],
-              adaptive_biases=sc.adaptive_biases)
+              adaptive_biases=sc.adaptive_biases,
+              inner_group_size=sc.inner_group_size)
 
 
 def _total(grads):

@@ -190,3 +190,25 @@ def test_asam_without_adaptive_biases_needs_the_names():
   with pytest.raises(ValueError, match=r'needs the names'):
     sam.perturbation(g, g, 0.1, variant='asam', eta=0.01,
                      adaptive_biases=False)
+
+
+def test_sam_model_shares_eps_within_inner_groups(mirrored):
+  """SAMModel(inner_group_size=2) on 4 replicas: one eps per replica pair."""
+  x, y, w = _problem()
+  with mirrored(4).scope():
+    inner = keras.Sequential([keras.Input((DIM,)),
+                              keras.layers.Dense(CLASSES, name='dense')])
+    inner.set_weights(w)
+    model = SAMModel(inner, rho=RHO, inner_group_size=2)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+  model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+  want = [wi.astype(np.float64) for wi in w]
+  for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
+    g = [gi / 2 for gi in _np_grad(x[half], y[half], w)]  # Its loss share.
+    eps = _np_sam(g, w, RHO, {})
+    perturbed = _np_grad(x[half], y[half], [wi + e for wi, e in zip(w, eps)])
+    want = [wi - gi / 2 for wi, gi in zip(want, perturbed)]
+  for got, ref in zip(inner.get_weights(), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -294,3 +294,42 @@ def test_looksam_direction_and_reuse_match_numpy():
   np.testing.assert_allclose(
       total, flat_g + 0.7 * np.linalg.norm(flat_g) / np.linalg.norm(want) *
       want, rtol=1e-10)
+
+
+def _np_grouped_sam(x, y, w, b, rho, num_replicas, group_size):
+  """SAM gradient with one eps per group of consecutive replicas' shards."""
+  size = BATCH // num_replicas
+  total = [np.zeros_like(w), np.zeros_like(b)]
+  for start in range(0, BATCH, size * group_size):
+    xs, ys = x[start:start + size * group_size], y[start:start + size *
+                                                     group_size]
+    g = _np_grad(xs, ys, w, b, BATCH)  # The group's part of the loss.
+    norm = np.sqrt(sum((gi**2).sum() for gi in g))
+    want = _np_grad(xs, ys, w + rho * g[0] / norm, b + rho * g[1] / norm,
+                    BATCH)
+    total = [t + v for t, v in zip(total, want)]
+  return total
+
+
+@pytest.mark.parametrize('group_size', [1, 2, 4])
+def test_inner_groups_share_one_eps_each(mirrored, group_size):
+  """inner_group_size: groups of consecutive replicas, one eps per group."""
+  x, y, w, b = _problem()
+  strategy = mirrored(4)
+  shards = _shards(strategy, x, y)
+
+  @tf.function
+  def run(shard):
+    def replica_fn(shard):
+      xs, ys = shard
+      return sam.sam_step(
+          _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
+          rho=0.5, inner_group_size=group_size).grads
+    grads = strategy.run(replica_fn, args=(shard,))
+    return [strategy.reduce('SUM', g, axis=None) for g in grads]
+
+  want = _np_grouped_sam(x, y, w, b, 0.5, 4, group_size)
+  for got, ref in zip(run(shards), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  if group_size < 4:  # Not the global-batch SAM.
+    assert np.abs(want[0] - _np_sam(x, y, w, b, 0.5)[0]).max() > 1e-4
