@@ -97,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
   # consecutive replicas only (m-sharpness over groups, the SAM code's
   # inner_group_size); 0 shares it across all replicas.
   config.sam.inner_group_size = 0
+  # Ascent steps per update: n > 1 climbs n times, each step the perturbation
+  # of the gradient where the last one ended (optax.contrib.sam with
+  # sync_period = n + 1); n + 1 forward/backward passes per step.
+  config.sam.ascent_steps = 1
   # GSAM (Zhuang et al. 2022): descend along h - alpha * f_perp (the clean
   # gradient's part orthogonal to the SAM gradient); 0 is SAM. They use 0.1+.
   config.sam.gsam_alpha = 0.0

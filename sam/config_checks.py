@@ -36,6 +36,8 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
                num_replicas: int) -> None:
   """The fields of config.sam that validate_config does not check alone."""
   _one_of('sam.variant', sc.variant, tuple(sorted(perturbations.REGISTRY)))
+  _check(sc.ascent_steps >= 1, 'sam.ascent_steps', sc.ascent_steps,
+         'it must be >= 1 (1 is SAM)')
   if sc.inner_group_size:
     _check(sc.inner_group_size > 0 and num_replicas % sc.inner_group_size == 0,
            'sam.inner_group_size', sc.inner_group_size,
@@ -153,7 +155,7 @@ RESUMABLE_FIELDS = (
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
     'sam.rho', 'sam.variant', 'sam.adaptive', 'sam.eta',
     'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
-    'sam.inner_group_size',
+    'sam.inner_group_size', 'sam.ascent_steps',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',
     'optimizer.beta1', 'optimizer.beta2', 'optimizer.epsilon',
     'optimizer.weight_decay', 'optimizer.decay_all_params',

@@ -48,12 +48,13 @@ def _is_number(value: Any) -> bool:
 
 # SAMModel's own arguments, kept as attributes and in its config.
 _SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
-                  'perturb_only', 'adaptive_biases', 'inner_group_size')
+                  'perturb_only', 'adaptive_biases', 'inner_group_size',
+                  'ascent_steps')
 
 
 def _check_arguments(model: Any, rho: Any, eta: Any, variant: Any,
                      perturb_only: Any, inner_group_size: Any,
-                     **flags: Any) -> None:
+                     ascent_steps: Any, **flags: Any) -> None:
   """SAMModel's arguments, checked: one line naming a bad one."""
   if not isinstance(model, keras.Model):
     raise TypeError(
@@ -67,9 +68,10 @@ def _check_arguments(model: Any, rho: Any, eta: Any, variant: Any,
          f'it must be one of {sorted(perturbations.REGISTRY)}')
   _check(isinstance(perturb_only, str), 'perturb_only', perturb_only,
          "it must be a string ('' for all parameters)")
-  _check(isinstance(inner_group_size, int) and not isinstance(
-      inner_group_size, bool) and inner_group_size >= 0, 'inner_group_size',
-         inner_group_size, 'it must be an int >= 0 (0: all replicas)')
+  for name, value, least in (('inner_group_size', inner_group_size, 0),
+                             ('ascent_steps', ascent_steps, 1)):
+    _check(isinstance(value, int) and not isinstance(value, bool) and
+           value >= least, name, value, f'it must be an int >= {least}')
 
 
 @keras.saving.register_keras_serializable(package='sam')
@@ -121,14 +123,16 @@ class SAMModel(keras.Model):
   Attributes:
     model: the wrapped Keras model, whose variables are trained.
     rho, adaptive, sync_perturbation, eta, variant, perturb_only,
-    adaptive_biases, inner_group_size: the constructor's arguments.
+    adaptive_biases, inner_group_size, ascent_steps: the constructor's
+    arguments.
   """
 
   def __init__(self, model: keras.Model, rho: float = 0.05,
                adaptive: bool = False, sync_perturbation: bool = True,
                eta: float = 0.01, variant: str = 'sam',
                perturb_only: str = '', adaptive_biases: bool = True,
-               inner_group_size: int = 0, **kwargs: Any):
+               inner_group_size: int = 0, ascent_steps: int = 1,
+               **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -155,6 +159,7 @@ class SAMModel(keras.Model):
         offsets too; False leaves T = 1 there, as ASAM's reference code.
       inner_group_size: with `sync_perturbation`, share eps within groups
         of this many consecutive replicas only; 0: all replicas.
+      ascent_steps: ascent steps per update (1 is SAM; see `sam_step`).
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
@@ -169,7 +174,8 @@ class SAMModel(keras.Model):
                      sync_perturbation=sync_perturbation,
                      adaptive_biases=adaptive_biases, variant=variant,
                      perturb_only=perturb_only,
-                     inner_group_size=inner_group_size)
+                     inner_group_size=inner_group_size,
+                     ascent_steps=ascent_steps)
     super().__init__(**kwargs)
     self.model = model
     # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
@@ -177,7 +183,7 @@ class SAMModel(keras.Model):
     self.adaptive, self.sync_perturbation = adaptive, sync_perturbation
     self.variant, self.perturb_only = variant, perturb_only
     self.adaptive_biases = adaptive_biases
-    self.inner_group_size = inner_group_size
+    self.inner_group_size, self.ascent_steps = inner_group_size, ascent_steps
     if model.built:
       self.built = True
 
@@ -227,6 +233,7 @@ class SAMModel(keras.Model):
         adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
         eta=self.eta, variant=self.variant,
         inner_group_size=self.inner_group_size,
+        ascent_steps=self.ascent_steps,
         mask=perturbations.parameter_mask(self, self.perturb_only),
         names=[v.path for v in trainable],
         adaptive_biases=self.adaptive_biases)

@@ -205,15 +205,14 @@ def sam_step(
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
     inner_group_size: int = 0,
+    ascent_steps: int = 1,
     **perturbation_args: Any,
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
-  The one entry point of the SAM rule (the variants are its arguments).
-
-  Call it where you would call `tape.gradient`, inside your own
-  `strategy.run` replica function, under `tf.function`, or eagerly; docs/api.md
-  has a whole step around it (with `model.stateless_call`).
+  The one entry point of the SAM rule (the variants are its arguments). Call
+  it where you would call `tape.gradient`: in a `strategy.run` replica
+  function, under `tf.function`, or eagerly (a whole step: docs/api.md).
 
   Args:
     loss_fn: `loss_fn(params) -> (loss, aux)`, a pure function of `params`;
@@ -225,24 +224,23 @@ def sam_step(
     rho: the neighbourhood radius; a Python 0 means the plain base optimizer
       (one forward/backward pass, no all-reduce). A tensor always runs SAM.
     adaptive: ASAM, eps = rho T^2 g / ||T g|| with T = |w| + eta.
-    sync_perturbation: in a replica context with several replicas, sum the
-      ascent gradient across replicas before its norm, so that every replica
-      perturbs by the same eps (the SAM of the paper with the global batch).
-      False: each replica perturbs with its own gradient (m-sharpness with m
-      the per-replica batch).
+    sync_perturbation: with several replicas, sum the ascent gradient across
+      them before its norm: one eps for all (SAM on the global batch). False:
+      each replica's own (m-sharpness, m the per-replica batch).
     eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
     gsam_alpha: GSAM (Zhuang et al. 2022): descend along
       h - alpha * f_perp instead of h (see `surrogate_gap_guided`); 0 is SAM.
-    loss_scale: for float16 compute (dynamic loss scaling): each backward
-      pass differentiates loss * loss_scale, so that small float16 gradients
-      do not underflow, and its gradients are divided by loss_scale at once,
-      in the params' float32; the norm, eps and the returned grads are
-      unscaled. An overflow gives a non-finite ||g|| and so non-finite grads:
-      the caller skips such a step and lowers the scale. None: no scaling.
+    loss_scale: float16 loss scaling: each backward pass differentiates
+      loss * loss_scale and divides its gradients by it at once (in float32),
+      so the norm, eps and grads are unscaled; an overflow gives non-finite
+      grads, for the caller to skip the step. None: no scaling.
     inner_group_size: with `sync_perturbation`, sum the ascent gradient
       over groups of this many consecutive replicas only, each group with
       its own eps (m-sharpness over groups, the SAM code's
       inner_group_size); 0: over all replicas.
+    ascent_steps: n > 1 ascends n times, each step the perturbation of the
+      gradient at the point reached, added up (as optax.contrib.sam with
+      sync_period = n + 1): n + 1 passes.
     **perturbation_args: `variant` (the perturbation's name in
       `sam.perturbations.REGISTRY`), `mask`, `names`, `adaptive_biases`:
       see `perturbation`.
@@ -260,20 +258,28 @@ def sam_step(
 
   ctx = _replica_context_to_sync() if sync_perturbation else None
   if gsam_alpha and inner_group_size:
-    raise ValueError('GSAM (gsam_alpha) over groups of replicas '
-                     '(inner_group_size) is not supported: set one of them.')
+    raise ValueError('GSAM over groups of replicas is not supported.')
   ascent = _ascent_sum(grads, ctx, inner_group_size)
   eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta,
                            **perturbation_args)
-  # tf.stop_gradient: eps is a constant of the second pass (the paper drops
-  # its second-order term), and w + eps is a new tensor, not a new variable.
-  perturbed = [p + tf.stop_gradient(e) for p, e in zip(params, eps)]
-  perturbed_loss, sam_grads, _ = _value_and_grad(loss_fn, perturbed,
-                                                 loss_scale)
+  for _ in range(ascent_steps - 1):
+    _, more, _ = _value_and_grad(loss_fn, _moved(params, eps), loss_scale)
+    step, _ = perturbation(_ascent_sum(more, ctx, inner_group_size), params,
+                           rho, adaptive=adaptive, eta=eta,
+                           **perturbation_args)
+    eps = [e + d for e, d in zip(eps, step)]
+  perturbed_loss, sam_grads, _ = _value_and_grad(
+      loss_fn, _moved(params, eps), loss_scale)
   if gsam_alpha:
     sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
                                      ctx)
   return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm, grads)
+
+
+def _moved(params: list[tf.Tensor], eps: list[tf.Tensor]) -> list[tf.Tensor]:
+  # tf.stop_gradient: eps is a constant of the next pass (the paper drops
+  # its second-order term), and w + eps is a new tensor, not a new variable.
+  return [p + tf.stop_gradient(e) for p, e in zip(params, eps)]
 
 
 def _ascent_sum(grads: list[tf.Tensor],

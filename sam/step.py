@@ -125,7 +125,8 @@ def _variant_args(state: TrainState, config: ml_collections.ConfigDict):
               gsam_alpha=sc.gsam_alpha, mask=state.sam_mask,
               names=[v.path for v in state.model.trainable_variables],
               adaptive_biases=sc.adaptive_biases,
-              inner_group_size=sc.inner_group_size)
+              inner_group_size=sc.inner_group_size,
+              ascent_steps=sc.ascent_steps)
 
 
 def _total(grads):

@@ -33,6 +33,9 @@ CASES = {
     # ASAM as its reference code: T = 1 on biases.
     'no adaptive biases': ({'eta': 0.01, 'adaptive_biases': False},
                            {'eta': 0.01, 'adaptive_biases': False}),
+    # Two ascent steps, each from where the last ended (optax.contrib.sam).
+    'two ascent steps': ({'eta': 0.01, 'ascent_steps': 2},
+                         {'eta': 0.01, 'ascent_steps': 2}),
 }
 
 
@@ -82,7 +85,11 @@ def _np_grad(x, y, w):
 
 
 def _np_sam_gradient(name, x, y, w, options):
-  eps = NUMPY_REFERENCES[name](_np_grad(x, y, w), w, RHO, options)
+  eps = [np.zeros_like(wi) for wi in w]
+  for _ in range(options.get('ascent_steps', 1)):
+    at = [wi + ei for wi, ei in zip(w, eps)]
+    step = NUMPY_REFERENCES[name](_np_grad(x, y, at), w, RHO, options)
+    eps = [ei + si for ei, si in zip(eps, step)]
   return _np_grad(x, y, [wi + ei for wi, ei in zip(w, eps)])
 
 

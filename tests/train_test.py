@@ -300,6 +300,7 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('sam.rho', -0.1, 'config.sam.rho'),
     ('sam.variant', 'samm', "config.sam.variant='samm'"),
     ('sam.inner_group_size', 3, 'config.sam.inner_group_size=3'),
+    ('sam.ascent_steps', 0, 'config.sam.ascent_steps=0'),
     ('batch_size', 15, 'config.batch_size'),
     ('optimizer.name', 'rmsprop', 'config.optimizer.name'),
     ('sam.looksam_alpha', 0.7, 'sam.every_k_steps > 1'),

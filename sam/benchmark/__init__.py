@@ -11,7 +11,8 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
   `--steps` steps per timed loop: the plain base optimizer (rho = 0), SAM,
   each other variant of `sam.perturbations.REGISTRY` (`sam.variant`),
   SAM-ON (`sam.perturb_only='normalization'`; for models with
-  normalization layers), SAM every 2nd step (`sam.every_k_steps`) and
+  normalization layers), SAM with 2 ascent steps (`sam.ascent_steps`), SAM
+  every 2nd step (`sam.every_k_steps`) and
   LookSAM with k = 5, alpha = 0.7 (`sam.looksam_alpha`; time a multiple of
   5 steps per loop);
 * with `--xla`: the plain and SAM custom loop with the replica step compiled

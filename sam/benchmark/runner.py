@@ -197,6 +197,8 @@ def _model_rows(name: str, batch_size: int, steps: int, rho: float,
                          perturb_only='normalization'))
   except ValueError as e:
     logging.info('No SAM-ON row: %s', e)  # A model without normalization.
+  add(f'{name}: custom loop, SAM, 2 ascent steps',
+      rows.custom_loop(name, batch_size, steps, rho=rho, ascent_steps=2))
   add(f'{name}: custom loop, SAM every 2nd step',
       rows.custom_loop(name, batch_size, steps, rho=rho, every_k_steps=2))
   # LookSAM's own setting; time a multiple of 5 steps per loop.
