@@ -107,6 +107,11 @@ def get_config() -> ml_collections.ConfigDict:
   # m-sharpness (SAM paper, section 4.1): one perturbation per micro-batch of
   # this many examples inside each replica; 0 uses the whole replica batch.
   config.sam.micro_batch_size = 0
+  # With micro_batch_size: one perturbation for all micro-batches instead
+  # (gradient accumulation: SAM on the whole batch, each pass summed over
+  # the micro-batches one after the other, so that each one's activations
+  # can be freed before the next; the memory saved is not measured yet).
+  config.sam.accumulate_micro_batches = False
   # Run SAM every k-th step and the plain base optimizer in between, for
   # about (k + 1) / (2k) of SAM's cost; 1 is SAM at every step.
   config.sam.every_k_steps = 1

@@ -42,11 +42,15 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
     _check(sc.inner_group_size > 0 and num_replicas % sc.inner_group_size == 0,
            'sam.inner_group_size', sc.inner_group_size,
            f'use 0 (all replicas) or a divisor of the {num_replicas} replicas')
-    _check(sc.sync_perturbation and not sc.micro_batch_size and
-           not sc.gsam_alpha, 'sam.inner_group_size', sc.inner_group_size,
+    _check(sc.sync_perturbation and not sc.gsam_alpha and (
+        not sc.micro_batch_size or sc.accumulate_micro_batches),
+           'sam.inner_group_size', sc.inner_group_size,
            'groups of replicas share a perturbation only with '
-           'sam.sync_perturbation=True, sam.micro_batch_size=0 and '
-           'sam.gsam_alpha=0')
+           'sam.sync_perturbation=True, sam.gsam_alpha=0, and no micro-batch '
+           'm-sharpness')
+  _check(not sc.accumulate_micro_batches or sc.micro_batch_size > 0,
+         'sam.accumulate_micro_batches', sc.accumulate_micro_batches,
+         'set sam.micro_batch_size too (the micro-batches to accumulate)')
   _check(sc.every_k_steps >= 1, 'sam.every_k_steps', sc.every_k_steps,
         'it must be >= 1 (1 runs SAM at every step)')
   _check(sc.looksam_alpha >= 0, 'sam.looksam_alpha', sc.looksam_alpha,
@@ -156,7 +160,8 @@ RESUMABLE_FIELDS = (
     'sam.rho', 'sam.variant', 'sam.adaptive', 'sam.eta',
     'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
     'sam.inner_group_size', 'sam.ascent_steps',
-    'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.every_k_steps',
+    'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.accumulate_micro_batches',
+    'sam.every_k_steps',
     'optimizer.beta1', 'optimizer.beta2', 'optimizer.epsilon',
     'optimizer.weight_decay', 'optimizer.decay_all_params',
     'optimizer.grad_clip_norm', 'optimizer.label_smoothing', 'schedule',

@@ -102,9 +102,24 @@ def sync_model_state(values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
 
 
 def _value_and_grad(
-    loss_fn: LossFn, params: Sequence[tf.Tensor],
+    loss_fn: LossFn | Sequence[LossFn], params: Sequence[tf.Tensor],
     loss_scale: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
+  """The loss, its gradient and aux; summed over a sequence of loss_fns.
+
+  A sequence is gradient accumulation: one micro-batch after the other
+  (control dependencies order them, so that each one's activations can be
+  freed before the next), the losses and gradients summed, the auxes listed.
+  """
+  if not callable(loss_fn):
+    loss, grads, auxes = 0.0, [tf.zeros_like(p) for p in params], []
+    for fn in loss_fn:
+      with tf.control_dependencies(grads):
+        one_loss, one_grads, aux = _value_and_grad(fn, params, loss_scale)
+      loss += one_loss
+      grads = [g + d for g, d in zip(grads, one_grads)]
+      auxes.append(aux)
+    return loss, grads, auxes
   with tf.GradientTape(watch_accessed_variables=False) as tape:
     tape.watch(params)
     loss, aux = loss_fn(list(params))
@@ -196,7 +211,7 @@ def surrogate_gap_guided(
 
 
 def sam_step(
-    loss_fn: LossFn,
+    loss_fn: LossFn | Sequence[LossFn],
     params: Sequence[tf.Tensor],
     rho: float | tf.Tensor,
     adaptive: bool = False,
@@ -219,8 +234,9 @@ def sam_step(
       under a strategy, `loss` is this replica's share of the global-batch
       loss (sum of per-example losses / global batch size). `aux` is anything
       (logits, new batch-norm statistics); only the first pass's is returned.
-    params: the trainable values, a list of tensors (not variables: nothing is
-      assigned, and the second pass runs on new tensors w + eps).
+      A list, one per micro-batch, accumulates: each pass sums them one
+      after the other, one eps for all; aux is then a list.
+    params: the trainable values: tensors, not variables (nothing is assigned).
     rho: the neighbourhood radius; a Python 0 means the plain base optimizer
       (one forward/backward pass, no all-reduce). A tensor always runs SAM.
     adaptive: ASAM, eps = rho T^2 g / ||T g|| with T = |w| + eta.

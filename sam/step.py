@@ -101,16 +101,26 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
 
 
 def _micro_batch_sam(state, config, images, labels, model_state, params):
-  """m-sharpness: one eps per micro-batch of config.sam.micro_batch_size."""
+  """Micro-batches of config.sam.micro_batch_size, one after the other.
+
+  Each with its own eps (m-sharpness), or with one eps for the replica's
+  batch (sam.accumulate_micro_batches: gradient accumulation, SAM on the
+  whole batch, the micro-batches computed one after the other).
+  """
   sc = config.sam
   num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
   chunks = images.shape[0] // sc.micro_batch_size
   fns = [make_loss_fn(state, config, x, y, model_state,
                       1 / (num_replicas * chunks))
          for x, y in zip(tf.split(images, chunks), tf.split(labels, chunks))]
-  out = sam_lib.micro_batch_sam_step(
-      fns, params, sc.rho, loss_scale=loss_scaling.scale(state),
-      **_variant_args(state, config))
+  if sc.accumulate_micro_batches:
+    out = sam_lib.sam_step(
+        fns, params, sc.rho, sync_perturbation=sc.sync_perturbation,
+        loss_scale=loss_scaling.scale(state), **_variant_args(state, config))
+  else:
+    out = sam_lib.micro_batch_sam_step(
+        fns, params, sc.rho, loss_scale=loss_scaling.scale(state),
+        **_variant_args(state, config))
   logits = tf.concat([a[0] for a in out.aux], 0)
   # Each micro-batch updated the statistics from the same start; their mean
   # is what one pass over the replica's batch gives, to first order.

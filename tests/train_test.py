@@ -109,6 +109,24 @@ def test_the_step_passes_the_variant_mask_and_names(monkeypatch,
       for kwargs in seen)
 
 
+def test_accumulated_micro_batches_are_sam_on_the_whole_batch():
+  """sam.accumulate_micro_batches: one eps for all micro-batches."""
+  whole = _train(tiny_config(**{'sam.rho': 0.5}),
+                 tf.distribute.get_strategy(), 3)
+  accumulated = _train(tiny_config(**{
+      'sam.rho': 0.5, 'sam.micro_batch_size': 4,
+      'sam.accumulate_micro_batches': True}), tf.distribute.get_strategy(), 3)
+  m_sharpness = _train(tiny_config(**{
+      'sam.rho': 0.5, 'sam.micro_batch_size': 4}),
+                       tf.distribute.get_strategy(), 3)
+  want = _values(whole.state.model.trainable_variables)
+  for got, ref in zip(_values(accumulated.state.model.trainable_variables),
+                      want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  assert max(np.abs(a - b).max() for a, b in zip(
+      _values(m_sharpness.state.model.trainable_variables), want)) > 1e-5
+
+
 def test_perturb_only_that_selects_nothing_is_one_line(tmp_path):
   config = tiny_config(**{'sam.perturb_only': 'normalization'})  # No BN.
   with pytest.raises(ValueError, match="perturb_only='normalization' "
@@ -301,6 +319,7 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('sam.variant', 'samm', "config.sam.variant='samm'"),
     ('sam.inner_group_size', 3, 'config.sam.inner_group_size=3'),
     ('sam.ascent_steps', 0, 'config.sam.ascent_steps=0'),
+    ('sam.accumulate_micro_batches', True, 'set sam.micro_batch_size too'),
     ('batch_size', 15, 'config.batch_size'),
     ('optimizer.name', 'rmsprop', 'config.optimizer.name'),
     ('sam.looksam_alpha', 0.7, 'sam.every_k_steps > 1'),

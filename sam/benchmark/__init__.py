@@ -12,6 +12,7 @@ after one warm-up loop) on synthetic 32x32x3 data. For each model of
   each other variant of `sam.perturbations.REGISTRY` (`sam.variant`),
   SAM-ON (`sam.perturb_only='normalization'`; for models with
   normalization layers), SAM with 2 ascent steps (`sam.ascent_steps`), SAM
+  accumulated over 2 micro-batches (`sam.accumulate_micro_batches`), SAM
   every 2nd step (`sam.every_k_steps`) and
   LookSAM with k = 5, alpha = 0.7 (`sam.looksam_alpha`; time a multiple of
   5 steps per loop);

@@ -199,6 +199,10 @@ def _model_rows(name: str, batch_size: int, steps: int, rho: float,
     logging.info('No SAM-ON row: %s', e)  # A model without normalization.
   add(f'{name}: custom loop, SAM, 2 ascent steps',
       rows.custom_loop(name, batch_size, steps, rho=rho, ascent_steps=2))
+  add(f'{name}: custom loop, SAM, 2 accumulated micro-batches',
+      rows.custom_loop(name, batch_size, steps, rho=rho,
+                       micro_batch_size=batch_size // 2,
+                       accumulate_micro_batches=True))
   add(f'{name}: custom loop, SAM every 2nd step',
       rows.custom_loop(name, batch_size, steps, rho=rho, every_k_steps=2))
   # LookSAM's own setting; time a multiple of 5 steps per loop.
