@@ -136,6 +136,22 @@ def test_loss_scale_keeps_float16_gradients_from_underflowing():
   assert not all(np.isfinite(g).all() for g in overflowed.grads)
 
 
+def _summed_sam_grads(strategy, x, y, w, b, **kwargs):
+  """sam_step's gradients on each replica's shard, summed over replicas."""
+  shards = _shards(strategy, x, y)
+
+  @tf.function
+  def run(shard):
+    def replica_fn(shard):
+      xs, ys = shard
+      return sam.sam_step(_loss_fn(xs, ys, BATCH),
+                          [tf.constant(w), tf.constant(b)], **kwargs).grads
+    grads = strategy.run(replica_fn, args=(shard,))
+    return [strategy.reduce('SUM', g, axis=None) for g in grads]
+
+  return run(shards)
+
+
 def _shards(strategy, x, y):
   """Consecutive equal shards of (x, y), one per replica."""
   size = len(x) // strategy.num_replicas_in_sync
@@ -233,21 +249,10 @@ def _np_gsam(x, y, w, b, rho, alpha):
 @pytest.mark.parametrize('num_replicas', [1, 2])
 def test_gsam_matches_numpy(mirrored, num_replicas):
   x, y, w, b = _problem()
-  strategy = mirrored(num_replicas)
-  shards = _shards(strategy, x, y)
-
-  @tf.function
-  def run(shard):
-    def replica_fn(shard):
-      xs, ys = shard
-      return sam.sam_step(
-          _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
-          rho=0.5, gsam_alpha=0.3).grads
-    grads = strategy.run(replica_fn, args=(shard,))
-    return [strategy.reduce('SUM', g, axis=None) for g in grads]
-
   want = _np_gsam(x, y, w, b, 0.5, 0.3)
-  for got, ref in zip(run(shards), want):
+  grads = _summed_sam_grads(mirrored(num_replicas), x, y, w, b, rho=0.5,
+                            gsam_alpha=0.3)
+  for got, ref in zip(grads, want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
   # The reference is not plain SAM.
   assert np.abs(want[0] - _np_sam(x, y, w, b, 0.5)[0]).max() > 1e-4
@@ -315,21 +320,10 @@ def _np_grouped_sam(x, y, w, b, rho, num_replicas, group_size):
 def test_inner_groups_share_one_eps_each(mirrored, group_size):
   """inner_group_size: groups of consecutive replicas, one eps per group."""
   x, y, w, b = _problem()
-  strategy = mirrored(4)
-  shards = _shards(strategy, x, y)
-
-  @tf.function
-  def run(shard):
-    def replica_fn(shard):
-      xs, ys = shard
-      return sam.sam_step(
-          _loss_fn(xs, ys, BATCH), [tf.constant(w), tf.constant(b)],
-          rho=0.5, inner_group_size=group_size).grads
-    grads = strategy.run(replica_fn, args=(shard,))
-    return [strategy.reduce('SUM', g, axis=None) for g in grads]
-
   want = _np_grouped_sam(x, y, w, b, 0.5, 4, group_size)
-  for got, ref in zip(run(shards), want):
+  grads = _summed_sam_grads(mirrored(4), x, y, w, b, rho=0.5,
+                            inner_group_size=group_size)
+  for got, ref in zip(grads, want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
   if group_size < 4:  # Not the global-batch SAM.
     assert np.abs(want[0] - _np_sam(x, y, w, b, 0.5)[0]).max() > 1e-4
