@@ -121,8 +121,8 @@ class Trainer:
     if self.config.sam.rho and sam['steps']:
       perturbed = sums['perturbed_loss'] / sam['steps']
       # Under ASAM, sam_step's norm is that of T g, not of g.
-      norm = ('train/asam_grad_norm' if self.config.sam.adaptive else
-              'train/grad_norm')
+      asam = self.config.sam.adaptive or self.config.sam.variant == 'asam'
+      norm = 'train/asam_grad_norm' if asam else 'train/grad_norm'
       metrics.update({'train/perturbed_loss': perturbed,
                       'train/sharpness': perturbed - sam['loss'] / sam['steps'],
                       norm: sums['grad_norm'] / sam['steps']})

@@ -704,8 +704,10 @@ def test_every_k_metrics_are_means_over_the_sam_steps(tmp_path):
   assert every_step['train/grad_norm'][1] > 0
 
 
-def test_asam_logs_the_norm_of_t_g_by_its_name():
-  config = tiny_config(**{'sam.rho': 0.5, 'sam.adaptive': True})
+@pytest.mark.parametrize('field', ['sam.adaptive', 'sam.variant'])
+def test_asam_logs_the_norm_of_t_g_by_its_name(field):
+  config = tiny_config(**{'sam.rho': 0.5,
+                          field: True if field == 'sam.adaptive' else 'asam'})
   metrics = _train(config, tf.distribute.get_strategy(), 2).read_train_metrics()
   assert metrics['train/asam_grad_norm'] > 0
   assert 'train/grad_norm' not in metrics
