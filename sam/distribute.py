@@ -62,8 +62,9 @@ def create_strategy(name: str = 'auto', tpu: str = '',
   if name == 'tpu':
     strategy = _tpu_strategy(tpu)
   elif name == 'multi_worker':
-    logging.info('Multi-worker task: %s', _tf_config().get('task', {}))
-    wait_for_peers(_tf_config(), multi_worker_timeout_secs, signals)
+    tf_config = _tf_config()
+    logging.info('Multi-worker task: %s', tf_config.get('task', {}))
+    wait_for_peers(tf_config, multi_worker_timeout_secs, signals)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if threading.current_thread() is threading.main_thread():
       # TensorFlow's preemption notifier took SIGTERM over at the C level,

@@ -27,6 +27,7 @@ CVPR 2022 (LookSAM).
 """
 
 from collections.abc import Callable, Sequence
+import functools
 from typing import Any, NamedTuple
 import warnings
 
@@ -275,14 +276,13 @@ def sam_step(
   ctx = _replica_context_to_sync() if sync_perturbation else None
   if gsam_alpha and inner_group_size:
     raise ValueError('GSAM over groups of replicas is not supported.')
+  perturb = functools.partial(perturbation, params=params, rho=rho,
+                              adaptive=adaptive, eta=eta, **perturbation_args)
   ascent = _ascent_sum(grads, ctx, inner_group_size)
-  eps, norm = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta,
-                           **perturbation_args)
+  eps, norm = perturb(ascent)
   for _ in range(ascent_steps - 1):
     _, more, _ = _value_and_grad(loss_fn, _moved(params, eps), loss_scale)
-    step, _ = perturbation(_ascent_sum(more, ctx, inner_group_size), params,
-                           rho, adaptive=adaptive, eta=eta,
-                           **perturbation_args)
+    step, _ = perturb(_ascent_sum(more, ctx, inner_group_size))
     eps = [e + d for e, d in zip(eps, step)]
   perturbed_loss, sam_grads, _ = _value_and_grad(
       loss_fn, _moved(params, eps), loss_scale)
