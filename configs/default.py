@@ -76,9 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Neighbourhood radius; 0 trains with the plain base optimizer.
   config.sam.rho = 0.05
   # The perturbation, by name (sam.perturbations.REGISTRY, with each one's
-  # paper and reference code): 'sam', or 'asam' (Kwon et al. 2021: scaled by
-  # |w| + eta; ASAM's rho is typically 10x SAM's).
+  # paper and reference code): 'sam'; 'asam' (Kwon et al. 2021: scaled by
+  # |w| + eta; ASAM's rho is typically 10x SAM's); 'fsam' (Friendly SAM, Li
+  # et al. 2024: the ascent gradient less sigma times its moving average);
+  # 'msam' (Momentum-SAM, Becker et al. 2024: eps = -rho v / ||v|| of the
+  # momentum v, one pass per step). F-SAM and MSAM keep a state in the
+  # checkpoint, so a resume cannot change the variant.
   config.sam.variant = 'sam'
+  # F-SAM's sigma and lambda (their run.sh: 1 and 0.6, with rho = 0.2).
+  config.sam.fsam_sigma = 1.0
+  config.sam.fsam_lambda = 0.6
   # ASAM, the same as variant='asam' (kept for configs written before it).
   config.sam.adaptive = False
   # ASAM's offset eta; ignored unless adaptive.
@@ -90,6 +97,13 @@ def get_config() -> ml_collections.ConfigDict:
   # normalization layers (SAM-ON, Mueller et al. 2023; they use a larger
   # rho); else a regular expression searched in the variable paths.
   config.sam.perturb_only = ''
+  # The ascent pass (the gradient at w that makes eps): 'train' runs the model
+  # in training mode, with Shake-Shake's and ShakeDrop's true gradient as the
+  # SAM code does; 'inference' in inference mode (batch norm on its moving
+  # statistics, no dropout or shake draws: tf_keras's SAM does so), and then
+  # the pass at w + eps gives the new batch-norm statistics and the logged
+  # accuracy, while train/loss is the loss in inference mode.
+  config.sam.ascent_mode = 'train'
   # Share one perturbation across replicas (the ascent gradient is summed
   # over all replicas); False perturbs each replica with its own gradient.
   config.sam.sync_perturbation = True

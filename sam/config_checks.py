@@ -17,6 +17,7 @@ from sam import perturbations
 from sam import plateau
 
 OPTIMIZERS = ('sgd', 'adam')
+ASCENT_MODES = ('train', 'inference')
 SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
 WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
 # Keras dtype policies of the model; mixed_float16 turns on loss scaling.
@@ -36,18 +37,29 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
                num_replicas: int) -> None:
   """The fields of config.sam that validate_config does not check alone."""
   _one_of('sam.variant', sc.variant, tuple(sorted(perturbations.REGISTRY)))
+  _one_of('sam.ascent_mode', sc.ascent_mode, ASCENT_MODES)
   _check(sc.ascent_steps >= 1, 'sam.ascent_steps', sc.ascent_steps,
          'it must be >= 1 (1 is SAM)')
+  _check(math.isfinite(sc.fsam_sigma), 'sam.fsam_sigma', sc.fsam_sigma,
+         'it must be a finite number (F-SAM uses 1)')
+  _check(0 <= sc.fsam_lambda < 1, 'sam.fsam_lambda', sc.fsam_lambda,
+         'it must be in [0, 1) (F-SAM uses 0.6)')
+  problem = perturbations.conflict(
+      sc.variant, sc.adaptive,
+      sc.sync_perturbation and not (sc.micro_batch_size and
+                                    not sc.accumulate_micro_batches),
+      sc.inner_group_size, sc.ascent_steps, sc.gsam_alpha)
+  if problem:
+    raise ValueError(f'config.sam: {problem}.')
   if sc.inner_group_size:
     _check(sc.inner_group_size > 0 and num_replicas % sc.inner_group_size == 0,
            'sam.inner_group_size', sc.inner_group_size,
            f'use 0 (all replicas) or a divisor of the {num_replicas} replicas')
-    _check(sc.sync_perturbation and not sc.gsam_alpha and (
+    _check(sc.sync_perturbation and (
         not sc.micro_batch_size or sc.accumulate_micro_batches),
            'sam.inner_group_size', sc.inner_group_size,
            'groups of replicas share a perturbation only with '
-           'sam.sync_perturbation=True, sam.gsam_alpha=0, and no micro-batch '
-           'm-sharpness')
+           'sam.sync_perturbation=True and no micro-batch m-sharpness')
   _check(not sc.accumulate_micro_batches or sc.micro_batch_size > 0,
          'sam.accumulate_micro_batches', sc.accumulate_micro_batches,
          'set sam.micro_batch_size too (the micro-batches to accumulate)')
@@ -148,7 +160,7 @@ STRUCTURAL_FIELDS = (
     'dataset.synthetic_num_classes', 'dataset.synthetic_train_size',
     'dataset.synthetic_noise', 'dataset.synthetic_seed', 'optimizer.name',
     'optimizer.momentum', 'optimizer.nesterov', 'optimizer.weight_decay_type',
-    'ema_decay', 'sam.looksam_alpha')
+    'ema_decay', 'sam.looksam_alpha', 'sam.variant')
 
 # The others, which a resume may change (a longer run, another learning rate
 # or rho, where the files are, how often to log): tests/configs_test.py
@@ -157,7 +169,8 @@ RESUMABLE_FIELDS = (
     'strategy', 'tpu', 'multi_worker_timeout_secs', 'jit_compile',
     'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
-    'sam.rho', 'sam.variant', 'sam.adaptive', 'sam.eta',
+    'sam.rho', 'sam.ascent_mode', 'sam.fsam_sigma', 'sam.fsam_lambda',
+    'sam.adaptive', 'sam.eta',
     'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
     'sam.inner_group_size', 'sam.ascent_steps',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.accumulate_micro_batches',

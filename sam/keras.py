@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from sam import perturbations
 from sam import sam as sam_lib
+from sam.models import true_gradient
 
 __all__ = ['SAMModel']
 
@@ -49,29 +50,83 @@ def _is_number(value: Any) -> bool:
 # SAMModel's own arguments, kept as attributes and in its config.
 _SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
                   'perturb_only', 'adaptive_biases', 'inner_group_size',
-                  'ascent_steps')
+                  'ascent_steps', 'ascent_mode', 'fsam_sigma', 'fsam_lambda',
+                  'msam_momentum')
 
 
-def _check_arguments(model: Any, rho: Any, eta: Any, variant: Any,
-                     perturb_only: Any, inner_group_size: Any,
-                     ascent_steps: Any, **flags: Any) -> None:
+def _check_arguments(model: Any, rho: Any, variant: Any, perturb_only: Any,
+                     inner_group_size: Any, ascent_steps: Any,
+                     ascent_mode: Any, numbers: dict[str, Any],
+                     **flags: Any) -> None:
   """SAMModel's arguments, checked: one line naming a bad one."""
   if not isinstance(model, keras.Model):
     raise TypeError(
         f'SAMModel: model must be a Keras 3 model (keras.Model), got '
         f'{type(model).__module__}.{type(model).__qualname__}.')
   _check(_is_number(rho) and rho >= 0, 'rho', rho, 'it must be a number >= 0')
-  _check(_is_number(eta) and eta >= 0, 'eta', eta, 'it must be a number >= 0')
+  for name, value in numbers.items():
+    _check(_is_number(value) and value >= 0, name, value,
+           'it must be a number >= 0')
   for name, value in flags.items():
     _check(isinstance(value, bool), name, value, 'it must be True or False')
   _check(variant in perturbations.REGISTRY, 'variant', variant,
          f'it must be one of {sorted(perturbations.REGISTRY)}')
   _check(isinstance(perturb_only, str), 'perturb_only', perturb_only,
          "it must be a string ('' for all parameters)")
+  _check(ascent_mode in ('train', 'inference'), 'ascent_mode', ascent_mode,
+         "it must be 'train' or 'inference'")
   for name, value, least in (('inner_group_size', inner_group_size, 0),
                              ('ascent_steps', ascent_steps, 1)):
     _check(isinstance(value, int) and not isinstance(value, bool) and
            value >= least, name, value, f'it must be an int >= {least}')
+  problem = perturbations.conflict(
+      variant, flags['adaptive'], flags['sync_perturbation'],
+      inner_group_size, ascent_steps)
+  if problem:
+    raise ValueError(f'SAMModel: {problem}.')
+  if perturbations.get(variant).stateful and not model.built:
+    raise ValueError(f'SAMModel: variant {variant!r} keeps a state the size '
+                     'of the weights: build the model first (keras.Input, '
+                     'or model.build(input_shape)).')
+
+
+def _loss_fn(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
+             ascent: bool):
+  """The compiled loss of a batch as a pure function of the trainable values.
+
+  `ascent`: of SAM's ascent pass (in inference mode if
+  `sam_model.ascent_mode` is 'inference', else with Shake-Shake's and
+  ShakeDrop's true gradient, `sam.models.true_gradient`).
+  """
+  x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+  trainable = sam_model.trainable_variables
+  metric_vars = sam_model.metrics_variables
+  state = [v.value for v in state_vars]
+  training = not ascent or sam_model.ascent_mode == 'train'
+
+  def loss_fn(params):
+    # All passes start from the same state (batch-norm statistics, the
+    # dropout seed); `collect_losses` gathers `add_loss` terms and the
+    # scope maps regularizers to `params`, so they see w + eps too.
+    mapping = list(zip(trainable, params)) + list(zip(state_vars, state))
+    with keras.StatelessScope(state_mapping=mapping,
+                              collect_losses=True) as scope, \
+        true_gradient.true_gradient(ascent):
+      y_pred = sam_model(x, training=training)
+      # Under a strategy, Keras scales this to the replica's share of the
+      # global-batch loss (sum over the replicas = the global loss).
+      loss = sam_model.compute_loss(x=x, y=y, y_pred=y_pred,
+                                    sample_weight=sample_weight,
+                                    training=True)
+    new_state = [scope.get_current_value(v) for v in state_vars]
+    # Per-output loss metrics of a multi-output model update inside the
+    # scope; None where nothing was updated.
+    new_metrics = [scope.get_current_value(v) for v in metric_vars]
+    # A LossScaleOptimizer's scale cancels in eps = rho g / ||g||.
+    return sam_model.optimizer.scale_loss(loss), (loss, y_pred, new_state,
+                                                  new_metrics)
+
+  return loss_fn
 
 
 @keras.saving.register_keras_serializable(package='sam')
@@ -122,9 +177,8 @@ class SAMModel(keras.Model):
 
   Attributes:
     model: the wrapped Keras model, whose variables are trained.
-    rho, adaptive, sync_perturbation, eta, variant, perturb_only,
-    adaptive_biases, inner_group_size, ascent_steps: the constructor's
-    arguments.
+    sam_state: the variant's state (F-SAM's, MSAM's momentum), or [].
+    rho, ...: the constructor's other arguments, by their names.
   """
 
   def __init__(self, model: keras.Model, rho: float = 0.05,
@@ -132,6 +186,8 @@ class SAMModel(keras.Model):
                eta: float = 0.01, variant: str = 'sam',
                perturb_only: str = '', adaptive_biases: bool = True,
                inner_group_size: int = 0, ascent_steps: int = 1,
+               ascent_mode: str = 'train', fsam_sigma: float = 1.0,
+               fsam_lambda: float = 0.6, msam_momentum: float = 0.9,
                **kwargs: Any):
     """Wraps `model`.
 
@@ -139,9 +195,8 @@ class SAMModel(keras.Model):
       model: the Keras 3 model to train, built or not (it is built on the
         first batch if not).
       rho: the neighbourhood radius, >= 0; 0 trains with the plain compiled
-        optimizer, one forward/backward pass per step. The paper's default
-        for SGD is 0.05; with Adam, much larger values (0.5 to 1) have paid
-        off, notably on noisy labels.
+        optimizer, one pass per step. The paper's default for SGD is 0.05;
+        with Adam, 0.5 to 1 have paid off, notably on noisy labels.
       adaptive: ASAM (Kwon et al., 2021): eps = rho T^2 g / ||T g|| with
         T = |w| + eta. ASAM's rho is typically 10x SAM's.
       sync_perturbation: with several replicas, sum the ascent gradient
@@ -150,7 +205,9 @@ class SAMModel(keras.Model):
         its own gradient (m-sharpness, m = the per-replica batch).
       eta: ASAM's offset, >= 0; ignored unless `adaptive`.
       variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
-        ('sam', 'asam'); `adaptive=True` is 'asam'.
+        ('sam', 'asam', 'fsam', 'msam'); `adaptive=True` is 'asam'. F-SAM
+        and MSAM keep a state (a momentum) in variables of the wrapper,
+        saved with it; they need a built model.
       perturb_only: '' perturbs every parameter; 'normalization' only those
         of the normalization layers (SAM-ON); else a regular expression
         searched in the variable paths
@@ -160,30 +217,46 @@ class SAMModel(keras.Model):
       inner_group_size: with `sync_perturbation`, share eps within groups
         of this many consecutive replicas only; 0: all replicas.
       ascent_steps: ascent steps per update (1 is SAM; see `sam_step`).
+      ascent_mode: 'train' runs the ascent pass in training mode, with
+        Shake-Shake's and ShakeDrop's true gradient (as the SAM code);
+        'inference' in inference mode (batch norm on its moving statistics,
+        as tf_keras's SharpnessAwareMinimization); the loss, metrics and
+        batch-norm statistics then come from the pass at w + eps.
+      fsam_sigma, fsam_lambda: F-SAM's sigma and lambda.
+      msam_momentum: the momentum of MSAM's v; give the optimizer's (SGD's
+        momentum, Adam's beta_1).
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
       TypeError: if `model` is not a Keras 3 model.
-      ValueError: naming the argument, if `rho` or `eta` is negative or not
-        a number, a flag is not a bool, `variant` is not registered, or
-        `perturb_only` is no string.
+      ValueError: naming the argument, if one is of a wrong type or value,
+        or `variant` refuses the others.
     """
     # Checked before anything is built: a bad argument fails here, not at
     # the first trace inside `fit`.
-    _check_arguments(model, rho=rho, eta=eta, adaptive=adaptive,
+    _check_arguments(model, rho=rho, adaptive=adaptive,
                      sync_perturbation=sync_perturbation,
                      adaptive_biases=adaptive_biases, variant=variant,
                      perturb_only=perturb_only,
                      inner_group_size=inner_group_size,
-                     ascent_steps=ascent_steps)
+                     ascent_steps=ascent_steps, ascent_mode=ascent_mode,
+                     numbers=dict(eta=eta, fsam_sigma=fsam_sigma,
+                                  fsam_lambda=fsam_lambda,
+                                  msam_momentum=msam_momentum))
     super().__init__(**kwargs)
     self.model = model
     # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
     self.rho, self.eta = float(rho), float(eta)
     self.adaptive, self.sync_perturbation = adaptive, sync_perturbation
     self.variant, self.perturb_only = variant, perturb_only
-    self.adaptive_biases = adaptive_biases
+    self.adaptive_biases, self.ascent_mode = adaptive_biases, ascent_mode
     self.inner_group_size, self.ascent_steps = inner_group_size, ascent_steps
+    self.fsam_sigma, self.fsam_lambda = float(fsam_sigma), float(fsam_lambda)
+    self.msam_momentum = float(msam_momentum)
+    self.sam_state = [
+        keras.Variable(value, trainable=False, name=f'sam_state_{i}')
+        for i, value in enumerate(perturbations.get(variant).init(
+            [v.value for v in model.trainable_variables]))]
     if model.built:
       self.built = True
 
@@ -204,44 +277,32 @@ class SAMModel(keras.Model):
     ctx = tf.distribute.get_replica_context()
     num_replicas = ctx.num_replicas_in_sync
     trainable = self.trainable_variables
-    state_vars = self.non_trainable_variables
-    metric_vars = self.metrics_variables
-    state = [v.value for v in state_vars]
-
-    def loss_fn(params):
-      # Both passes start from the same state (batch-norm statistics, the
-      # dropout seed); `collect_losses` gathers `add_loss` terms and the
-      # scope maps regularizers to `params`, so they see w + eps too.
-      mapping = list(zip(trainable, params)) + list(zip(state_vars, state))
-      with keras.StatelessScope(state_mapping=mapping,
-                                collect_losses=True) as scope:
-        y_pred = self(x, training=True)
-        # Under a strategy, Keras scales this to the replica's share of the
-        # global-batch loss (sum over the replicas = the global loss).
-        loss = self.compute_loss(x=x, y=y, y_pred=y_pred,
-                                 sample_weight=sample_weight, training=True)
-      new_state = [scope.get_current_value(v) for v in state_vars]
-      # Per-output loss metrics of a multi-output model update inside the
-      # scope; None where nothing was updated.
-      new_metrics = [scope.get_current_value(v) for v in metric_vars]
-      # A LossScaleOptimizer's scale cancels in eps = rho g / ||g||.
-      return self.optimizer.scale_loss(loss), (loss, y_pred, new_state,
-                                               new_metrics)
-
+    sam_state = {id(v) for v in self.sam_state}
+    state_vars = [v for v in self.non_trainable_variables
+                  if id(v) not in sam_state]
+    loss_fn, ascent_loss_fn = (
+        _loss_fn(self, data, state_vars, ascent) for ascent in (False, True))
     out = sam_lib.sam_step(
         loss_fn, [v.value for v in trainable], self.rho,
-        adaptive=self.adaptive, sync_perturbation=self.sync_perturbation,
-        eta=self.eta, variant=self.variant,
-        inner_group_size=self.inner_group_size,
+        ascent_loss_fn=ascent_loss_fn, adaptive=self.adaptive,
+        sync_perturbation=self.sync_perturbation, eta=self.eta,
+        variant=self.variant, inner_group_size=self.inner_group_size,
         ascent_steps=self.ascent_steps,
         mask=perturbations.parameter_mask(self, self.perturb_only),
         names=[v.path for v in trainable],
-        adaptive_biases=self.adaptive_biases)
-    loss, y_pred, new_state, new_metrics = out.aux
+        adaptive_biases=self.adaptive_biases,
+        state=[v.value for v in self.sam_state], fsam_sigma=self.fsam_sigma,
+        fsam_lambda=self.fsam_lambda, msam_momentum=self.msam_momentum)
+    # The loss, metrics and new state of the pass at w, unless that one ran
+    # in inference mode: then of the pass at w + eps.
+    loss, y_pred, new_state, new_metrics = (
+        out.aux if self.ascent_mode == 'train' else out.perturbed_aux)
+    for variable, value in zip(self.sam_state, out.state):
+      variable.assign(value)  # The same on every replica.
     for variable, value in zip(state_vars,
                                sam_lib.sync_model_state(new_state)):
       variable.assign(value)
-    for variable, value in zip(metric_vars, new_metrics):
+    for variable, value in zip(self.metrics_variables, new_metrics):
       # Metric variables are per replica (ON_READ): each keeps its own.
       if value is not None:
         variable.assign(value)

@@ -2,14 +2,20 @@
 
 A perturbation is a pure function of tensors,
 
-  perturb(grads, params, rho, options) -> (eps, norm)
+  perturb(grads, params, rho, options, state) -> (eps, norm, state)
 
 of the ascent gradient g (summed over the replicas that share eps, which
 `sam.sam.sam_step` does before it calls this), the trainable values w, the
-radius rho and the variant's options (a mapping: `eta`, ...). It returns eps
-per param and the norm that scaled it (logged as train/grad_norm). The same
-function serves the custom loop, `sam.keras.SAMModel` and a user's own loop
-through `sam_step(..., variant=NAME)`.
+radius rho, the variant's options (a mapping: `eta`, `mask`, ...) and its
+state (a list of tensors, [] for most). It returns eps per param, the norm
+that scaled it (logged as train/grad_norm) and the new state. A variant
+with state also gives `init(params) -> state`, and one that perturbs from
+its state alone gives `ascent=False` (no pass at w: `perturb` gets
+grads=None) and `descend(state, grads, options) -> state`, which sees the
+gradient at w + eps summed over the replicas. The state is one for all
+replicas and is checkpointed with the run. The same function serves the
+custom loop, `sam.keras.SAMModel` and a user's own loop through
+`sam_step(..., variant=NAME)`.
 
 To add a variant: write its function here, register it with the paper (and
 equation), the reference code it follows and every way it differs from
@@ -30,30 +36,58 @@ import tensorflow as tf
 # reference code of SAM and ASAM).
 EPSILON = 1e-12
 
+State = list[tf.Tensor]
 PerturbFn = Callable[
-    [Sequence[tf.Tensor], Sequence[tf.Tensor], Any, Mapping[str, Any]],
-    tuple[list[tf.Tensor], tf.Tensor]]
+    [Sequence[tf.Tensor] | None, Sequence[tf.Tensor], Any, Mapping[str, Any],
+     State], tuple[list[tf.Tensor], tf.Tensor, State]]
+
+
+def _no_state(params: Sequence[tf.Tensor]) -> State:
+  del params
+  return []
 
 
 @dataclasses.dataclass(frozen=True)
 class Perturbation:
-  """A registered perturbation and where it comes from."""
+  """A registered perturbation and where it comes from.
+
+  Attributes:
+    perturb: the function (see the module docstring).
+    paper: the paper and equation it follows.
+    reference: the reference code it was checked against.
+    deviations: every way it differs from that code.
+    init: the initial state, from the params.
+    ascent: whether eps needs the gradient at w (a pass there).
+    descend: the new state from the gradient at w + eps, or None.
+  """
   perturb: PerturbFn
   paper: str
   reference: str
   deviations: str
+  init: Callable[[Sequence[tf.Tensor]], State] = _no_state
+  ascent: bool = True
+  descend: Callable[[State, list[tf.Tensor], Mapping[str, Any]],
+                    State] | None = None
+
+  @property
+  def stateful(self) -> bool:
+    return self.init is not _no_state
 
 
 REGISTRY: dict[str, Perturbation] = {}
 
 
-def register(name: str, *, paper: str, reference: str,
-             deviations: str) -> Callable[[PerturbFn], PerturbFn]:
-  """Registers the decorated function as the perturbation `name`."""
+def register(name: str, *, paper: str, reference: str, deviations: str,
+             **hooks: Any) -> Callable[[PerturbFn], PerturbFn]:
+  """Registers the decorated function as the perturbation `name`.
+
+  `hooks`: `init`, `ascent` and `descend` of `Perturbation`, for variants
+  with state.
+  """
   def decorator(fn: PerturbFn) -> PerturbFn:
     if name in REGISTRY:
       raise ValueError(f'A perturbation named {name!r} is registered already.')
-    REGISTRY[name] = Perturbation(fn, paper, reference, deviations)
+    REGISTRY[name] = Perturbation(fn, paper, reference, deviations, **hooks)
     return fn
   return decorator
 
@@ -74,9 +108,14 @@ def get(name: str) -> Perturbation:
     reference='github.com/google-research/sam, sam_jax/training_utils/'
     'flax_training.py (dual_vector)',
     deviations='none')
-def sam(grads, params, rho, options):
+def sam(grads, params, rho, options, state):
   """eps = rho g / (||g|| + 1e-12), the norm over all params jointly."""
   del params, options
+  eps, norm = _normalized(grads, rho)
+  return eps, norm, state
+
+
+def _normalized(grads, rho):
   norm = tf.linalg.global_norm(grads)
   return [rho * g / (norm + EPSILON) for g in grads], norm
 
@@ -91,7 +130,7 @@ def sam(grads, params, rho, options):
     "reference scales those whose PyTorch name holds 'weight' (kernels and "
     'batch-norm gammas) and leaves biases and batch-norm betas at T = 1, '
     'which adaptive_biases=False (config.sam.adaptive_biases) follows.')
-def asam(grads, params, rho, options):
+def asam(grads, params, rho, options, state):
   """eps = rho T^2 g / (||T g|| + 1e-12), T = |w| + eta (options['eta']).
 
   With options['adaptive_biases'] False, T = 1 on the params whose name
@@ -108,7 +147,99 @@ def asam(grads, params, rho, options):
   scaled = [s * g for s, g in zip(scales, grads)]
   norm = tf.linalg.global_norm(scaled)
   return [rho * s * sg / (norm + EPSILON)
-          for s, sg in zip(scales, scaled)], norm
+          for s, sg in zip(scales, scaled)], norm, state
+
+
+def _momentum_and_started(params: Sequence[tf.Tensor]) -> State:
+  return [tf.zeros_like(p) for p in params] + [tf.zeros([])]
+
+
+@register(
+    'fsam',
+    paper='Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024: '
+    'the ascent along g - sigma m, m an exponential moving '
+    "average of the ascent gradients (an estimate of the full-data "
+    "gradient, whose part of eps the paper finds harmful)",
+    reference='github.com/nblt/F-SAM, utils.py (FriendlySAM.first_step); '
+    'run.sh: sigma = 1, lambda = 0.6',
+    deviations='none for its default adaptive=False; its adaptive form '
+    '(p^2 in eps, |p| in the norm) is not offered.',
+    init=_momentum_and_started)
+def fsam(grads, params, rho, options, state):
+  """eps = rho d / ||d||, d = g - sigma m; then m = lambda m + (1 - lambda) g.
+
+  State: m per param and a flag; at the first step d = g and m = g, as the
+  reference code starts. Options: `fsam_sigma` (default 1) and
+  `fsam_lambda` (0.6), the reference's run.sh.
+  """
+  del params
+  *momentum, started = state
+  sigma = options.get('fsam_sigma', 1.0)
+  decay = options.get('fsam_lambda', 0.6)
+  started = [tf.cast(started, g.dtype) for g in grads]
+  d = [g - sigma * s * m for g, m, s in zip(grads, momentum, started)]
+  momentum = [s * (decay * m + (1 - decay) * g) + (1 - s) * g
+              for g, m, s in zip(grads, momentum, started)]
+  eps, norm = _normalized(d, rho)
+  return eps, norm, momentum + [tf.ones([])]
+
+
+def _msam_descend(state: State, grads: list[tf.Tensor],
+                  options: Mapping[str, Any]) -> State:
+  """v = mu v + g, g the gradient at w + eps (the PyTorch SGD buffer).
+
+  mu: options `msam_momentum` (default 0.9, the reference's).
+  """
+  momentum = options.get('msam_momentum', 0.9)
+  return [momentum * v + g for v, g in zip(state, grads)]
+
+
+@register(
+    'msam',
+    paper='Becker et al., "Momentum-SAM: Sharpness Aware Minimization '
+    'without Computational Overhead", arXiv:2401.12033 (2024): '
+    'eps = -rho v / ||v||, v the momentum of the descent gradients; no pass '
+    'at w, so a step costs one forward-backward pass',
+    reference='github.com/MarlonBecker/MSAM, optimizer/msam.py (MSAM.step)',
+    deviations='the reference is an SGD that perturbs along its own momentum '
+    'buffer; here the variant keeps its own v = mu v + g (mu: '
+    'options msam_momentum, the config\'s optimizer.momentum), so any base '
+    'optimizer works, at the cost of one more copy of the params and a '
+    'cross-replica sum of the gradient (with Keras SGD at that momentum, '
+    'its velocity is -lr v while the learning rate is constant). The '
+    'reference adds weight decay to g before the buffer, as L2 in the loss '
+    "does here; decoupled decay leaves it out of v. The logged loss is at "
+    'w + eps (there is no pass at w).',
+    init=lambda params: [tf.zeros_like(p) for p in params],
+    ascent=False, descend=_msam_descend)
+def msam(grads, params, rho, options, state):
+  """eps = -rho v / (||v|| + 1e-12) of the momentum v; 0 before any step."""
+  del grads, params
+  mask = options.get('mask') or [True] * len(state)
+  velocity = [v if m else tf.zeros_like(v) for v, m in zip(state, mask)]
+  eps, norm = _normalized(velocity, -rho)
+  return eps, norm, state
+
+
+def conflict(name: str, adaptive: bool = False, sync_perturbation: bool = True,
+             inner_group_size: int = 0, ascent_steps: int = 1,
+             gsam_alpha: float = 0.0) -> str | None:
+  """What keeps the variant `name` from these sam_step arguments, or None."""
+  entry = get(name)
+  if adaptive and name not in ('sam', 'asam'):
+    return (f'variant {name!r} and adaptive=True (which is variant '
+            "'asam') exclude each other")
+  if entry.stateful and (not sync_perturbation or inner_group_size or
+                         ascent_steps > 1):
+    return (f'variant {name!r} keeps one state for all replicas and steps: '
+            'it needs sync_perturbation=True, inner_group_size=0, '
+            'ascent_steps=1 and no micro-batch m-sharpness')
+  if not entry.ascent and gsam_alpha:
+    return (f'variant {name!r} takes no pass at w, which GSAM needs: set '
+            'gsam_alpha=0')
+  if gsam_alpha and inner_group_size:
+    return 'GSAM over groups of replicas (inner_group_size) is not supported'
+  return None
 
 
 def is_offset(name: str) -> bool:

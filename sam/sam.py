@@ -14,16 +14,15 @@ weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
 Variants: the perturbation by name (`variant`; `sam.perturbations` holds
-them with their papers and reference code: SAM, ASAM), GSAM's descent
+them with their papers and reference code: SAM, ASAM, F-SAM and MSAM, the
+last two with a state carried from step to step), GSAM's descent
 direction (`gsam_alpha`), m-sharpness per replica (`sync_perturbation=False`)
-or per micro-batch (`micro_batch_sam_step`), and LookSAM's reuse of the
-sharpness direction between SAM steps (`looksam_direction`, `looksam_reuse`).
+or per micro-batch (`micro_batch_sam_step`); LookSAM's reuse of the
+sharpness direction between SAM steps is `sam.looksam`.
 
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
 Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
-Liu et al., "Towards Efficient and Scalable Sharpness-Aware Minimization",
-CVPR 2022 (LookSAM).
 """
 
 from collections.abc import Callable, Sequence
@@ -54,6 +53,9 @@ class SAMOutput(NamedTuple):
       ASAM), over all params jointly; summed across replicas first unless
       `sync_perturbation=False`. Zero if rho == 0 (nothing was reduced).
     clean_grads: the gradients at `params` (the first pass), per replica.
+    state: the variant's new state (`sam_step`'s `state`), empty for most.
+    perturbed_aux: the aux of the pass at `params + eps` (of the only pass
+      if rho == 0 or the variant takes no pass at w).
   """
   loss: tf.Tensor
   grads: list[tf.Tensor]
@@ -61,6 +63,8 @@ class SAMOutput(NamedTuple):
   perturbed_loss: tf.Tensor
   grad_norm: tf.Tensor
   clean_grads: list[tf.Tensor]
+  state: Any = ()
+  perturbed_aux: Any = None
 
 
 def _replica_context_to_sync() -> tf.distribute.ReplicaContext | None:
@@ -139,11 +143,11 @@ def perturbation(
     adaptive: bool = False,
     eta: float = 0.0,
     variant: str = 'sam',
-    mask: Sequence[bool] | None = None,
-    names: Sequence[str] | None = None,
-    adaptive_biases: bool = True,
+    **options: Any,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
-  """The perturbation of a variant (`sam.perturbations`) for a gradient.
+  """The perturbation of a variant without state for a gradient.
+
+  `sam_step` carries the state of the variants that have one (F-SAM, MSAM).
 
   Args:
     grads: the ascent gradient g, one tensor per param (already summed across
@@ -154,22 +158,31 @@ def perturbation(
     eta: ASAM's offset that keeps zero weights perturbable.
     variant: a name in `sam.perturbations.REGISTRY`: 'sam',
       eps = rho g / ||g||; 'asam', eps = rho T^2 g / ||T g||, T = |w| + eta.
-    mask: which params are perturbed (`sam.perturbations.parameter_mask`);
-      the others get eps = 0 and no part in the norm. None: all.
-    names: the params' variable paths ('stem_bn/beta'), for variants that
-      treat kinds of params differently.
-    adaptive_biases: ASAM's T = |w| + eta on biases and normalization
-      offsets too; False leaves T = 1 there, as ASAM's reference code does
-      (needs `names`).
+    **options: the variant's options: `mask` (which params are perturbed,
+      `sam.perturbations.parameter_mask`; the others get eps = 0 and no part
+      in the norm; None: all), `names` (the params' variable paths, for
+      variants that treat kinds of params differently), `adaptive_biases`
+      (ASAM's T = |w| + eta on biases and normalization offsets too; False
+      leaves T = 1 there, as ASAM's reference code does; needs `names`).
 
   Returns:
     (eps, norm): eps per param, and the norm that scaled it.
   """
-  if mask is not None:
+  entry = perturbations.get('asam' if adaptive else variant)
+  if entry.stateful:
+    raise ValueError(f'variant {variant!r} has a state: call sam_step.')
+  eps, norm, _ = _perturb(entry, grads, params, rho, dict(options, eta=eta),
+                          [])
+  return eps, norm
+
+
+def _perturb(entry: perturbations.Perturbation, grads, params, rho, options,
+             state):
+  """entry.perturb on the gradient with the unperturbed params masked out."""
+  mask = options.get('mask')
+  if mask is not None and grads is not None:
     grads = [g if m else tf.zeros_like(g) for g, m in zip(grads, mask)]
-  options = {'eta': eta, 'names': names, 'adaptive_biases': adaptive_biases}
-  return perturbations.get('asam' if adaptive else variant).perturb(
-      grads, params, rho, options)
+  return entry.perturb(grads, params, rho, options, state)
 
 
 def surrogate_gap_guided(
@@ -222,74 +235,106 @@ def sam_step(
     loss_scale: tf.Tensor | None = None,
     inner_group_size: int = 0,
     ascent_steps: int = 1,
-    **perturbation_args: Any,
+    ascent_loss_fn: LossFn | Sequence[LossFn] | None = None,
+    variant: str = 'sam',
+    state: Sequence[tf.Tensor] | None = None,
+    **options: Any,
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
-  The one entry point of the SAM rule (the variants are its arguments). Call
-  it where you would call `tape.gradient`: in a `strategy.run` replica
-  function, under `tf.function`, or eagerly (a whole step: docs/api.md).
+  The one entry point of the SAM rule; call it where you would call
+  `tape.gradient` (in `strategy.run`, `tf.function` or eagerly: docs/api.md).
 
   Args:
-    loss_fn: `loss_fn(params) -> (loss, aux)`, a pure function of `params`;
-      under a strategy, `loss` is this replica's share of the global-batch
-      loss (sum of per-example losses / global batch size). `aux` is anything
-      (logits, new batch-norm statistics); only the first pass's is returned.
-      A list, one per micro-batch, accumulates: each pass sums them one
-      after the other, one eps for all; aux is then a list.
+    loss_fn: `loss_fn(params) -> (loss, aux)`, pure in `params`; under a
+      strategy, `loss` is this replica's share of the global-batch loss
+      (sum of per-example losses / global batch). A list, one per
+      micro-batch, accumulates: each pass sums them (one eps for all).
     params: the trainable values: tensors, not variables (nothing is assigned).
     rho: the neighbourhood radius; a Python 0 means the plain base optimizer
       (one forward/backward pass, no all-reduce). A tensor always runs SAM.
-    adaptive: ASAM, eps = rho T^2 g / ||T g|| with T = |w| + eta.
-    sync_perturbation: with several replicas, sum the ascent gradient across
-      them before its norm: one eps for all (SAM on the global batch). False:
-      each replica's own (m-sharpness, m the per-replica batch).
-    eta: ASAM's offset (Kwon et al. use 0.01); ignored unless adaptive.
-    gsam_alpha: GSAM (Zhuang et al. 2022): descend along
-      h - alpha * f_perp instead of h (see `surrogate_gap_guided`); 0 is SAM.
+    adaptive: ASAM, the same as variant='asam'. eta: its offset (0.01).
+    sync_perturbation: sum the ascent gradient across the replicas before
+      its norm: one eps for all. False: each replica's own (m-sharpness).
+    gsam_alpha: GSAM's alpha (see `surrogate_gap_guided`); 0 is SAM.
     loss_scale: float16 loss scaling: each backward pass differentiates
-      loss * loss_scale and divides its gradients by it at once (in float32),
-      so the norm, eps and grads are unscaled; an overflow gives non-finite
-      grads, for the caller to skip the step. None: no scaling.
-    inner_group_size: with `sync_perturbation`, sum the ascent gradient
-      over groups of this many consecutive replicas only, each group with
-      its own eps (m-sharpness over groups, the SAM code's
-      inner_group_size); 0: over all replicas.
-    ascent_steps: n > 1 ascends n times, each step the perturbation of the
-      gradient at the point reached, added up (as optax.contrib.sam with
-      sync_period = n + 1): n + 1 passes.
-    **perturbation_args: `variant` (the perturbation's name in
-      `sam.perturbations.REGISTRY`), `mask`, `names`, `adaptive_biases`:
-      see `perturbation`.
+      loss * loss_scale and unscales its gradients at once (in float32);
+      they come back non-finite on overflow. None: no scaling.
+    inner_group_size: share eps within groups of this many consecutive
+      replicas only (the SAM code's inner_group_size); 0: all replicas.
+    ascent_steps: n ascent steps, each adding the perturbation of the
+      gradient where the last ended (optax.contrib.sam's sync_period n + 1).
+    ascent_loss_fn: the loss of the ascent passes, if not `loss_fn` (the
+      model in inference mode, or with Shake-Shake's true gradient).
+    variant: the perturbation's name in `sam.perturbations.REGISTRY`.
+    state: the variant's state, as the last step's `SAMOutput.state` left
+      it (F-SAM's, MSAM's momentum); None: its initial state.
+    **options: the variant's (`mask`, `names`, `adaptive_biases`: see
+      `perturbation`; `fsam_sigma`, `fsam_lambda`, `msam_momentum`).
 
   Returns:
-    A `SAMOutput`: the loss at params, the SAM gradients (per replica, for a
-    Keras optimizer to sum across replicas), the first pass's aux, the
-    perturbed loss, ||g|| and the clean gradients.
+    A `SAMOutput` (the SAM gradients are per replica, for a Keras optimizer
+    to sum across replicas).
   """
   params = [tf.convert_to_tensor(p) for p in params]
-  loss, grads, aux = _value_and_grad(loss_fn, params, loss_scale)
+  value_and_grad = functools.partial(_value_and_grad, loss_fn,
+                                     loss_scale=loss_scale)
   if isinstance(rho, (int, float)) and rho == 0:
     # The plain base optimizer: one pass and no cross-replica traffic.
-    return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads)
-
+    loss, grads, aux = value_and_grad(params)
+    return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads,
+                     list(state or []), aux)
+  entry = _variant(variant, adaptive, sync_perturbation, inner_group_size,
+                   ascent_steps, gsam_alpha)
   ctx = _replica_context_to_sync() if sync_perturbation else None
-  if gsam_alpha and inner_group_size:
-    raise ValueError('GSAM over groups of replicas is not supported.')
-  perturb = functools.partial(perturbation, params=params, rho=rho,
-                              adaptive=adaptive, eta=eta, **perturbation_args)
-  ascent = _ascent_sum(grads, ctx, inner_group_size)
-  eps, norm = perturb(ascent)
-  for _ in range(ascent_steps - 1):
-    _, more, _ = _value_and_grad(loss_fn, _moved(params, eps), loss_scale)
-    step, _ = perturb(_ascent_sum(more, ctx, inner_group_size))
-    eps = [e + d for e, d in zip(eps, step)]
-  perturbed_loss, sam_grads, _ = _value_and_grad(
-      loss_fn, _moved(params, eps), loss_scale)
+  options = dict(options, eta=eta)
+  state = entry.init(params) if state is None else list(state)
+  first, ascent, eps, norm, state = _ascend(
+      entry, functools.partial(_value_and_grad, ascent_loss_fn or loss_fn,
+                               loss_scale=loss_scale),
+      params, rho, options, state, ctx, inner_group_size, ascent_steps)
+  perturbed = value_and_grad(_moved(params, eps))
+  # A variant without a pass at w: the one pass is the step's.
+  loss, grads, aux = first if first is not None else perturbed
+  sam_grads = perturbed[1]
   if gsam_alpha:
     sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
                                      ctx)
-  return SAMOutput(loss, sam_grads, aux, perturbed_loss, norm, grads)
+  if entry.descend is not None:
+    state = entry.descend(state, _ascent_sum(sam_grads, ctx, 0), options)
+  return SAMOutput(loss, sam_grads, aux, perturbed[0], norm, grads, state,
+                   perturbed[2])
+
+
+def _variant(name, adaptive, *arguments) -> perturbations.Perturbation:
+  """The perturbation, or one line on what keeps it from the arguments."""
+  problem = perturbations.conflict(name, adaptive, *arguments)
+  if problem:
+    raise ValueError(f'sam_step: {problem}.')
+  return perturbations.get('asam' if adaptive else name)
+
+
+def _ascend(entry, value_and_grad, params, rho, options, state, ctx,
+            inner_group_size, ascent_steps):
+  """The pass at w (None for a variant without one) and eps from it.
+
+  Returns:
+    (loss, grads, aux) at w or None, the ascent gradient (summed over the
+    replicas that share eps) or None, eps, its norm and the new state.
+  """
+  perturb = functools.partial(_perturb, entry, params=params, rho=rho,
+                              options=options)
+  first = ascent = None
+  if entry.ascent:
+    first = value_and_grad(params)
+    ascent = _ascent_sum(first[1], ctx, inner_group_size)
+  eps, norm, state = perturb(ascent, state=state)
+  for _ in range(ascent_steps - 1):
+    _, more, _ = value_and_grad(_moved(params, eps))
+    step, _, _ = perturb(_ascent_sum(more, ctx, inner_group_size),
+                         state=state)
+    eps = [e + d for e, d in zip(eps, step)]
+  return first, ascent, eps, norm, state
 
 
 def _moved(params: list[tf.Tensor], eps: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -321,66 +366,11 @@ def _ascent_sum(grads: list[tf.Tensor],
   return [tf.tensordot(tf.cast(slot, t.dtype), t, axes=1) for t in totals]
 
 
-def _dot(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor]) -> tf.Tensor:
-  """The inner product of two lists of tensors, over all entries."""
-  return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
-
-
-def looksam_direction(
-    clean: Sequence[tf.Tensor], sam_grads: Sequence[tf.Tensor]
-) -> list[tf.Tensor]:
-  """LookSAM's sharpness direction (Liu et al., CVPR 2022, eq. 5).
-
-  The part of the SAM gradient g_s orthogonal to the clean gradient g, over
-  all params jointly:
-
-    g_v = g_s - (g.g_s / ||g||^2) g.
-
-  Args:
-    clean: g, per param (summed over replicas).
-    sam_grads: g_s at the same step, per param (summed over replicas).
-
-  Returns:
-    g_v, per param.
-  """
-  coef = _dot(clean, sam_grads) / (_dot(clean, clean) + _EPSILON)
-  return [s - coef * g for g, s in zip(clean, sam_grads)]
-
-
-def looksam_reuse(
-    grads: Sequence[tf.Tensor],
-    direction: Sequence[tf.Tensor],
-    alpha: float,
-    clean_norm: tf.Tensor,
-    share: float = 1.0,
-) -> list[tf.Tensor]:
-  """LookSAM's gradient on the steps between SAM steps (eq. 6).
-
-    g_s ~ g + alpha * (||g|| / ||g_v||) g_v,
-
-  with g_v from the last SAM step (`looksam_direction`). The added term is
-  one vector for the whole batch, so each of R replicas adds `share` = 1/R
-  of it to its own part of g (the optimizer sums the parts).
-
-  Args:
-    grads: this replica's part of g, per param.
-    direction: g_v, per param.
-    alpha: LookSAM's alpha (they use 0.7); 0 is the plain gradient.
-    clean_norm: ||g|| of the gradient summed over all replicas.
-    share: this replica's share of the added term.
-
-  Returns:
-    This replica's part of the approximate SAM gradient, per param.
-  """
-  scale = share * alpha * clean_norm / (
-      tf.sqrt(_dot(direction, direction)) + _EPSILON)
-  return [g + scale * v for g, v in zip(grads, direction)]
-
-
 def micro_batch_sam_step(
     loss_fns: Sequence[LossFn],
     params: Sequence[tf.Tensor],
     rho: float | tf.Tensor,
+    ascent_loss_fns: Sequence[LossFn] | None = None,
     **kwargs,
 ) -> SAMOutput:
   """m-sharpness: one perturbation per micro-batch (SAM paper, section 4.1).
@@ -396,22 +386,26 @@ def micro_batch_sam_step(
     loss_fns: one pure loss function of the params per micro-batch.
     params: the trainable values.
     rho: the neighbourhood radius.
+    ascent_loss_fns: their `ascent_loss_fn`s (see `sam_step`), or None.
     **kwargs: further `sam_step` arguments (adaptive, eta, gsam_alpha,
       loss_scale); sync_perturbation is False by definition.
 
   Returns:
     The summed loss, perturbed loss and gradients; the mean of the
-    micro-batches' gradient norms; and the list of their auxes.
+    micro-batches' gradient norms; and the lists of their auxes.
   """
-  outs = [sam_step(fn, params, rho, sync_perturbation=False, **kwargs)
-          for fn in loss_fns]
+  outs = [sam_step(fn, params, rho, sync_perturbation=False,
+                   ascent_loss_fn=ascent, **kwargs)
+          for fn, ascent in zip(loss_fns,
+                                ascent_loss_fns or [None] * len(loss_fns))]
   return SAMOutput(
       loss=tf.add_n([o.loss for o in outs]),
       grads=[tf.add_n(g) for g in zip(*[o.grads for o in outs])],
       aux=[o.aux for o in outs],
       perturbed_loss=tf.add_n([o.perturbed_loss for o in outs]),
       grad_norm=tf.add_n([o.grad_norm for o in outs]) / len(outs),
-      clean_grads=[tf.add_n(g) for g in zip(*[o.clean_grads for o in outs])])
+      clean_grads=[tf.add_n(g) for g in zip(*[o.clean_grads for o in outs])],
+      perturbed_aux=[o.perturbed_aux for o in outs])
 
 
 def sam_gradients(

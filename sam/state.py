@@ -43,6 +43,8 @@ class TrainState:
     ema: moving averages of the trainable and of the non-trainable
       variables ([[], []] when config.ema_decay is 0).
     looksam_direction: LookSAM's g_v from the last SAM step ([] when off).
+    sam_state: the state of the SAM variant (F-SAM's, MSAM's momentum; []
+      for the others).
     loss_scale: the dynamic loss scale (used under mixed_float16 only, kept
       under any policy so that a run may resume under another one).
     good_steps: finite steps since the loss scale last changed.
@@ -64,6 +66,7 @@ class TrainState:
   eval_sums: tf.Variable
   ema: list[list[tf.Variable]]
   looksam_direction: list[tf.Variable]
+  sam_state: list[tf.Variable]
   loss_scale: tf.Variable
   good_steps: tf.Variable
   checkpoint: tf.train.Checkpoint
@@ -140,6 +143,8 @@ def create_train_state(config: ml_collections.ConfigDict,
            for variables in (trainable, model.non_trainable_variables)]
     looksam_direction = [variable(tf.zeros_like(v)) for v in trainable
                         ] if config.sam.looksam_alpha else []
+    sam_state = [variable(v) for v in perturbations.get(
+        config.sam.variant).init([v.value for v in trainable])]
     train_sums = variable(tf.zeros(len(TRAIN_FIELDS)))
     sam_sums = variable(tf.zeros(len(SAM_FIELDS)))
     loss_scale = variable(float(config.loss_scale.initial))
@@ -148,7 +153,7 @@ def create_train_state(config: ml_collections.ConfigDict,
   saved = dict(model=model, optimizer=optimizer, train_sums=train_sums,
                ema=ema, plateau=plateau_state,
                looksam_direction=looksam_direction,
-               loss_scale=[loss_scale, good_steps])
+               loss_scale=[loss_scale, good_steps], sam_state=sam_state)
   checkpoint = tf.train.Checkpoint(**saved, sam_sums=sam_sums)
   # Written before sam_sums existed (tests/resume_v1_test.py). Resumed from
   # one, sam_sums starts at 0, and the perturbed loss, sharpness and norm of
@@ -158,6 +163,7 @@ def create_train_state(config: ml_collections.ConfigDict,
       model=model, optimizer=optimizer, schedule=schedule,
       plateau_state=plateau_state, train_sums=train_sums, sam_sums=sam_sums,
       eval_sums=eval_sums, ema=ema, looksam_direction=looksam_direction,
+      sam_state=sam_state,
       loss_scale=loss_scale, good_steps=good_steps, checkpoint=checkpoint,
       older_checkpoints=older_checkpoints,
       num_classes=num_classes,

@@ -10,9 +10,11 @@ the update, the moving average of the weights, the metric sums.
 import ml_collections
 import tensorflow as tf
 
+from sam import looksam
 from sam import loss_scaling
 from sam import optim
 from sam import sam as sam_lib
+from sam.models import true_gradient
 from sam.state import TRAIN_FIELDS
 from sam.state import TrainState
 
@@ -37,7 +39,9 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   params = [v.value for v in model.trainable_variables]
   model_state = [v.value for v in model.non_trainable_variables]
   share = 1 / ctx.num_replicas_in_sync  # Of the global batch's loss.
-  loss_fn = make_loss_fn(state, config, images, labels, model_state, share)
+  loss_fn, ascent_loss_fn = (
+      make_loss_fn(state, config, images, labels, model_state, share, ascent)
+      for ascent in (False, True))
   scale = loss_scaling.scale(state)
   if sam_now and sc.micro_batch_size:
     out = _micro_batch_sam(state, config, images, labels, model_state, params)
@@ -46,15 +50,23 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
     # gradient at w + eps (one pass at w if rho is 0).
     out = sam_lib.sam_step(
         loss_fn, params, sc.rho, sync_perturbation=sc.sync_perturbation,
-        loss_scale=scale, **_variant_args(state, config))
+        loss_scale=scale, ascent_loss_fn=ascent_loss_fn,
+        **_variant_args(state, config))
   else:
     out = sam_lib.sam_step(loss_fn, params, 0.0, loss_scale=scale)  # Plain.
   if sc.looksam_alpha:
     out = _looksam(state, out, sam_now, sc.looksam_alpha)
-  logits, new_state = out.aux
+  # The new batch-norm statistics and the logits: of the pass at w, unless
+  # that one ran in inference mode (then of the pass at w + eps).
+  logits, new_state = (out.aux if sc.ascent_mode == 'train'
+                       else out.perturbed_aux)
   finite = loss_scaling.all_finite(state, [out.loss, out.grad_norm,
                                            *out.grads])
   _assign_model_state(state, new_state, finite)
+  for variable, value in zip(state.sam_state, out.state):
+    # The same on every replica (made of cross-replica sums).
+    variable.assign(value if finite is None else
+                    tf.where(finite, value, variable.read_value()))
   grads = _clip_by_global_norm(out.grads, config.optimizer.grad_clip_norm)
   loss_scaling.apply_gradients(state, config, grads, finite)
   if config.ema_decay:
@@ -63,7 +75,7 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
 
 
 def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
-                 labels, model_state, l2_share: float):
+                 labels, model_state, l2_share: float, ascent: bool = False):
   """A share of the global-batch loss, as a function of the trainable values.
 
   Args:
@@ -74,6 +86,9 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
     model_state: the non-trainable values (batch-norm statistics, seeds).
     l2_share: the fraction of the L2 term this (micro-)batch carries, so
       that the shares of all replicas and micro-batches sum to one.
+    ascent: the loss of SAM's ascent pass: the model in inference mode if
+      config.sam.ascent_mode is 'inference', else with the true gradient of
+      Shake-Shake and ShakeDrop (as the SAM code's ascent pass).
 
   Returns:
     loss_fn(params) -> (loss, (logits, new_model_state)).
@@ -85,9 +100,12 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
   targets = tf.one_hot(labels, state.num_classes)
   targets = targets * (1 - smoothing) + smoothing / state.num_classes
 
+  training = not ascent or config.sam.ascent_mode == 'train'
+
   def loss_fn(params):
-    logits, new_state = model.stateless_call(
-        params, model_state, images, training=True)
+    with true_gradient.true_gradient(ascent):
+      logits, new_state = model.stateless_call(
+          params, model_state, images, training=training)
     logits = tf.cast(logits, tf.float32)
     per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
     loss = tf.reduce_sum(per_example) / config.batch_size
@@ -110,33 +128,42 @@ def _micro_batch_sam(state, config, images, labels, model_state, params):
   sc = config.sam
   num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
   chunks = images.shape[0] // sc.micro_batch_size
-  fns = [make_loss_fn(state, config, x, y, model_state,
-                      1 / (num_replicas * chunks))
-         for x, y in zip(tf.split(images, chunks), tf.split(labels, chunks))]
+  fns, ascent_fns = ([make_loss_fn(state, config, x, y, model_state,
+                                   1 / (num_replicas * chunks), ascent)
+                      for x, y in zip(tf.split(images, chunks),
+                                      tf.split(labels, chunks))]
+                     for ascent in (False, True))
   if sc.accumulate_micro_batches:
     out = sam_lib.sam_step(
         fns, params, sc.rho, sync_perturbation=sc.sync_perturbation,
-        loss_scale=loss_scaling.scale(state), **_variant_args(state, config))
+        loss_scale=loss_scaling.scale(state), ascent_loss_fn=ascent_fns,
+        **_variant_args(state, config))
   else:
     out = sam_lib.micro_batch_sam_step(
         fns, params, sc.rho, loss_scale=loss_scaling.scale(state),
-        **_variant_args(state, config))
-  logits = tf.concat([a[0] for a in out.aux], 0)
-  # Each micro-batch updated the statistics from the same start; their mean
-  # is what one pass over the replica's batch gives, to first order.
-  new_state = [tf.add_n(s) / chunks for s in zip(*[a[1] for a in out.aux])]
-  return out._replace(aux=(logits, new_state))
+        ascent_loss_fns=ascent_fns, **_variant_args(state, config))
+
+  def joined(auxes):
+    logits = tf.concat([a[0] for a in auxes], 0)
+    # Each micro-batch updated the statistics from the same start; their
+    # mean is what one pass over the replica's batch gives, to first order.
+    return logits, [tf.add_n(s) / chunks for s in zip(*[a[1] for a in auxes])]
+  return out._replace(aux=joined(out.aux),
+                      perturbed_aux=joined(out.perturbed_aux))
 
 
 def _variant_args(state: TrainState, config: ml_collections.ConfigDict):
   """sam_step's arguments that choose and shape the SAM variant."""
-  sc = config.sam
+  sc, oc = config.sam, config.optimizer
   return dict(variant=sc.variant, adaptive=sc.adaptive, eta=sc.eta,
               gsam_alpha=sc.gsam_alpha, mask=state.sam_mask,
               names=[v.path for v in state.model.trainable_variables],
               adaptive_biases=sc.adaptive_biases,
               inner_group_size=sc.inner_group_size,
-              ascent_steps=sc.ascent_steps)
+              ascent_steps=sc.ascent_steps,
+              state=[v.read_value() for v in state.sam_state],
+              fsam_sigma=sc.fsam_sigma, fsam_lambda=sc.fsam_lambda,
+              msam_momentum=oc.momentum if oc.name == 'sgd' else oc.beta1)
 
 
 def _total(grads):
@@ -152,11 +179,11 @@ def _looksam(state: TrainState, out: sam_lib.SAMOutput, sam_now: bool,
   """LookSAM: keep g_v at a SAM step, add it back on the steps between."""
   if not sam_now:
     share = 1 / tf.distribute.get_replica_context().num_replicas_in_sync
-    return out._replace(grads=sam_lib.looksam_reuse(
+    return out._replace(grads=looksam.looksam_reuse(
         out.grads, [v.read_value() for v in state.looksam_direction], alpha,
         tf.linalg.global_norm(_total(out.grads)), share=share))
   # Every replica computes and keeps the same g_v.
-  direction = sam_lib.looksam_direction(_total(out.clean_grads),
+  direction = looksam.looksam_direction(_total(out.clean_grads),
                                         _total(out.grads))
   # Made of the totals: finite on every replica or on none.
   finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d))

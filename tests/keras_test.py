@@ -161,11 +161,16 @@ def _sgd():
   return keras.optimizers.SGD(0.1, momentum=0.9)
 
 
-def _reference_steps(x, y, strategy, rho=0.5, sample_weight=None):
+def _reference_steps(x, y, strategy, rho=0.5, sample_weight=None,
+                     ascent_mode='train'):
   """SAM on `_bn_model` as sam.train does it, with `_sgd`.
 
+  `ascent_mode='inference'`: the gradient at w in inference mode, by hand;
+  the batch-norm statistics of the pass at w + eps.
+
   Returns:
-    The trainable values after each step.
+    The trainable values after each step (and the non-trainable ones, with
+    ascent_mode='inference').
   """
   if sample_weight is None:
     sample_weight = np.ones(len(y), np.float32)
@@ -185,9 +190,25 @@ def _reference_steps(x, y, strategy, rho=0.5, sample_weight=None):
           labels, logits)
       return tf.reduce_sum(per_example * weights) / BATCH, new_state
 
-    out = sam_lib.sam_step(
-        loss_fn, [v.value for v in model.trainable_variables], rho)
-    grads, new_state = out.grads, out.aux
+    params = [v.value for v in model.trainable_variables]
+    if ascent_mode == 'inference':
+      with tf.GradientTape() as tape:
+        tape.watch(params)
+        logits = model.stateless_call(params, state, images,
+                                      training=False)[0]
+        loss = tf.reduce_sum(
+            weights * tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels, logits)) / BATCH
+      g = ctx.all_reduce('SUM', tape.gradient(loss, params))
+      norm = tf.linalg.global_norm(g)
+      moved = [p + rho * gi / norm for p, gi in zip(params, g)]
+      with tf.GradientTape() as tape:
+        tape.watch(moved)
+        loss, new_state = loss_fn(moved)
+      grads = tape.gradient(loss, moved)
+    else:
+      out = sam_lib.sam_step(loss_fn, params, rho)
+      grads, new_state = out.grads, out.aux
     if ctx.num_replicas_in_sync > 1:
       new_state = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, new_state)
     for variable, value in zip(model.non_trainable_variables, new_state):
@@ -200,14 +221,16 @@ def _reference_steps(x, y, strategy, rho=0.5, sample_weight=None):
   trajectory = []
   for batch in strategy.experimental_distribute_dataset(dataset):
     step(batch)
-    trajectory.append([v.numpy() for v in model.trainable_variables])
+    trajectory.append([v.numpy() for v in (
+        model.variables if ascent_mode == 'inference'
+        else model.trainable_variables)])
   return trajectory
 
 
 def _fit_sam(x, y, strategy, rho=0.5, callbacks=(), jit_compile=False,
-             **fit_kwargs):
+             sam_kwargs=None, **fit_kwargs):
   with strategy.scope():
-    sam_model = SAMModel(_bn_model(), rho=rho)
+    sam_model = SAMModel(_bn_model(), rho=rho, **(sam_kwargs or {}))
     sam_model.compile(optimizer=_sgd(), loss=_sparse_ce(),
                       metrics=['accuracy'],
                       jit_compile=jit_compile)
@@ -267,6 +290,41 @@ def test_batch_norm_first_pass_statistics_identical_on_replicas(
              for i in range(len(states[0]))]
     _assert_all_close(after[0][n_train:], clean)
     assert np.abs(clean[0] - before[n_train]).max() > 1e-2
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+def test_ascent_in_inference_mode_matches_reference(num_replicas, mirrored):
+  """ascent_mode='inference': eps from the model in inference mode."""
+  strategy = mirrored(num_replicas)
+  x, y = _vectors()
+  sam_model = _fit_sam(x, y, strategy,
+                       sam_kwargs=dict(ascent_mode='inference'))
+  want = _reference_steps(x, y, strategy, ascent_mode='inference')[-1]
+  _assert_all_close([v.numpy() for v in sam_model.model.variables], want)
+  train_mode = _fit_sam(x, y, strategy)
+  assert not np.allclose(train_mode.model.variables[0].numpy(), want[0],
+                         atol=1e-4)
+
+
+def test_stateful_variant_is_saved_with_the_wrapper(tmp_path):
+  """F-SAM's momentum is a variable of the wrapper: saved and loaded."""
+  x, y = _vectors()
+  sam_model = _fit_sam(x, y, tf.distribute.get_strategy(),
+                       sam_kwargs=dict(variant='fsam'))
+  assert len(sam_model.sam_state) == len(sam_model.trainable_variables) + 1
+  sam_model.save(str(tmp_path / 'fsam.keras'))
+  loaded = keras.saving.load_model(str(tmp_path / 'fsam.keras'))
+  assert loaded.variant == 'fsam'
+  for a, b in zip(loaded.sam_state, sam_model.sam_state):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert np.abs(loaded.sam_state[0].numpy()).max() > 0
+
+
+def test_stateful_variant_needs_a_built_model():
+  inner = keras.Sequential([keras.layers.Dense(3)])
+  with pytest.raises(ValueError, match="variant 'msam' keeps a state .* "
+                     'build the model first'):
+    SAMModel(inner, variant='msam')
 
 
 def test_checkpoints_mid_fit_hold_unperturbed_weights(tmp_path):
@@ -467,6 +525,10 @@ def test_unbuilt_subclassed_model_is_built_by_fit():
     (dict(eta=-1.0), 'eta=-1.0'),
     (dict(adaptive=1), 'adaptive=1'),
     (dict(variant='samm'), r"variant='samm' is invalid: it must be one of"),
+    (dict(ascent_mode='eval'), "ascent_mode='eval' is invalid"),
+    (dict(variant='fsam', ascent_steps=2),
+     "variant 'fsam' keeps one state for all replicas"),
+    (dict(variant='fsam', adaptive=True), 'exclude each other'),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):

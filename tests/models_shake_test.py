@@ -16,6 +16,7 @@ from sam import models
 from sam import sam as sam_lib
 from sam.models import pyramidnet
 from sam.models import shake_shake
+from sam.models import true_gradient
 from tests import conftest
 from tests.conftest import requires_xla_cpu
 
@@ -205,6 +206,68 @@ def test_shake_shake_forward_and_backward_coefficients():
   np.testing.assert_allclose(outputs, 2.0)
   np.testing.assert_allclose(grad_a, 0.5)
   np.testing.assert_allclose(grad_b, 0.5)
+
+
+@pytest.mark.parametrize('layer,inputs', [
+    (lambda: pyramidnet.ShakeDrop(0.5, seed=3),
+     lambda n: [np.ones((n, 2), 'float32')]),
+    (lambda: shake_shake.ShakeShake(seed=3),
+     lambda n: [np.ones((n, 2, 2, 1), 'float32'),
+                np.zeros((n, 2, 2, 1), 'float32')])])
+def test_true_gradient_backpropagates_the_forward_draws(layer, inputs):
+  """Inside true_gradient(), the gradient is the forward coefficient.
+
+  With x = 1 (ShakeDrop) or a = 1, b = 0 (Shake-Shake) the output is the
+  forward coefficient and the gradient w.r.t. the first input the backward
+  one; the draws are the same inside the context and out.
+  """
+  n = 1000
+  outputs, grads = _coefficients(layer(), inputs(n), training=True)
+  with true_gradient.true_gradient():
+    true_outputs, true_grads = _coefficients(layer(), inputs(n),
+                                             training=True)
+  assert not true_gradient.active()
+  np.testing.assert_array_equal(true_outputs, outputs)
+  forward = outputs.reshape(n, -1)[:, 0]
+  np.testing.assert_allclose(true_grads[0].reshape(n, -1)[:, 0], forward,
+                             atol=1e-6)
+  assert np.abs(grads[0].reshape(n, -1)[:, 0] - forward).max() > 0.1
+
+
+@pytest.mark.parametrize('name', ['pyramidnet_bottleneck', 'shake_shake'])
+def test_true_gradient_is_the_forward_functions(name):
+  """A directional derivative by central differences: it is the true one's."""
+  keras.utils.set_random_seed(0)
+  model = TINY[name](5, MNIST)
+  images = _images(MNIST, batch=8)
+  labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
+  state = [v.value for v in model.non_trainable_variables]
+  params = [v.value for v in model.trainable_variables]
+
+  def loss_at(values):
+    logits, _ = model.stateless_call(values, state, images, training=True)
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+  def gradient(true):
+    with tf.GradientTape() as tape, true_gradient.true_gradient(true):
+      tape.watch(params)
+      loss = loss_at(params)
+    return tape.gradient(loss, params)
+
+  # Along the true gradient's direction, where the slope is largest.
+  true = gradient(True)
+  direction = [g / tf.linalg.global_norm(true) for g in true]
+  h = 1e-3
+  moved = [loss_at([p + sign * h * d for p, d in zip(params, direction)])
+           for sign in (1, -1)]
+  slope = float(moved[0] - moved[1]) / (2 * h)
+
+  def along(grads):
+    return float(sum(tf.reduce_sum(g * d) for g, d in zip(grads, direction)))
+
+  assert along(true) == pytest.approx(slope, rel=0.02)
+  assert along(gradient(False)) != pytest.approx(slope, rel=0.1)
 
 
 @pytest.mark.parametrize('name', sorted(TINY))

@@ -43,40 +43,83 @@ CASES = {
 }
 
 
+STEPS, LR = 3, 0.5  # Each test takes STEPS steps of SGD, a batch each.
+
+
 def _masked(g, options):
   mask = options.get('mask') or [True] * len(g)
   return [gi.astype(np.float64) * m for gi, m in zip(g, mask)]
 
 
-def _np_sam(g, w, rho, options):
-  del w
-  g = _masked(g, options)
-  norm = np.sqrt(sum((gi**2).sum() for gi in g))
-  return [rho * gi / norm for gi in g]
+def _norm(g):
+  return np.sqrt(sum((gi**2).sum() for gi in g))
 
 
-def _np_asam(g, w, rho, options):
+def _np_sam(g, w, rho, options, state):
+  del w, options
+  return [rho * gi / _norm(g) for gi in g], state
+
+
+def _np_asam(g, w, rho, options, state):
   # Kwon et al.: eps = rho T^2 g / ||T g||, T = |w| + eta elementwise; the
   # bias keeps T = 1 with adaptive_biases=False (ASAM's reference code).
-  g = _masked(g, options)
   t = [np.abs(wi) + options['eta'] for wi in w]
   if not options.get('adaptive_biases', True):
     t[1] = np.ones_like(t[1])
-  norm = np.sqrt(sum(((ti * gi)**2).sum() for ti, gi in zip(t, g)))
-  return [rho * ti**2 * gi / norm for ti, gi in zip(t, g)]
+  norm = _norm([ti * gi for ti, gi in zip(t, g)])
+  return [rho * ti**2 * gi / norm for ti, gi in zip(t, g)], state
 
 
-# name -> eps(g, w, rho, options) in NumPy, g the whole batch's gradient.
-NUMPY_REFERENCES = {'sam': _np_sam, 'asam': _np_asam}
+def _np_fsam(g, w, rho, options, momentum):
+  # Li et al. (nblt/F-SAM FriendlySAM.first_step, sigma 1, lambda 0.6): the
+  # first step ascends along g and sets m = g; later ones along g - sigma m,
+  # then m = lambda m + (1 - lambda) g.
+  del w, options
+  if momentum is None:
+    d, momentum = g, g
+  else:
+    d = [gi - 1.0 * mi for gi, mi in zip(g, momentum)]
+    momentum = [0.6 * mi + 0.4 * gi for gi, mi in zip(g, momentum)]
+  return [rho * di / _norm(d) for di in d], momentum
+
+
+def _ascending(perturb):
+  """The reference of a variant whose eps comes from gradients at w."""
+  def reference(grad_at, w, rho, options, state):
+    eps = [np.zeros_like(wi) for wi in w]
+    for _ in range(options.get('ascent_steps', 1)):
+      g = _masked(grad_at([wi + ei for wi, ei in zip(w, eps)]), options)
+      step, state = perturb(g, w, rho, options, state)
+      eps = [ei + si for ei, si in zip(eps, step)]
+    return grad_at([wi + ei for wi, ei in zip(w, eps)]), state
+  return reference
+
+
+def _np_msam(grad_at, w, rho, options, velocity):
+  # Becker et al. (MarlonBecker/MSAM optimizer/msam.py): the gradient at
+  # w - rho v / ||v|| (at w while v = 0), then v = 0.9 v + g.
+  if velocity is None:
+    velocity = [np.zeros_like(wi, np.float64) for wi in w]
+  v = _masked(velocity, options)
+  norm = _norm(v)
+  eps = [-rho * vi / norm if norm else vi for vi in v]
+  g = grad_at([wi + ei for wi, ei in zip(w, eps)])
+  return g, [0.9 * vi + gi for vi, gi in zip(velocity, g)]
+
+
+# name -> (grad_at, w, rho, options, state) -> (SAM gradient, state) in
+# NumPy: grad_at(w) is the whole batch's gradient at w; state None at first.
+NUMPY_REFERENCES = {'sam': _ascending(_np_sam), 'asam': _ascending(_np_asam),
+                    'fsam': _ascending(_np_fsam), 'msam': _np_msam}
 
 
 def _problem():
   rng = np.random.default_rng(7)
-  x = rng.normal(size=(BATCH, DIM)).astype(np.float32)
-  y = rng.integers(0, CLASSES, BATCH)
+  xs = rng.normal(size=(STEPS, BATCH, DIM)).astype(np.float32)
+  ys = rng.integers(0, CLASSES, (STEPS, BATCH))
   w = [rng.normal(size=(DIM, CLASSES)).astype(np.float32),
        rng.normal(size=(CLASSES,)).astype(np.float32)]
-  return x, y, w
+  return xs, ys, w
 
 
 def _np_grad(x, y, w):
@@ -88,13 +131,15 @@ def _np_grad(x, y, w):
   return [x.T @ d, d.sum(0)]
 
 
-def _np_sam_gradient(name, x, y, w, options):
-  eps = [np.zeros_like(wi) for wi in w]
-  for _ in range(options.get('ascent_steps', 1)):
-    at = [wi + ei for wi, ei in zip(w, eps)]
-    step = NUMPY_REFERENCES[name](_np_grad(x, y, at), w, RHO, options)
-    eps = [ei + si for ei, si in zip(eps, step)]
-  return _np_grad(x, y, [wi + ei for wi, ei in zip(w, eps)])
+def _np_run(name, xs, ys, w, options):
+  """STEPS steps of SGD at LR with the variant: [(w, gradient)] per step."""
+  steps, state = [], None
+  for x, y in zip(xs, ys):
+    g, state = NUMPY_REFERENCES[name](
+        lambda at, x=x, y=y: _np_grad(x, y, at), w, RHO, options, state)
+    steps.append((w, g))
+    w = [wi - LR * gi for wi, gi in zip(w, g)]
+  return steps
 
 
 def _loss_fn(x, y):
@@ -121,6 +166,12 @@ def test_an_unknown_variant_is_one_line_naming_the_known_ones():
     perturbations.get('samm')
 
 
+def _refused(name, options):
+  """Whether the variant refuses these options (one state for all)."""
+  return perturbations.conflict(
+      name, ascent_steps=options.get('ascent_steps', 1)) is not None
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
 @pytest.mark.parametrize('compile_with', [
     'tf.function', pytest.param('xla', marks=requires_xla_cpu)])
@@ -129,35 +180,42 @@ def test_an_unknown_variant_is_one_line_naming_the_known_ones():
 def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with,
                                case):
   options, _ = CASES[case]
-  x, y, w = _problem()
+  xs, ys, w = _problem()
   strategy = mirrored(num_replicas)
   size = BATCH // num_replicas
-  shards = strategy.experimental_distribute_values_from_function(
-      lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
-                   y[ctx.replica_id_in_sync_group * size:][:size]))
-
   options = dict(options)
   parts = options.pop('micro_batches', 0)
 
   @tf.function(jit_compile=compile_with == 'xla')
-  def replica_step(xs, ys):
+  def replica_step(x, y, params, state):
     loss_fn = [_loss_fn(a, b) for a, b in zip(
-        tf.split(xs, parts), tf.split(ys, parts))] if parts else _loss_fn(
-            xs, ys)
-    out = sam.sam_step(loss_fn, [tf.constant(v) for v in w], rho=RHO,
-                       variant=name, names=NAMES, **options)
-    return out.grads
+        tf.split(x, parts), tf.split(y, parts))] if parts else _loss_fn(x, y)
+    out = sam.sam_step(loss_fn, params, rho=RHO, variant=name, names=NAMES,
+                       state=state, **options)
+    return out.grads, out.state
 
   @tf.function
-  def step(shards):
-    grads = strategy.run(replica_step, args=shards)
-    return [strategy.reduce('SUM', g, axis=None) for g in grads]
+  def step(x, y, params, state):
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
+                     y[ctx.replica_id_in_sync_group * size:][:size]))
+    grads, state = strategy.run(replica_step,
+                                args=(*shards, params, state))
+    return [strategy.reduce('SUM', g, axis=None) for g in grads], state
 
-  want = _np_sam_gradient(name, x, y, w, options)
-  for got, ref in zip(step(shards), want):
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  if _refused(name, options):
+    with pytest.raises(ValueError, match='keeps one state for all'):
+      step(xs[0], ys[0], w, None)
+    return
+  want = _np_run(name, xs, ys, w, options)
+  state = None
+  for x, y, (at, ref) in zip(xs, ys, want):
+    got, state = step(x, y, [tf.constant(a, tf.float32) for a in at], state)
+    for got_g, ref_g in zip(got, ref):
+      np.testing.assert_allclose(got_g, ref_g, rtol=1e-5, atol=1e-6)
   # The reference is no plain gradient: the perturbation mattered.
-  assert np.abs(want[0] - _np_grad(x, y, w)[0]).max() > 1e-4
+  (at, ref), x, y = want[-1], xs[-1], ys[-1]
+  assert np.abs(ref[0] - _np_grad(x, y, at)[0]).max() > 1e-4
 
 
 @pytest.mark.parametrize('case', sorted(c for c in CASES if CASES[c][1]))
@@ -165,22 +223,27 @@ def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with,
 @pytest.mark.parametrize('name', sorted(perturbations.REGISTRY))
 def test_variant_through_sam_model_matches_numpy(mirrored, name,
                                                  num_replicas, case):
-  """One `fit` step of SAMModel(variant=name) with SGD at learning rate 1."""
+  """STEPS `fit` steps of SAMModel(variant=name) with SGD."""
   options, model_options = CASES[case]
-  x, y, w = _problem()
+  xs, ys, w = _problem()
   with mirrored(num_replicas).scope():
     inner = keras.Sequential([keras.Input((DIM,)),
                               keras.layers.Dense(CLASSES, name='dense')])
     inner.set_weights(w)
+    if _refused(name, options):
+      with pytest.raises(ValueError, match='keeps one state for all'):
+        SAMModel(inner, rho=RHO, variant=name, **model_options)
+      return
     model = SAMModel(inner, rho=RHO, variant=name, **model_options)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR),
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
-  model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
-  want = [wi - gi
-          for wi, gi in zip(w, _np_sam_gradient(name, x, y, w, options))]
+  model.fit(xs.reshape(-1, DIM), ys.reshape(-1), batch_size=BATCH, epochs=1,
+            shuffle=False, verbose=0)
+  at, g = _np_run(name, xs, ys, w, options)[-1]
+  want = [wi - LR * gi for wi, gi in zip(at, g)]
   for got, ref in zip(inner.get_weights(), want):
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_parameter_mask_by_layer_type_or_path():
@@ -211,7 +274,8 @@ def test_asam_without_adaptive_biases_needs_the_names():
 
 def test_sam_model_shares_eps_within_inner_groups(mirrored):
   """SAMModel(inner_group_size=2) on 4 replicas: one eps per replica pair."""
-  x, y, w = _problem()
+  xs, ys, w = _problem()
+  x, y = xs[0], ys[0]
   with mirrored(4).scope():
     inner = keras.Sequential([keras.Input((DIM,)),
                               keras.layers.Dense(CLASSES, name='dense')])
@@ -224,7 +288,7 @@ def test_sam_model_shares_eps_within_inner_groups(mirrored):
   want = [wi.astype(np.float64) for wi in w]
   for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):
     g = [gi / 2 for gi in _np_grad(x[half], y[half], w)]  # Its loss share.
-    eps = _np_sam(g, w, RHO, {})
+    eps, _ = _np_sam(g, w, RHO, {}, None)
     perturbed = _np_grad(x[half], y[half], [wi + e for wi, e in zip(w, eps)])
     want = [wi - gi / 2 for wi, gi in zip(want, perturbed)]
   for got, ref in zip(inner.get_weights(), want):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import looksam
 from sam import sam
 
 NUM_CLASSES = 3
@@ -285,7 +286,7 @@ def test_looksam_direction_and_reuse_match_numpy():
   g_s = [rng.normal(size=(3, 2)), rng.normal(size=4)]
   flat_g, flat_s = (np.concatenate([x.ravel() for x in t]) for t in (g, g_s))
   want = flat_s - flat_g.dot(flat_s) / flat_g.dot(flat_g) * flat_g
-  direction = sam.looksam_direction([tf.constant(x) for x in g],
+  direction = looksam.looksam_direction([tf.constant(x) for x in g],
                                     [tf.constant(x) for x in g_s])
   got = np.concatenate([d.numpy().ravel() for d in direction])
   np.testing.assert_allclose(got, want, rtol=1e-10)
@@ -293,7 +294,7 @@ def test_looksam_direction_and_reuse_match_numpy():
   # Two replicas, each adding half the term to its half of g.
   halves = [[tf.constant(x / 2) for x in g]] * 2
   norm = tf.constant(np.linalg.norm(flat_g))
-  parts = [sam.looksam_reuse(h, direction, 0.7, norm, share=0.5)
+  parts = [looksam.looksam_reuse(h, direction, 0.7, norm, share=0.5)
            for h in halves]
   total = np.concatenate([(a + b).numpy().ravel() for a, b in zip(*parts)])
   np.testing.assert_allclose(

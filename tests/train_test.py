@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import config_checks
 from sam import input_pipeline
 from sam import optim
 from sam import state as state_lib
 from sam import step as step_lib
 from sam import train
+from sam.models import true_gradient
 from sam.trainer import Trainer
 from tests.conftest import requires_xla_cpu
 from tests.conftest import tiny_config
@@ -134,12 +136,15 @@ def test_perturb_only_that_selects_nothing_is_one_line(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
+def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
+                    ascent_training=True, variables=None):
   """SAM + SGD computed another way: perturb Keras variables in place.
 
   `sam_steps` lists the steps that use SAM (default: all); with
   `looksam_alpha`, the others add LookSAM's reused direction, computed here
-  on flattened NumPy vectors.
+  on flattened NumPy vectors. `ascent_training=False` runs the pass at w in
+  inference mode. Returns the values of the trainable variables (or of
+  `variables(model)`).
   """
   data = input_pipeline.load(config)
   keras.utils.set_random_seed(config.seed)
@@ -151,8 +156,8 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
   wd = config.optimizer.weight_decay
   rho = config.sam.rho
 
-  def loss_of(images, labels):
-    logits = model(images, training=True)
+  def loss_of(images, labels, training=True):
+    logits = model(images, training=training)
     loss = tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
     return loss + 0.5 * wd * sum(
@@ -170,11 +175,12 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
   direction = None
   for step in range(steps):
     images, labels = next(batches)
+    sam_step = rho and (sam_steps is None or step in sam_steps)
     with tf.GradientTape() as tape:
-      loss = loss_of(images, labels)
+      loss = loss_of(images, labels, ascent_training or not sam_step)
     grads = tape.gradient(loss, model.trainable_variables)
     saved = [v.numpy() for v in model.trainable_variables]
-    if rho and (sam_steps is None or step in sam_steps):
+    if sam_step:
       clean = flat(grads)
       norm = tf.linalg.global_norm(grads)
       for v, g in zip(model.trainable_variables, grads):
@@ -191,7 +197,8 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0):
       grads = [x.reshape(s) for x, s in zip(unflat(g), shapes)]
     for v, s, g in zip(model.trainable_variables, saved, grads):
       v.assign(s - config.schedule.learning_rate * g)
-  return [v.numpy() for v in model.trainable_variables]
+  return [v.numpy() for v in (variables or (
+      lambda m: m.trainable_variables))(model)]
 
 
 @pytest.mark.parametrize('rho', [0.0, 0.1])
@@ -202,6 +209,56 @@ def test_matches_manual_reference(rho):
   for got, want in zip(_values(trainer.state.model.trainable_variables),
                        _manual_sam_sgd(config, 3)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ascent_in_inference_mode_matches_manual_reference():
+  """sam.ascent_mode='inference': eps from the model in inference mode.
+
+  The batch-norm statistics come from the one pass in training mode, at
+  w + eps, so the reference's in-place statistics match too.
+  """
+  config = tiny_config(**{'sam.rho': 0.1, 'optimizer.momentum': 0.0,
+                          'model.name': 'resnet20',
+                          'sam.ascent_mode': 'inference'})
+  trainer = _train(config, tf.distribute.get_strategy(), 2)
+  def variables(model):
+    return model.variables
+
+  want = _manual_sam_sgd(config, 2, ascent_training=False,
+                         variables=variables)
+  for got, ref in zip(_values(trainer.state.model.variables), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  # Not what the training-mode ascent gives.
+  train_mode = _manual_sam_sgd(config, 2, variables=variables)
+  assert not all(np.allclose(a, b, atol=1e-5)
+                 for a, b in zip(want, train_mode))
+
+
+def test_sam_ascent_takes_the_true_gradient_of_shake_models():
+  """The ascent gradient (its logged norm) is the SAM code's true gradient."""
+  config = tiny_config(**{'model.name': 'shake_shake_26_2x32d',
+                          'sam.rho': 0.05, 'optimizer.weight_decay': 0.0})
+  trainer, iterator = _trainer(config, tf.distribute.get_strategy(), 1)
+  model = trainer.state.model
+  params = [tf.constant(v.numpy()) for v in model.trainable_variables]
+  model_state = [tf.constant(v.numpy())
+                 for v in model.non_trainable_variables]
+  images, labels = next(iter(input_pipeline.train_dataset(
+      input_pipeline.load(config), config, tf.distribute.InputContext())))
+
+  def ascent_norm(true):
+    with tf.GradientTape() as tape, true_gradient.true_gradient(true):
+      tape.watch(params)
+      logits, _ = model.stateless_call(params, model_state, images,
+                                       training=True)
+      loss = tf.reduce_mean(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    return float(tf.linalg.global_norm(tape.gradient(loss, params)))
+
+  trainer.train_loop(iterator, tf.constant(1))
+  logged = trainer.read_train_metrics()['train/grad_norm']
+  assert logged == pytest.approx(ascent_norm(True), rel=1e-4)
+  assert logged != pytest.approx(ascent_norm(False), rel=1e-2)
 
 
 def test_rho_zero_is_plain_optimizer():
@@ -476,6 +533,75 @@ def test_every_k_steps_on_replicas_matches_single_device(mirrored,
   for a, b in zip(_values(one.state.looksam_direction),
                   _values(many.state.looksam_direction, 1, strategy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('variant', ['fsam', 'msam'])
+def test_stateful_variants_on_replicas_match_single_device(mirrored, variant):
+  """F-SAM's and MSAM's momentum: one for all replicas, as on one device."""
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.variant': variant})
+  one, many, strategy = _assert_same_as_one_device(config, mirrored, 2, 3)
+  assert one.state.sam_state
+  for a, b in zip(_values(one.state.sam_state),
+                  _values(many.state.sam_state, 1, strategy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert any(np.abs(v).max() > 0 for v in _values(one.state.sam_state))
+
+
+def test_msam_momentum_is_the_sgd_velocity():
+  """MSAM's v, computed another way: Keras SGD's velocity is -lr v."""
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.variant': 'msam'})
+  trainer = _train(config, tf.distribute.get_strategy(), 3)
+  optimizer = trainer.state.optimizer
+  for variable, v in zip(trainer.state.model.trainable_variables,
+                         _values(trainer.state.sam_state)):
+    velocity = optimizer.momentums[optimizer._get_variable_index(variable)]  # pylint: disable=protected-access
+    np.testing.assert_allclose(v, -velocity.numpy() / 0.05, rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_fsam_with_sigma_0_is_sam():
+  """F-SAM ascends along g - sigma m: sigma = 0 is SAM, sigma = 1 is not."""
+  def weights(**overrides):
+    config = tiny_config(**{'sam.rho': 0.1, **overrides})
+    return _values(_train(config, tf.distribute.get_strategy(), 3)
+                   .state.model.trainable_variables)
+  sam_weights = weights()
+  for a, b in zip(weights(**{'sam.variant': 'fsam', 'sam.fsam_sigma': 0.0}),
+                  sam_weights):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not all(np.allclose(a, b, atol=1e-6) for a, b in zip(
+      weights(**{'sam.variant': 'fsam'}), sam_weights))
+
+
+@pytest.mark.parametrize('variant', ['fsam', 'msam'])
+def test_stateful_variant_resumes_with_its_state(tmp_path, variant):
+  """The momentum is in the checkpoint: 2 + 2 steps equal 4 steps."""
+  overrides = {'sam.rho': 0.1, 'sam.variant': variant, 'steps_per_loop': 2}
+  straight = tiny_config(**overrides)
+  train.train_and_evaluate(straight, str(tmp_path / 'a'))
+  train.train_and_evaluate(tiny_config(**overrides, num_train_steps=2),
+                           str(tmp_path / 'b'))
+  train.train_and_evaluate(straight, str(tmp_path / 'b'))
+  reader_a, reader_b = (tf.train.load_checkpoint(str(tmp_path / d /
+                                                     'checkpoints'))
+                        for d in 'ab')
+  names = [n for n in reader_a.get_variable_to_shape_map()
+           if 'VARIABLE_VALUE' in n and 'save_counter' not in n]
+  assert any(n.startswith('sam_state/') for n in names)
+  for name in names:
+    np.testing.assert_allclose(reader_a.get_tensor(name),
+                               reader_b.get_tensor(name), rtol=1e-6,
+                               atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize('field,value', [
+    ('sam.ascent_steps', 2), ('sam.sync_perturbation', False),
+    ('sam.micro_batch_size', 4)])
+def test_stateful_variant_with_per_replica_eps_is_one_line(field, value):
+  config = tiny_config(**{'sam.variant': 'fsam', field: value})
+  with pytest.raises(ValueError, match="config.sam: variant 'fsam' keeps one "
+                     'state for all replicas'):
+    config_checks.validate_config(config, 2)
 
 
 def test_sam_every_k_steps_alternates_with_plain_steps():

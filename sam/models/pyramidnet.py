@@ -32,6 +32,7 @@ from typing import Any
 import keras
 
 from sam.models import resnet
+from sam.models import true_gradient
 
 BLOCKS = ('basic', 'bottleneck')
 
@@ -101,6 +102,8 @@ class ShakeDrop(keras.layers.Layer):
                                  seed=self.seed_generator)
     beta = keras.random.uniform(shape, *self.beta_range,
                                 seed=self.seed_generator)
+    if true_gradient.active():  # SAM's ascent pass (drawn all the same).
+      beta = alpha
     # b + alpha - b alpha is 1 where b = 1 and alpha where b = 0; `where`
     # gives the 1 exactly.
     forward = keras.ops.cast(keras.ops.where(kept, 1.0, alpha), inputs.dtype)

@@ -28,6 +28,7 @@ from typing import Any
 import keras
 
 from sam.models import resnet
+from sam.models import true_gradient
 
 
 @keras.saving.register_keras_serializable(package='sam')
@@ -35,7 +36,8 @@ class ShakeShake(keras.layers.Layer):
   """Mixes two residual branches, with per-example forward/backward draws.
 
   Called on [a, b]; in training, returns alpha a + (1 - alpha) b with the
-  gradient of beta a + (1 - beta) b. Randomness comes from a
+  gradient of beta a + (1 - beta) b (of alpha a + (1 - alpha) b inside
+  `sam.models.true_gradient.true_gradient()`). Randomness comes from a
   `keras.random.SeedGenerator` whose state is a non-trainable variable of
   this layer: `model.stateless_call` with the same non-trainable state draws
   the same alpha and beta, which SAM needs for its two passes at w and
@@ -71,6 +73,8 @@ class ShakeShake(keras.layers.Layer):
         keras.random.uniform(shape, seed=self.seed_generator), a.dtype)
     beta = keras.ops.cast(
         keras.random.uniform(shape, seed=self.seed_generator), a.dtype)
+    if true_gradient.active():  # SAM's ascent pass (drawn all the same).
+      beta = alpha
     difference = a - b
     backward = b + beta * difference
     # Forward value b + alpha (a - b), gradient that of `backward`: the
