@@ -61,9 +61,14 @@ class DataNotFoundError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split held in memory: uint8 images [N, H, W, C] and int labels."""
+  """One split held in memory: uint8 images [N, H, W, C] and int labels.
+
+  `flipped` marks the labels that config.dataset.label_noise changed (None
+  without label noise).
+  """
   images: np.ndarray
   labels: np.ndarray
+  flipped: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -152,7 +157,8 @@ def load(config: ml_collections.ConfigDict) -> Data:
 
 
 def _take(split: Split, indices: np.ndarray) -> Split:
-  return Split(split.images[indices], split.labels[indices])
+  return Split(split.images[indices], split.labels[indices],
+               None if split.flipped is None else split.flipped[indices])
 
 
 def _symmetric_label_noise(split: Split, fraction: float, num_classes: int,
@@ -167,7 +173,9 @@ def _symmetric_label_noise(split: Split, fraction: float, num_classes: int,
   labels = split.labels.copy()
   shift = rng.integers(1, num_classes, len(noisy))
   labels[noisy] = (labels[noisy] + shift) % num_classes
-  return Split(split.images, labels)
+  flipped = np.zeros(len(split), bool)
+  flipped[noisy] = True
+  return Split(split.images, labels, flipped)
 
 
 def _synthetic(dc) -> tuple[Split, Split, int]:
@@ -347,7 +355,8 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
     start_step: the global step the first batch belongs to.
 
   Returns:
-    Per-replica batches (images float32 normalized, labels int32).
+    Per-replica batches (images float32 normalized, labels int32), and a
+    third element under label noise: whether each label was flipped.
   """
   num_pipelines = input_context.num_input_pipelines
   pipeline = input_context.input_pipeline_id
@@ -357,6 +366,8 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
   n = len(data.train)
   images = tf.constant(data.train.images)
   labels = tf.constant(data.train.labels)
+  flipped = data.train.flipped
+  flipped = None if flipped is None else tf.constant(flipped)
   seed = tf.constant(config.seed, tf.int64)
 
   def epoch_indices(epoch):
@@ -370,7 +381,9 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
     aug_seed = tf.stack([seed, epoch * n + index])
     image = _augment(tf.gather(images, index), aug_seed,
                      config.dataset.augment, data, config.dataset.cutout_size)
-    return image, tf.gather(labels, index)
+    if flipped is None:
+      return image, tf.gather(labels, index)
+    return image, tf.gather(labels, index), tf.gather(flipped, index)
 
   start_epoch, offset = divmod(start_step, epoch_steps)
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_indices)

@@ -87,7 +87,7 @@ def analysis_dataset(data: input_pipeline.Data,
   if split == 'train':
     available = input_pipeline.steps_per_epoch(data, batch_size)
     ds = input_pipeline.train_dataset(data, config, input_context)
-    ds = ds.map(lambda x, y: (x, y, tf.ones_like(y, tf.float32)))
+    ds = ds.map(lambda x, y, *_: (x, y, tf.ones_like(y, tf.float32)))
   else:
     available = input_pipeline.num_eval_steps(data, batch_size, split)
     ds = input_pipeline.eval_dataset(data, config, input_context, split)

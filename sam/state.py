@@ -25,6 +25,12 @@ TRAIN_FIELDS = ('loss', 'perturbed_loss', 'grad_norm', 'correct', 'examples',
 # summed over the SAM steps only too.
 SAM_FIELDS = ('loss', 'steps')
 EVAL_FIELDS = ('loss', 'correct', 'top5', 'examples')
+# Under label noise, over the clean and over the flipped training examples:
+# the cross-entropy against the given label (without label smoothing), the
+# examples predicted as their given label (for a flipped one: memorized),
+# and their number.
+NOISE_FIELDS = ('clean_loss', 'clean_correct', 'clean_examples',
+                'flipped_loss', 'flipped_correct', 'flipped_examples')
 
 
 @dataclasses.dataclass
@@ -39,6 +45,8 @@ class TrainState:
       the step and written on the host (`sam.plateau`).
     train_sums: sums of TRAIN_FIELDS since they were last read.
     sam_sums: sums of SAM_FIELDS since they were last read.
+    noise_sums: sums of NOISE_FIELDS since they were last read (None
+      without label noise).
     eval_sums: sums of EVAL_FIELDS of the evaluation under way.
     ema: moving averages of the trainable and of the non-trainable
       variables ([[], []] when config.ema_decay is 0).
@@ -63,6 +71,7 @@ class TrainState:
   plateau_state: tf.Variable
   train_sums: tf.Variable
   sam_sums: tf.Variable
+  noise_sums: tf.Variable | None
   eval_sums: tf.Variable
   ema: list[list[tf.Variable]]
   looksam_direction: list[tf.Variable]
@@ -147,6 +156,8 @@ def create_train_state(config: ml_collections.ConfigDict,
         config.sam.variant).init([v.value for v in trainable])]
     train_sums = variable(tf.zeros(len(TRAIN_FIELDS)))
     sam_sums = variable(tf.zeros(len(SAM_FIELDS)))
+    noise_sums = variable(tf.zeros(len(NOISE_FIELDS))) if (
+        config.dataset.label_noise) else None
     loss_scale = variable(float(config.loss_scale.initial))
     good_steps = variable(0, dtype=tf.int64)
     eval_sums = variable(tf.zeros(len(EVAL_FIELDS)))
@@ -154,14 +165,21 @@ def create_train_state(config: ml_collections.ConfigDict,
                ema=ema, plateau=plateau_state,
                looksam_direction=looksam_direction,
                loss_scale=[loss_scale, good_steps], sam_state=sam_state)
-  checkpoint = tf.train.Checkpoint(**saved, sam_sums=sam_sums)
-  # Written before sam_sums existed (tests/resume_v1_test.py). Resumed from
-  # one, sam_sums starts at 0, and the perturbed loss, sharpness and norm of
-  # the first logged interval are off if that checkpoint fell inside one.
+  noise = [noise_sums] if noise_sums is not None else []
+  checkpoint = tf.train.Checkpoint(**saved, sam_sums=sam_sums,
+                                   noise_sums=noise)
+  # Written before sam_sums existed (tests/resume_v1_test.py), or without
+  # noise_sums under label noise. Resumed from one, those start at 0, and
+  # their figures of the first logged interval are off if that checkpoint
+  # fell inside one.
   older_checkpoints = (tf.train.Checkpoint(**saved),)
+  if noise:
+    older_checkpoints = (tf.train.Checkpoint(**saved, sam_sums=sam_sums),
+                         *older_checkpoints)
   return TrainState(
       model=model, optimizer=optimizer, schedule=schedule,
       plateau_state=plateau_state, train_sums=train_sums, sam_sums=sam_sums,
+      noise_sums=noise_sums,
       eval_sums=eval_sums, ema=ema, looksam_direction=looksam_direction,
       sam_state=sam_state,
       loss_scale=loss_scale, good_steps=good_steps, checkpoint=checkpoint,

@@ -15,6 +15,7 @@ from sam import loss_scaling
 from sam import optim
 from sam import sam as sam_lib
 from sam.models import true_gradient
+from sam.state import SAM_FIELDS
 from sam.state import TRAIN_FIELDS
 from sam.state import TrainState
 
@@ -28,11 +29,12 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   Args:
     state: the run's state, updated in place.
     config: the run's config.
-    batch: (images, labels) of this replica.
+    batch: (images, labels) of this replica, and under label noise whether
+      each label was flipped.
     sam_now: False on the steps between SAM steps (sam.every_k_steps > 1):
       the plain gradient, plus LookSAM's reused direction if it is on.
   """
-  images, labels = batch
+  images, labels, *flipped = batch
   ctx = tf.distribute.get_replica_context()
   sc = config.sam
   model = state.model
@@ -71,7 +73,8 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   loss_scaling.apply_gradients(state, config, grads, finite)
   if config.ema_decay:
     _update_ema(state, config.ema_decay, finite)
-  _add_train_metrics(state, out, logits, labels, finite, sam_now)
+  _add_train_metrics(state, out, logits, labels, finite, sam_now,
+                     flipped[0] if flipped else None)
 
 
 def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
@@ -235,24 +238,41 @@ def _update_ema(state: TrainState, decay: float, finite) -> None:
       average.assign(new)
 
 
+def _noise_sums(logits, labels, correct, flipped):
+  """This replica's NOISE_FIELDS: the clean and the flipped examples apart."""
+  loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+  sums = []
+  for part in (~flipped, flipped):
+    part = tf.cast(part, tf.float32)
+    sums += [tf.reduce_sum(loss * part), tf.reduce_sum(correct * part),
+             tf.reduce_sum(part)]
+  return sums
+
+
 def _add_train_metrics(state: TrainState, out: sam_lib.SAMOutput, logits,
-                       labels, finite, sam_now: bool) -> None:
-  """Adds this step's TRAIN_FIELDS and SAM_FIELDS, summed over replicas."""
+                       labels, finite, sam_now: bool, flipped=None) -> None:
+  """Adds this step's metric sums, over the replicas, to the state's.
+
+  TRAIN_FIELDS, SAM_FIELDS, and NOISE_FIELDS under label noise (`flipped`).
+  """
   ctx = tf.distribute.get_replica_context()
   num_replicas = ctx.num_replicas_in_sync
   # The perturbed loss and the gradient norm of SAM steps only: a plain step
   # between them has neither.
   sam = 1.0 if sam_now else 0.0
-  correct = tf.reduce_sum(tf.cast(
+  per_example = tf.cast(
       tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
-      tf.float32))
+      tf.float32)
+  correct = tf.reduce_sum(per_example)
   count = tf.cast(tf.shape(labels)[0], tf.float32)
   skipped = 0.0 if finite is None else 1.0 - tf.cast(finite, tf.float32)
   local = tf.stack([out.loss, sam * out.perturbed_loss,
                     sam * out.grad_norm / num_replicas, correct, count,
                     1.0 / num_replicas, skipped / num_replicas,
                     # SAM_FIELDS:
-                    sam * out.loss, sam / num_replicas])
+                    sam * out.loss, sam / num_replicas,
+                    *([] if flipped is None else _noise_sums(
+                        logits, labels, per_example, flipped))])
   if finite is not None:
     # A skipped step's figures (its gradient norm overflowed) stay out of
     # the sums, but a non-finite loss does not: that is divergence, which
@@ -262,8 +282,11 @@ def _add_train_metrics(state: TrainState, out: sam_lib.SAMOutput, logits,
                                      TRAIN_FIELDS.index('skipped')),
                      local, 0.0)
   total = ctx.all_reduce(_SUM, local)
+  sam_end = len(TRAIN_FIELDS) + len(SAM_FIELDS)
   state.train_sums.assign_add(total[:len(TRAIN_FIELDS)])
-  state.sam_sums.assign_add(total[len(TRAIN_FIELDS):])
+  state.sam_sums.assign_add(total[len(TRAIN_FIELDS):sam_end])
+  if flipped is not None:
+    state.noise_sums.assign_add(total[sam_end:])
 
 
 def eval_step(state: TrainState, batch, ema: bool) -> None:

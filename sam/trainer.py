@@ -31,6 +31,22 @@ def use_xla(setting: str, strategy: tf.distribute.Strategy) -> bool:
   return setting == 'true'
 
 
+def _noise_metrics(noise: dict[str, float]) -> dict[str, float]:
+  """train/clean_* and train/flipped_* from the NOISE_FIELDS sums.
+
+  train/flipped_accuracy is the fraction of flipped examples predicted as
+  their given, wrong label: how much of the noise the model memorized.
+  """
+  metrics = {'train/flipped_fraction': noise['flipped_examples'] / (
+      noise['clean_examples'] + noise['flipped_examples'])}
+  for part in ('clean', 'flipped'):
+    if noise[f'{part}_examples']:
+      metrics[f'train/{part}_loss'] = (noise[f'{part}_loss'] /
+                                       noise[f'{part}_examples'])
+      metrics[f'train/{part}_accuracy'] = (noise[f'{part}_correct'] /
+                                           noise[f'{part}_examples'])
+  return metrics
+
 class Trainer:
   """The state of a run and its compiled train and eval loops."""
 
@@ -109,6 +125,10 @@ class Trainer:
     sam = dict(zip(state_lib.SAM_FIELDS, state.sam_sums.numpy().tolist()))
     state.train_sums.assign(tf.zeros_like(state.train_sums))
     state.sam_sums.assign(tf.zeros_like(state.sam_sums))
+    if state.noise_sums is not None:
+      noise = dict(zip(state_lib.NOISE_FIELDS,
+                       state.noise_sums.numpy().tolist()))
+      state.noise_sums.assign(tf.zeros_like(state.noise_sums))
     metrics = {'train/learning_rate': float(state.schedule(state.step - 1))}
     if state.loss_scaling:
       metrics.update({'train/skipped_steps': sums['skipped'],
@@ -118,6 +138,8 @@ class Trainer:
       return metrics
     metrics.update({'train/loss': sums['loss'] / steps,
                     'train/accuracy': sums['correct'] / sums['examples']})
+    if state.noise_sums is not None:
+      metrics.update(_noise_metrics(noise))
     if self.config.sam.rho and sam['steps']:
       perturbed = sums['perturbed_loss'] / sam['steps']
       # Under ASAM, sam_step's norm is that of T g, not of g.

@@ -130,6 +130,18 @@ def test_label_noise_flips_exactly_the_fraction_of_train_labels():
   assert len(np.unique(noisy.train.labels[changed])) == 10
   again = input_pipeline.load(config)
   np.testing.assert_array_equal(again.train.labels, noisy.train.labels)
+  # The flipped examples are known, and the stream carries them.
+  np.testing.assert_array_equal(noisy.train.flipped, changed)
+  assert clean.train.flipped is None
+  # An epoch in one batch: both streams take the examples in one order.
+  config.batch_size = 1000
+  (_, labels, flipped), = input_pipeline.train_dataset(
+      noisy, config, _context()).take(1)
+  (_, clean_labels), = input_pipeline.train_dataset(
+      clean, tiny_config(**{'dataset.synthetic_train_size': 1000,
+                            'batch_size': 1000}), _context()).take(1)
+  np.testing.assert_array_equal(flipped, labels != clean_labels)
+  assert flipped.numpy().sum() == 400
 
 
 def test_validation_split_is_held_out_and_evaluated_once():

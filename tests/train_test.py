@@ -573,10 +573,15 @@ def test_fsam_with_sigma_0_is_sam():
       weights(**{'sam.variant': 'fsam'}), sam_weights))
 
 
-@pytest.mark.parametrize('variant', ['fsam', 'msam'])
-def test_stateful_variant_resumes_with_its_state(tmp_path, variant):
-  """The momentum is in the checkpoint: 2 + 2 steps equal 4 steps."""
-  overrides = {'sam.rho': 0.1, 'sam.variant': variant, 'steps_per_loop': 2}
+@pytest.mark.parametrize('overrides,saved', [
+    ({'sam.variant': 'fsam'}, 'sam_state/'),
+    ({'sam.variant': 'msam'}, 'sam_state/'),
+    ({'dataset.label_noise': 0.4}, 'noise_sums/')])
+def test_resume_keeps_variant_state_and_noise_sums(tmp_path, overrides,
+                                                    saved):
+  """F-SAM's, MSAM's momentum and the label-noise sums are in the
+  checkpoint: 2 + 2 steps equal 4 steps."""
+  overrides = {'sam.rho': 0.1, 'steps_per_loop': 2, **overrides}
   straight = tiny_config(**overrides)
   train.train_and_evaluate(straight, str(tmp_path / 'a'))
   train.train_and_evaluate(tiny_config(**overrides, num_train_steps=2),
@@ -587,11 +592,27 @@ def test_stateful_variant_resumes_with_its_state(tmp_path, variant):
                         for d in 'ab')
   names = [n for n in reader_a.get_variable_to_shape_map()
            if 'VARIABLE_VALUE' in n and 'save_counter' not in n]
-  assert any(n.startswith('sam_state/') for n in names)
+  assert any(n.startswith(saved) for n in names)
   for name in names:
     np.testing.assert_allclose(reader_a.get_tensor(name),
                                reader_b.get_tensor(name), rtol=1e-6,
                                atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+def test_label_noise_splits_the_train_metrics(mirrored, num_replicas):
+  """Clean and flipped examples apart: weighted, they give the whole."""
+  config = tiny_config(**{'dataset.label_noise': 0.4, 'sam.rho': 0.1,
+                          'optimizer.weight_decay': 0.0})
+  metrics = _train(config, mirrored(num_replicas), 4).read_train_metrics()
+  flipped = metrics['train/flipped_fraction']
+  assert flipped == 26 / 64  # One epoch: round(0.4 * 64) of 64 examples.
+  for name in ('accuracy', 'loss'):
+    assert metrics[f'train/{name}'] == pytest.approx(
+        (1 - flipped) * metrics[f'train/clean_{name}'] +
+        flipped * metrics[f'train/flipped_{name}'], rel=1e-5)
+  assert 'train/flipped_fraction' not in _train(
+      tiny_config(), mirrored(num_replicas), 1).read_train_metrics()
 
 
 @pytest.mark.parametrize('field,value', [
