@@ -185,6 +185,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Stop after this many evaluations without improvement; 0 never stops.
   config.plateau.early_stopping_patience = 0
 
+  # Sharpness during training (sam/probe.py): the top Hessian eigenvalue,
+  # m-sharpness and, for SGD, the edge-of-stability threshold (2 + 2 momentum)
+  # / learning rate, on the same training examples each time. Off at 0;
+  # -1 once per epoch; its cost is logged as probe/seconds.
+  config.probe = ml_collections.ConfigDict()
+  config.probe.every_steps = 0
+  # The probe set: num_batches batches of batch_size training examples (m of
+  # the m-sharpness), the first of the run's epoch-0 order, not augmented.
+  config.probe.batch_size = 128
+  config.probe.num_batches = 4
+  # The m-sharpness radius; 0 takes sam.rho (0.05 if that is 0 too).
+  config.probe.rho = 0.0
+  # Power iterations of the eigenvalue (each one H v on the probe set).
+  config.probe.hessian_iterations = 20
+
   # Global batch size, split over all replicas.
   config.batch_size = 128
   # Global batch size of evaluation.

@@ -76,6 +76,20 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
         f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
 
 
+def _check_probe(pc: ml_collections.ConfigDict, num_replicas: int) -> None:
+  _check(pc.every_steps >= -1, 'probe.every_steps', pc.every_steps,
+         'it must be >= 1, -1 for once per epoch, or 0 (off)')
+  _check(pc.batch_size > 0 and pc.batch_size % num_replicas == 0,
+         'probe.batch_size', pc.batch_size,
+         f'it must be a positive multiple of the {num_replicas} replicas')
+  _check(pc.num_batches >= 1, 'probe.num_batches', pc.num_batches,
+         'it must be >= 1')
+  _check(0 <= pc.rho < math.inf, 'probe.rho', pc.rho,
+         'it must be finite and >= 0 (0 takes sam.rho)')
+  _check(pc.hessian_iterations >= 1, 'probe.hessian_iterations',
+         pc.hessian_iterations, 'it must be >= 1')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_replicas: int) -> None:
   """Checks the config before any data is loaded or model built.
@@ -137,6 +151,7 @@ def validate_config(config: ml_collections.ConfigDict,
                 'checkpoint_every_steps'):
     _check(config[field] == -1 or config[field] >= 1, field, config[field],
           'it must be >= 1, or -1 for once per epoch')
+  _check_probe(config.probe, num_replicas)
   _check(0 <= config.dataset.label_noise < 1, 'dataset.label_noise',
         config.dataset.label_noise, 'it must be in [0, 1)')
   _check(config.dataset.validation_size >= 0, 'dataset.validation_size',
@@ -181,6 +196,7 @@ RESUMABLE_FIELDS = (
     'plateau', 'eval_batch_size', 'num_epochs', 'num_train_steps',
     'steps_per_loop', 'log_every_steps', 'eval_every_steps',
     'checkpoint_every_steps', 'progress_every_secs', 'keep_checkpoints',
+    'probe',
     'allow_structural_changes')
 
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 from sam import config_checks
 from sam import distribute
 from sam import input_pipeline
+from sam import probe
 from sam import stopping
 from sam import workdir as workdir_lib
 from sam.trainer import Trainer
@@ -63,6 +64,7 @@ class _Run:
     if self.chief:
       workdir_lib.check_writable(directory)
     data = input_pipeline.load(config)
+    probe.check_fits(config, data)
     self.steps_per_epoch = input_pipeline.steps_per_epoch(data,
                                                           config.batch_size)
     self.total_steps = (
@@ -104,6 +106,9 @@ class _Run:
                 data, config, ctx, split)),
          input_pipeline.num_eval_steps(data, config.eval_batch_size, split))
         for prefix, split in splits]
+    self.probe = None
+    if config.probe.every_steps:
+      self.probe = probe.SharpnessProbe(config, data, strategy, self.trainer)
 
   def every(self, interval: int) -> int:
     return self.steps_per_epoch if interval == -1 else interval
@@ -228,6 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log_every, eval_every, ckpt_every = (run.every(config.log_every_steps),
                                        run.every(config.eval_every_steps),
                                        run.every(config.checkpoint_every_steps))
+  # total + 1: a probe that never comes before the end.
+  probe_every = (run.every(config.probe.every_steps)
+                 if config.probe.every_steps else total + 1)
   finished = run.finished_results()
   if finished is not None:
     logging.info('Nothing to train: the checkpoint is at step %d and '
@@ -251,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run.report_progress(run.step)
   while run.step < total and not trainer.plateau.stopped:
     stop = _next_stop(run.step, total, [config.steps_per_loop, log_every,
-                                        eval_every, ckpt_every])
+                                        eval_every, ckpt_every, probe_every])
     trainer.train_loop(run.train_iter, tf.constant(stop - run.step))
     first, run.step = run.step + 1, stop
     run.check_finite(first)
@@ -261,6 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_metrics = run.write_train_metrics()
     if itstime(run.step, eval_every, total):
       eval_metrics = run.evaluate_and_adapt()
+    if run.probe and itstime(run.step, probe_every, total):
+      run.writer.write_scalars(run.step, run.probe())
     if (itstime(run.step, ckpt_every, total) or stop_requested or
         trainer.plateau.stopped):
       run.save()
