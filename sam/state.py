@@ -103,6 +103,24 @@ def _build_model(config: ml_collections.ConfigDict, num_classes: int,
     keras.config.set_dtype_policy(saved_policy)
 
 
+def _checkpoints(saved: dict, sam_sums: tf.Variable,
+                 noise_sums: tf.Variable | None):
+  """The run's checkpoint, and the layouts older versions wrote.
+
+  Those were written before sam_sums existed (tests/resume_v1_test.py), or
+  without noise_sums under label noise. Resumed from one, these sums start
+  at 0, and their figures of the first logged interval are off if that
+  checkpoint fell inside one.
+  """
+  noise = [noise_sums] if noise_sums is not None else []
+  checkpoint = tf.train.Checkpoint(**saved, sam_sums=sam_sums,
+                                   noise_sums=noise)
+  older = (tf.train.Checkpoint(**saved),)
+  if noise:
+    older = (tf.train.Checkpoint(**saved, sam_sums=sam_sums), *older)
+  return checkpoint, older
+
+
 def create_train_state(config: ml_collections.ConfigDict,
                        strategy: tf.distribute.Strategy, num_classes: int,
                        image_shape: tuple[int, int, int],
@@ -165,26 +183,14 @@ def create_train_state(config: ml_collections.ConfigDict,
                ema=ema, plateau=plateau_state,
                looksam_direction=looksam_direction,
                loss_scale=[loss_scale, good_steps], sam_state=sam_state)
-  noise = [noise_sums] if noise_sums is not None else []
-  checkpoint = tf.train.Checkpoint(**saved, sam_sums=sam_sums,
-                                   noise_sums=noise)
-  # Written before sam_sums existed (tests/resume_v1_test.py), or without
-  # noise_sums under label noise. Resumed from one, those start at 0, and
-  # their figures of the first logged interval are off if that checkpoint
-  # fell inside one.
-  older_checkpoints = (tf.train.Checkpoint(**saved),)
-  if noise:
-    older_checkpoints = (tf.train.Checkpoint(**saved, sam_sums=sam_sums),
-                         *older_checkpoints)
+  checkpoint, older_checkpoints = _checkpoints(saved, sam_sums, noise_sums)
   return TrainState(
       model=model, optimizer=optimizer, schedule=schedule,
       plateau_state=plateau_state, train_sums=train_sums, sam_sums=sam_sums,
-      noise_sums=noise_sums,
-      eval_sums=eval_sums, ema=ema, looksam_direction=looksam_direction,
-      sam_state=sam_state,
+      noise_sums=noise_sums, eval_sums=eval_sums, ema=ema,
+      looksam_direction=looksam_direction, sam_state=sam_state,
       loss_scale=loss_scale, good_steps=good_steps, checkpoint=checkpoint,
-      older_checkpoints=older_checkpoints,
-      num_classes=num_classes,
+      older_checkpoints=older_checkpoints, num_classes=num_classes,
       loss_scaling=config.dtype_policy == 'mixed_float16',
       l2=oc.weight_decay if oc.weight_decay_type == 'l2' else 0.0,
       sam_mask=perturbations.parameter_mask(model, config.sam.perturb_only))

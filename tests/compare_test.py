@@ -1,0 +1,106 @@
+"""experiments/compare.py: the grid, the bootstrap, and a grid that resumes."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import compare
+from tests.conftest import ROOT
+from tests.conftest import tiny_config
+
+GRID = '''
+import ml_collections
+from tests.conftest import tiny_config
+
+
+def get_config():
+  grid = ml_collections.ConfigDict()
+  grid.base = tiny_config(**{'num_train_steps': -1, 'num_epochs': 1.0,
+                             'steps_per_loop': 4, 'eval_every_steps': 2})
+  grid.variants = ('sam',)
+  grid.rho = (0.1,)
+  grid.label_noise = (0.4,)
+  grid.seeds = (0,)
+  grid.baselines = ('equal_epochs', 'equal_compute')
+  return grid
+'''
+
+
+def test_paired_bootstrap_of_known_cases():
+  assert compare.paired_bootstrap([1.0, 1.0, 1.0]) == (1.0, 1.0)
+  # Two pairs: the resampled mean is 0, 1 or 2 with chances 1/4, 1/2, 1/4.
+  assert compare.paired_bootstrap([0.0, 2.0]) == (0.0, 2.0)
+  low, high = compare.paired_bootstrap(np.arange(20.0))
+  # The mean's standard error is 5.77 / sqrt(20) = 1.29: about +- 2.5.
+  assert 9.5 - 3.2 < low < 9.5 - 1.9 and 9.5 + 1.9 < high < 9.5 + 3.2
+
+
+def _grid(**axes):
+  grid = ml_collections.ConfigDict()
+  grid.base = tiny_config(**{'num_train_steps': -1, 'num_epochs': 10.0})
+  grid.variants, grid.rho, grid.label_noise, grid.seeds = (
+      ('sam', 'msam'), (0.1,), (0.0, 0.4), (0, 1))
+  grid.baselines = ('equal_epochs', 'equal_compute')
+  grid.update(axes)
+  return grid
+
+
+def test_grid_has_equal_epoch_and_equal_compute_baselines():
+  cells = compare.cells(_grid())
+  # Per (noise, seed): 2 SAM arms, equal epochs, and equal compute for
+  # SAM's 2 passes (MSAM's 1 pass is the equal-epochs baseline's).
+  assert len(cells) == 2 * 2 * 4
+  cell = cells['baseline_compute2x_noise0.4_seed1']
+  assert cell['overrides'] == {'seed': 1, 'dataset.label_noise': 0.4,
+                               'sam.rho': 0.0, 'num_epochs': 20.0}
+  assert cells['msam_rho0.1_noise0_seed0']['overrides'][
+      'sam.variant'] == 'msam'
+  three = compare.cells(_grid(variants=('sam',), baselines=('equal_compute',)))
+  assert sorted({c['arm'] for c in three.values()}) == [
+      'baseline, equal compute (2x epochs)', 'sam rho=0.1']
+
+
+@pytest.mark.parametrize('sam_fields,passes', [
+    ({'rho': 0.0}, 1), ({}, 2), ({'variant': 'msam'}, 1),
+    ({'ascent_steps': 2}, 3), ({'every_k_steps': 4}, 1.25)])
+def test_passes_per_step(sam_fields, passes):
+  config = tiny_config(**{'sam.rho': 0.1, **{f'sam.{k}': v
+                                             for k, v in sam_fields.items()}})
+  assert compare.passes_per_step(config.sam) == passes
+
+
+def _run(tmp_path, *args):
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.compare',
+       f'--grid={tmp_path / "grid.py"}', f'--out_dir={tmp_path / "out"}',
+       *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'PYTHONPATH': str(ROOT)})
+
+
+@pytest.mark.slow
+def test_an_interrupted_grid_resumes_and_reports(tmp_path):
+  (tmp_path / 'grid.py').write_text(GRID)
+  first = 'sam_rho0.1_noise0.4_seed0'
+  done = _run(tmp_path, f'--cells={first}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = tmp_path / 'out' / first / 'results.json'
+  written = results.stat().st_mtime_ns
+  done = _run(tmp_path)  # The whole grid: the finished cell is kept.
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert results.stat().st_mtime_ns == written
+  report = (tmp_path / 'out' / 'results.md').read_text()
+  rows = [line for line in report.splitlines() if line.startswith('| 0.4 |')]
+  assert [row.split(' | ')[1] for row in rows] == [
+      'sam rho=0.1', 'baseline, equal epochs',
+      'baseline, equal compute (2x epochs)']
+  assert 'equal epochs: ' in rows[0] and 'equal compute (2x epochs): ' in (
+      rows[0])
+  assert (tmp_path / 'out' / 'curves.png').stat().st_size > 0
+  bad = _run(tmp_path, '--cells=sam_rho9_noise0.4_seed0')
+  assert bad.returncode == 1
+  assert ("--cells names no cell of the grid: ['sam_rho9_noise0.4_seed0']"
+          in bad.stderr)
