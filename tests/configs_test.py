@@ -25,6 +25,8 @@ VARIANTS = {'paper': ('cifar10', 'cifar100', 'fashion_mnist')}
 def test_config_runs_two_steps(name, arg, tmp_path):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg) if arg else module.get_config()
+  if 'base' in config:  # A grid of experiments/compare.py: its run config.
+    config = config.base
   config_checks.validate_config(config, 1)
   # The recipe's model, optimizer, schedule and augmentation, on tiny data.
   config.dataset.name = 'synthetic'
