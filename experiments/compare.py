@@ -27,6 +27,7 @@ mean test accuracy over gradient evaluations.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -249,17 +250,44 @@ def main(argv):
         continue
       start = time.time()
       # One process per cell, as it would run on a machine of its own.
-      done = subprocess.run(
-          [sys.executable, '-m', 'experiments.compare',
-           f'--grid={config_flags.get_config_filename(flags.FLAGS["grid"])}',
-           *_grid_overrides(), f'--out_dir={out_dir}',
-           f'--in_process={name}'], check=False)
-      if done.returncode:
-        sys.exit(f'Error: cell {name!r} failed (exit {done.returncode}, its '
+      command = [
+          sys.executable, '-m', 'experiments.compare',
+          f'--grid={config_flags.get_config_filename(flags.FLAGS["grid"])}',
+          *_grid_overrides(), f'--out_dir={out_dir}', f'--in_process={name}']
+      stopped, returncode = _run_cell(command)
+      if stopped:
+        sys.exit(f'Stopped in cell {name!r}; run the same command to resume '
+                 'the grid.')
+      if returncode:
+        sys.exit(f'Error: cell {name!r} failed (exit {returncode}, its '
                  'output above); run the same command to resume the grid.')
       logging.info('%s: %.0f s.', name, time.time() - start)
       report(grid, out_dir)
   print(report(grid, out_dir))
+
+
+def _run_cell(command: list[str]) -> tuple[bool, int]:
+  """Runs a cell's process: whether SIGTERM or Ctrl-C stopped it, its status.
+
+  SIGTERM is handed on to the cell, and Ctrl-C reaches it with this process,
+  so that it stops at its next loop boundary with a checkpoint (as
+  main.py's runs do).
+  """
+  stopped = []
+  with subprocess.Popen(command) as cell:
+    def forward(signum, frame):
+      del frame
+      stopped.append(signum)
+      cell.send_signal(signum)
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+      cell.wait()
+    except KeyboardInterrupt:
+      stopped.append(signal.SIGINT)
+      cell.wait()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+  return bool(stopped), cell.returncode
 
 
 def _grid_overrides() -> list[str]:

@@ -1,8 +1,11 @@
 """experiments/compare.py: the grid, the bootstrap, and a grid that resumes."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -104,3 +107,31 @@ def test_an_interrupted_grid_resumes_and_reports(tmp_path):
   assert bad.returncode == 1
   assert ("--cells names no cell of the grid: ['sam_rho9_noise0.4_seed0']"
           in bad.stderr)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_grid_in_one_line_and_it_resumes(tmp_path):
+  """SIGTERM to the runner reaches the cell, which saves and stops."""
+  (tmp_path / 'grid.py').write_text(GRID.replace(
+      "'num_epochs': 1.0", "'num_epochs': 100.0"))
+  runner = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.compare',
+       f'--grid={tmp_path / "grid.py"}', f'--out_dir={tmp_path / "out"}'],
+      cwd=ROOT, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'PYTHONPATH': str(ROOT)})
+  cell = tmp_path / 'out' / 'sam_rho0.1_noise0.4_seed0'
+  deadline = time.time() + 300
+  # Training is under way once the first checkpoint is written.
+  while not list((cell / 'checkpoints').glob('ckpt-*.index')):
+    assert time.time() < deadline and runner.poll() is None
+    time.sleep(0.2)
+  runner.send_signal(signal.SIGTERM)
+  _, stderr = runner.communicate(timeout=300)
+  assert runner.returncode == 1
+  assert stderr.strip().splitlines()[-1] == (
+      "Stopped in cell 'sam_rho0.1_noise0.4_seed0'; run the same command to "
+      'resume the grid.')
+  assert not (cell / 'results.json').exists()
+  done = _run(tmp_path, f'--cells={cell.name}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads((cell / 'results.json').read_text())['step'] == 400
