@@ -74,8 +74,9 @@ def cells(grid: ml_collections.ConfigDict) -> dict[str, dict]:
   or baseline_compute2x_noise0_seed1.
   """
   out = {}
-  for noise in grid.label_noise:
-    for seed in grid.seeds:
+  # Seeds outermost: a grid stopped half-way has every arm of its first seeds.
+  for seed in grid.seeds:
+    for noise in grid.label_noise:
       common = {'seed': seed, 'dataset.label_noise': noise}
       costs = set()
       for variant in grid.variants:
