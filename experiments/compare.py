@@ -20,7 +20,7 @@ on a shared out_dir (gs:// works), then run `--report_only` anywhere.
 After every cell, `out_dir/results.md` is rewritten from all finished cells:
 per arm, the mean +- std over seeds of the final test accuracy (and of the
 validation accuracy, if the base config holds a split out), the runs, the
-wall time per run, and per SAM arm the paired bootstrap 95% interval of its
+training time per run (of its last start), and per SAM arm the paired bootstrap 95% interval of its
 difference to each baseline (pairs by seed); `out_dir/curves.png` plots the
 mean test accuracy over gradient evaluations.
 """
@@ -142,7 +142,7 @@ def report(grid: ml_collections.ConfigDict, out_dir: str) -> str:
   grid_cells = cells(grid)
   done = _finished(out_dir, grid_cells)
   lines = ['| label noise | arm | test accuracy % (mean ± std) | '
-           'validation accuracy % | runs | wall time per run (s) | '
+           'validation accuracy % | runs | training time per run (s) | '
            'difference to each baseline, paired bootstrap 95% interval |',
            '|---|---|---|---|---|---|---|']
   for noise in grid.label_noise:
