@@ -20,9 +20,9 @@ on a shared out_dir (gs:// works), then run `--report_only` anywhere.
 After every cell, `out_dir/results.md` is rewritten from all finished cells:
 per arm, the mean +- std over seeds of the final test accuracy (and of the
 validation accuracy, if the base config holds a split out), the runs, the
-training time per run (of its last start), and per SAM arm the paired bootstrap 95% interval of its
-difference to each baseline (pairs by seed); `out_dir/curves.png` plots the
-mean test accuracy over gradient evaluations.
+training time per run (of its last start), and per SAM arm the paired
+bootstrap 95% interval of its difference to each baseline (pairs by seed);
+`out_dir/curves.png` plots the mean test accuracy over gradient evaluations.
 """
 
 import json
