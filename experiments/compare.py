@@ -53,7 +53,6 @@ _REPORT_ONLY = flags.DEFINE_bool('report_only', False,
                                  'Write the report of the finished cells.')
 _IN_PROCESS = flags.DEFINE_string(
     'in_process', None, 'Internal: train this one cell in this process.')
-flags.mark_flags_as_required(['grid', 'out_dir'])
 
 BOOTSTRAP_SAMPLES = 10_000
 
@@ -297,4 +296,6 @@ def _grid_overrides() -> list[str]:
 
 
 if __name__ == '__main__':
+  # Here, not at import: tests import this module beside other absl tools.
+  flags.mark_flags_as_required(['grid', 'out_dir'])
   app.run(main)
