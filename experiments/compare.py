@@ -103,12 +103,7 @@ def cells(grid: ml_collections.ConfigDict) -> dict[str, dict]:
 def _configured(base: ml_collections.ConfigDict,
                 overrides: dict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(base.to_dict())
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    for name in path:
-      node = node[name]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
