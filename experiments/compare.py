@@ -5,7 +5,11 @@ r"""A compute-matched comparison of SAM variants with their baselines.
 
 The grid file's `get_config()` names a run config (`base`) and the axes:
 `variants` (names in sam.perturbations.REGISTRY) x `rho` x `label_noise` x
-`seeds`. Every (label noise, seed) also gets two baselines with rho = 0:
+`seeds`. With `sweep_seeds` (a subset of the seeds), rho is swept on those
+seeds only: the other seeds run, per (variant, label noise), the rho with the
+best mean validation accuracy there (`choose_rho`; the base config must hold
+a validation split out), so the test set never picks it. Every (label noise,
+seed) also gets two baselines with rho = 0:
 `equal_epochs` (as many epochs as SAM) and `equal_compute` (as many
 gradient evaluations as the SAM run: its epochs times the passes per SAM
 step, `passes_per_step`, one baseline per distinct cost).
@@ -66,11 +70,15 @@ def passes_per_step(sam_config: ml_collections.ConfigDict) -> float:
   return (passes + k - 1) / k
 
 
-def cells(grid: ml_collections.ConfigDict) -> dict[str, dict]:
+def cells(grid: ml_collections.ConfigDict,
+          chosen: dict | None = None) -> dict[str, dict]:
   """name -> {arm, seed, label_noise, overrides} of every run of the grid.
 
   A name is also the cell's directory in out_dir, e.g. sam_rho0.1_noise0.4_seed0
-  or baseline_compute2x_noise0_seed1.
+  or baseline_compute2x_noise0_seed1. With grid.sweep_seeds, the seeds outside
+  it run the rho in `chosen[(variant, label noise)]` (see choose_rho), none
+  while that is not chosen yet; chosen=None lists every rho there (the cells
+  any choice could make).
   """
   out = {}
   # Seeds outermost: a grid stopped half-way has every arm of its first seeds.
@@ -79,7 +87,11 @@ def cells(grid: ml_collections.ConfigDict) -> dict[str, dict]:
       common = {'seed': seed, 'dataset.label_noise': noise}
       costs = set()
       for variant in grid.variants:
-        for rho in grid.rho:
+        rhos = grid.rho
+        if (chosen is not None and grid.get('sweep_seeds') and
+            seed not in grid.sweep_seeds):
+          rhos = [chosen[variant, noise]] if (variant, noise) in chosen else []
+        for rho in rhos:
           overrides = {**common, 'sam.variant': variant, 'sam.rho': rho}
           costs.add(passes_per_step(_configured(grid.base, overrides).sam))
           out[f'{variant}_rho{rho:g}_noise{noise:g}_seed{seed}'] = dict(
@@ -98,6 +110,29 @@ def cells(grid: ml_collections.ConfigDict) -> dict[str, dict]:
         out[f'baseline_{name}_noise{noise:g}_seed{seed}'] = dict(
             arm=arm, seed=seed, label_noise=noise, overrides=overrides)
   return out
+
+
+def choose_rho(grid: ml_collections.ConfigDict, out_dir: str) -> dict:
+  """(variant, label noise) -> the rho of the best mean val/accuracy on the
+  sweep seeds, for those whose sweep cells have all finished; {} without
+  grid.sweep_seeds (every seed runs every rho)."""
+  if not grid.get('sweep_seeds'):
+    return {}
+  sweep = {name: cell for name, cell in cells(grid, {}).items()
+           if cell['seed'] in grid.sweep_seeds}
+  done = _finished(out_dir, sweep)
+  chosen = {}
+  for variant in grid.variants:
+    for noise in grid.label_noise:
+      scores = {}
+      for name, cell in sweep.items():
+        if (cell['label_noise'], cell['overrides'].get('sam.variant')) == (
+            noise, variant):
+          scores.setdefault(cell['overrides']['sam.rho'], []).append(
+              done[name]['val/accuracy'] if name in done else None)
+      if scores and None not in sum(scores.values(), []):
+        chosen[variant, noise] = max(scores, key=lambda r: np.mean(scores[r]))
+  return chosen
 
 
 def _configured(base: ml_collections.ConfigDict,
@@ -133,7 +168,8 @@ def _finished(out_dir: str, grid_cells: dict[str, dict]) -> dict[str, dict]:
 
 def report(grid: ml_collections.ConfigDict, out_dir: str) -> str:
   """Writes results.md (and curves.png) from the finished cells; returns it."""
-  grid_cells = cells(grid)
+  chosen = choose_rho(grid, out_dir)
+  grid_cells = cells(grid, chosen)
   done = _finished(out_dir, grid_cells)
   lines = ['| label noise | arm | test accuracy % (mean ± std) | '
            'validation accuracy % | runs | training time per run (s) | '
@@ -144,8 +180,18 @@ def report(grid: ml_collections.ConfigDict, out_dir: str) -> str:
     for name, cell in grid_cells.items():
       if cell['label_noise'] == noise and name in done:
         arms.setdefault(cell['arm'], {})[cell['seed']] = done[name]
+    picked = {f'{v} rho={r:g}' for (v, n), r in chosen.items() if n == noise}
     for arm, runs in arms.items():
-      lines.append(_row(noise, arm, runs, arms))
+      lines.append(_row(noise, arm + (' (chosen)' if arm in picked else ''),
+                        runs, arms))
+  seconds = sum(r['train_seconds'] for r in done.values())
+  lines += ['', f'{len(done)} cells, {seconds / 60:.1f} min of training in '
+            'all (each cell\'s last start).']
+  if chosen:
+    lines.append(f'rho chosen on val/accuracy of seeds '
+                 f'{list(grid.sweep_seeds)}: ' + ', '.join(
+                     f'{v} at label noise {n:g}: {r:g}'
+                     for (v, n), r in chosen.items()) + '.')
   text = '\n'.join(lines) + '\n'
   with tf.io.gfile.GFile(os.path.join(out_dir, 'results.md'), 'w') as f:
     f.write(text)
@@ -166,40 +212,48 @@ def _row(noise, arm, runs, arms):
       if baseline.startswith('baseline') and seeds:
         d = [100 * (runs[s]['eval/accuracy'] -
                     base_runs[s]['eval/accuracy']) for s in seeds]
-        low, high = paired_bootstrap(d)
+        interval = ' (1 seed)'
+        if len(d) > 1:
+          low, high = paired_bootstrap(d)
+          interval = f' [{low:+.2f}, {high:+.2f}]'
         differences.append(f'{baseline.removeprefix("baseline, ")}: '
-                           f'{np.mean(d):+.2f} [{low:+.2f}, {high:+.2f}]')
+                           f'{np.mean(d):+.2f}{interval}')
   return (f'| {noise:g} | {arm} | {accuracy.mean():.2f} ± '
           f'{accuracy.std():.2f} | {val} | {len(runs)} | {seconds:.0f} | '
           f'{"; ".join(differences)} |')
 
 
 def _plot(grid, grid_cells, done, out_dir):
-  """Mean test accuracy over gradient evaluations (in epochs of one pass)."""
+  """Mean curves over gradient evaluations (in epochs of one pass): test
+  accuracy, and under label noise the memorization of the flipped examples."""
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
   from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
-  fig = figure.Figure(figsize=(6 * len(grid.label_noise), 4.5))
+  panels = [(noise, 'eval/accuracy', 'test accuracy (%)')
+            for noise in grid.label_noise]
+  panels += [(noise, 'train/flipped_accuracy',
+              'flipped training examples at their given label (%)')
+             for noise in grid.label_noise if noise]
+  fig = figure.Figure(figsize=(6 * len(panels), 4.5))
   backend_agg.FigureCanvasAgg(fig)
-  axes = fig.subplots(1, len(grid.label_noise), squeeze=False)[0]
-  for ax, noise in zip(axes, grid.label_noise):
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
+  for ax, (noise, tag, label) in zip(axes, panels):
     arms = {}
     for name, cell in grid_cells.items():
       if cell['label_noise'] == noise and name in done:
         arms.setdefault(cell['arm'], []).append(name)
     for arm, names in arms.items():
       config = _configured(grid.base, grid_cells[names[0]]['overrides'])
-      scalars = [curves.read_scalars(_workdir(out_dir, n))['eval/accuracy']
-                 for n in names]
+      scalars = [curves.read_scalars(_workdir(out_dir, n))[tag] for n in names]
       length = min(len(s[0]) for s in scalars)
       steps = np.array(scalars[0][0][:length])
       # x: gradient evaluations, in epochs of one pass per step.
       epoch_steps = done[names[0]]['step'] / config.num_epochs
       x = steps * passes_per_step(config.sam) / epoch_steps
       ax.plot(x, 100 * np.mean([s[1][:length] for s in scalars], axis=0),
-              marker='o', label=f'{arm} ({len(names)} runs)')
+              marker='o', markersize=3, label=f'{arm} ({len(names)} runs)')
     ax.set_title(f'label noise {noise:g}')
     ax.set_xlabel('gradient evaluations (epochs of one pass)')
-    ax.set_ylabel('test accuracy (%)')
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize='small')
   fig.tight_layout()
@@ -219,6 +273,13 @@ def _check(grid: ml_collections.ConfigDict,
           _configured(grid.base, cell['overrides']), 1)
     except ValueError as e:
       sys.exit(f'Error: cell {name!r}: {e}')
+  sweep = set(grid.get('sweep_seeds') or ())
+  if sweep - set(grid.seeds):
+    sys.exit(f'Error: grid.sweep_seeds {sorted(sweep)} must be among '
+             f'grid.seeds {list(grid.seeds)}.')
+  if sweep and not grid.base.dataset.validation_size:
+    sys.exit('Error: grid.sweep_seeds chooses rho on a validation split: set '
+             'grid.base.dataset.validation_size (e.g. 5000).')
 
 
 def main(argv):
@@ -230,8 +291,8 @@ def main(argv):
     train.train_and_evaluate(_configured(grid.base, cell['overrides']),
                              _workdir(out_dir, _IN_PROCESS.value))
     return
-  if _LIST.value:
-    print('\n'.join(grid_cells))
+  if _LIST.value:  # As far as the choices of rho are known.
+    print('\n'.join(cells(grid, choose_rho(grid, out_dir))))
     return
   _check(grid, grid_cells)
   tf.io.gfile.makedirs(out_dir)
@@ -239,25 +300,28 @@ def main(argv):
   if unknown:
     sys.exit(f'Error: --cells names no cell of the grid: {sorted(unknown)} '
              '(--list prints them).')
-  if not _REPORT_ONLY.value:
-    for name in _CELLS.value or grid_cells:
-      if name in _finished(out_dir, {name: None}):
-        continue
-      start = time.time()
-      # One process per cell, as it would run on a machine of its own.
-      command = [
-          sys.executable, '-m', 'experiments.compare',
-          f'--grid={config_flags.get_config_filename(flags.FLAGS["grid"])}',
-          *_grid_overrides(), f'--out_dir={out_dir}', f'--in_process={name}']
-      stopped, returncode = _run_cell(command)
-      if stopped:
-        sys.exit(f'Stopped in cell {name!r}; run the same command to resume '
-                 'the grid.')
-      if returncode:
-        sys.exit(f'Error: cell {name!r} failed (exit {returncode}, its '
-                 'output above); run the same command to resume the grid.')
-      logging.info('%s: %.0f s.', name, time.time() - start)
-      report(grid, out_dir)
+  while not _REPORT_ONLY.value:
+    # Again after every cell: a finished sweep adds the chosen rho's cells.
+    todo = [name for name in cells(grid, choose_rho(grid, out_dir))
+            if name in (_CELLS.value or grid_cells) and
+            name not in _finished(out_dir, {name: None})]
+    if not todo:
+      break
+    start = time.time()
+    # One process per cell, as it would run on a machine of its own.
+    command = [
+        sys.executable, '-m', 'experiments.compare',
+        f'--grid={config_flags.get_config_filename(flags.FLAGS["grid"])}',
+        *_grid_overrides(), f'--out_dir={out_dir}', f'--in_process={todo[0]}']
+    stopped, returncode = _run_cell(command)
+    if stopped:
+      sys.exit(f'Stopped in cell {todo[0]!r}; run the same command to resume '
+               'the grid.')
+    if returncode:
+      sys.exit(f'Error: cell {todo[0]!r} failed (exit {returncode}, its '
+               'output above); run the same command to resume the grid.')
+    logging.info('%s: %.0f s.', todo[0], time.time() - start)
+    report(grid, out_dir)
   print(report(grid, out_dir))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,66 @@ def test_grid_has_equal_epoch_and_equal_compute_baselines():
   three = compare.cells(_grid(variants=('sam',), baselines=('equal_compute',)))
   assert sorted({c['arm'] for c in three.values()}) == [
       'baseline, equal compute (2x epochs)', 'sam rho=0.1']
+
+
+def _finish(out_dir, name, val):
+  (out_dir / name).mkdir(parents=True)
+  # The test accuracy disagrees with the validation accuracy: never used.
+  (out_dir / name / 'results.json').write_text(json.dumps(
+      {'val/accuracy': val, 'eval/accuracy': 1 - val}))
+
+
+def test_sweep_seeds_choose_rho_on_validation_for_the_other_seeds(tmp_path):
+  grid = _grid(variants=('sam',), rho=(0.05, 0.1, 0.2), seeds=(0, 1, 2))
+  assert compare.choose_rho(grid, str(tmp_path)) == {}
+  assert compare.cells(grid, {}) == compare.cells(grid)
+  grid.sweep_seeds = (0,)
+  assert len(compare.cells(grid)) == 3 * 2 * (3 + 2)  # Any choice's cells.
+
+  def sam_cells(chosen):
+    return sorted(n for n in compare.cells(grid, chosen) if n.startswith('sam'))
+
+  assert sam_cells({}) == sorted(
+      f'sam_rho{r}_noise{n}_seed0' for r in ('0.05', '0.1', '0.2')
+      for n in ('0', '0.4'))
+  for rho, val in zip(grid.rho, (0.9, 0.8, 0.7)):
+    _finish(tmp_path, f'sam_rho{rho:g}_noise0_seed0', val)
+  for rho, val in zip(grid.rho[:2], (0.5, 0.6)):
+    _finish(tmp_path, f'sam_rho{rho:g}_noise0.4_seed0', val)
+  # Noise 0.4's sweep has not finished: no choice there yet.
+  assert compare.choose_rho(grid, str(tmp_path)) == {('sam', 0.0): 0.05}
+  _finish(tmp_path, 'sam_rho0.2_noise0.4_seed0', 0.7)
+  chosen = compare.choose_rho(grid, str(tmp_path))
+  assert chosen == {('sam', 0.0): 0.05, ('sam', 0.4): 0.2}
+  assert sam_cells(chosen) == sorted(
+      [f'sam_rho{r}_noise{n}_seed0' for r in ('0.05', '0.1', '0.2')
+       for n in ('0', '0.4')] +
+      [f'sam_rho{r}_seed{s}' for r in ('0.05_noise0', '0.2_noise0.4')
+       for s in (1, 2)])
+  # Every seed keeps both baselines.
+  assert sum(n.startswith('baseline') for n in compare.cells(grid, chosen)) == (
+      3 * 2 * 2)
+
+
+@pytest.mark.parametrize('fields,error', [
+    ({'sweep_seeds': (3,)}, 'grid.sweep_seeds [3] must be among grid.seeds'),
+    ({'sweep_seeds': (0,), 'base.dataset.validation_size': 0},
+     'grid.sweep_seeds chooses rho on a validation split: set '
+     'grid.base.dataset.validation_size')])
+def test_bad_sweep_seeds_are_refused_in_one_line(fields, error):
+  grid = _grid()
+  grid.base.dataset.validation_size = 100
+  grid.update_from_flattened_dict(fields)
+  with pytest.raises(SystemExit, match=re.escape(error)):
+    compare._check(grid, compare.cells(grid))
+
+
+def test_a_difference_of_one_seed_has_no_interval():
+  runs = {0: {'eval/accuracy': 0.8, 'train_seconds': 1.0}}
+  base = {0: {'eval/accuracy': 0.7, 'train_seconds': 1.0}}
+  row = compare._row(0.4, 'sam rho=0.1', runs,
+                     {'sam rho=0.1': runs, 'baseline, equal epochs': base})
+  assert row.endswith('| equal epochs: +10.00 (1 seed) |')
 
 
 @pytest.mark.parametrize('sam_fields,passes', [
