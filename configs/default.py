@@ -80,9 +80,17 @@ def get_config() -> ml_collections.ConfigDict:
   # |w| + eta; ASAM's rho is typically 10x SAM's); 'fsam' (Friendly SAM, Li
   # et al. 2024: the ascent gradient less sigma times its moving average);
   # 'msam' (Momentum-SAM, Becker et al. 2024: eps = -rho v / ||v|| of the
-  # momentum v, one pass per step). F-SAM and MSAM keep a state in the
+  # momentum v, one pass per step); 'esam' (Efficient SAM, Du et al. 2022:
+  # eps on a random part of the weights, the pass at w + eps on the
+  # examples whose loss rose most). F-SAM and MSAM keep a state in the
   # checkpoint, so a resume cannot change the variant.
   config.sam.variant = 'sam'
+  # ESAM's beta (each weight tensor perturbed with this probability, eps
+  # scaled by 1 / beta) and gamma (the fraction of each replica's batch the
+  # pass at w + eps takes: the examples whose loss rose most from w to
+  # w + eps, measured by one more forward pass); their run.sh: 0.5 and 0.5.
+  config.sam.esam_beta = 0.5
+  config.sam.esam_gamma = 0.5
   # F-SAM's sigma and lambda (their run.sh: 1 and 0.6, with rho = 0.2).
   config.sam.fsam_sigma = 1.0
   config.sam.fsam_lambda = 0.6

@@ -44,6 +44,17 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
          'it must be a finite number (F-SAM uses 1)')
   _check(0 <= sc.fsam_lambda < 1, 'sam.fsam_lambda', sc.fsam_lambda,
          'it must be in [0, 1) (F-SAM uses 0.6)')
+  _check(0 < sc.esam_beta <= 1, 'sam.esam_beta', sc.esam_beta,
+         'it must be in (0, 1] (ESAM uses 0.5; 1 perturbs every weight)')
+  _check(0 < sc.esam_gamma <= 1 and int(per_replica * sc.esam_gamma) >= 1,
+         'sam.esam_gamma', sc.esam_gamma,
+         f'it must be in (0, 1] and keep at least one of the {per_replica} '
+         'examples per replica (ESAM uses 0.5; 1 keeps all)')
+  if sc.variant == 'esam' and sc.esam_gamma < 1:
+    _check(sc.ascent_mode == 'train' and not sc.micro_batch_size,
+           'sam.esam_gamma', sc.esam_gamma,
+           "ESAM's data selection needs sam.ascent_mode='train' and no "
+           'micro-batches (sam.micro_batch_size=0); or set it to 1')
   problem = perturbations.conflict(
       sc.variant, sc.adaptive,
       sc.sync_perturbation and not (sc.micro_batch_size and
@@ -185,6 +196,7 @@ RESUMABLE_FIELDS = (
     'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
     'sam.rho', 'sam.ascent_mode', 'sam.fsam_sigma', 'sam.fsam_lambda',
+    'sam.esam_beta', 'sam.esam_gamma',
     'sam.adaptive', 'sam.eta',
     'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
     'sam.inner_group_size', 'sam.ascent_steps',

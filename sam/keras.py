@@ -51,43 +51,48 @@ def _is_number(value: Any) -> bool:
 _SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
                   'perturb_only', 'adaptive_biases', 'inner_group_size',
                   'ascent_steps', 'ascent_mode', 'fsam_sigma', 'fsam_lambda',
-                  'msam_momentum')
+                  'msam_momentum', 'esam_beta', 'esam_seed')
 
 
-def _check_arguments(model: Any, rho: Any, variant: Any, perturb_only: Any,
-                     inner_group_size: Any, ascent_steps: Any,
-                     ascent_mode: Any, numbers: dict[str, Any],
-                     **flags: Any) -> None:
+# Their kinds, for the checks.
+_NUMBERS = ('rho', 'eta', 'fsam_sigma', 'fsam_lambda', 'msam_momentum',
+            'esam_beta')
+_FLAGS = ('adaptive', 'sync_perturbation', 'adaptive_biases')
+_INTS = {'inner_group_size': 0, 'ascent_steps': 1, 'esam_seed': 0}
+
+
+def _check_arguments(model: Any, arguments: dict[str, Any]) -> None:
   """SAMModel's arguments, checked: one line naming a bad one."""
   if not isinstance(model, keras.Model):
     raise TypeError(
         f'SAMModel: model must be a Keras 3 model (keras.Model), got '
         f'{type(model).__module__}.{type(model).__qualname__}.')
-  _check(_is_number(rho) and rho >= 0, 'rho', rho, 'it must be a number >= 0')
-  for name, value in numbers.items():
-    _check(_is_number(value) and value >= 0, name, value,
+  a = arguments
+  for name in _NUMBERS:
+    _check(_is_number(a[name]) and a[name] >= 0, name, a[name],
            'it must be a number >= 0')
-  for name, value in flags.items():
-    _check(isinstance(value, bool), name, value, 'it must be True or False')
-  _check(variant in perturbations.REGISTRY, 'variant', variant,
+  _check(0 < a['esam_beta'] <= 1, 'esam_beta', a['esam_beta'],
+         'it must be in (0, 1] (ESAM uses 0.5)')
+  for name in _FLAGS:
+    _check(isinstance(a[name], bool), name, a[name], 'it must be True or False')
+  _check(a['variant'] in perturbations.REGISTRY, 'variant', a['variant'],
          f'it must be one of {sorted(perturbations.REGISTRY)}')
-  _check(isinstance(perturb_only, str), 'perturb_only', perturb_only,
-         "it must be a string ('' for all parameters)")
-  _check(ascent_mode in ('train', 'inference'), 'ascent_mode', ascent_mode,
-         "it must be 'train' or 'inference'")
-  for name, value, least in (('inner_group_size', inner_group_size, 0),
-                             ('ascent_steps', ascent_steps, 1)):
-    _check(isinstance(value, int) and not isinstance(value, bool) and
-           value >= least, name, value, f'it must be an int >= {least}')
+  _check(isinstance(a['perturb_only'], str), 'perturb_only',
+         a['perturb_only'], "it must be a string ('' for all parameters)")
+  _check(a['ascent_mode'] in ('train', 'inference'), 'ascent_mode',
+         a['ascent_mode'], "it must be 'train' or 'inference'")
+  for name, least in _INTS.items():
+    _check(isinstance(a[name], int) and not isinstance(a[name], bool) and
+           a[name] >= least, name, a[name], f'it must be an int >= {least}')
   problem = perturbations.conflict(
-      variant, flags['adaptive'], flags['sync_perturbation'],
-      inner_group_size, ascent_steps)
+      a['variant'], a['adaptive'], a['sync_perturbation'],
+      a['inner_group_size'], a['ascent_steps'])
   if problem:
     raise ValueError(f'SAMModel: {problem}.')
-  if perturbations.get(variant).stateful and not model.built:
-    raise ValueError(f'SAMModel: variant {variant!r} keeps a state the size '
-                     'of the weights: build the model first (keras.Input, '
-                     'or model.build(input_shape)).')
+  if perturbations.get(a['variant']).stateful and not model.built:
+    raise ValueError(f"SAMModel: variant {a['variant']!r} keeps a state the "
+                     'size of the weights: build the model first '
+                     '(keras.Input, or model.build(input_shape)).')
 
 
 def _loss_fn(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
@@ -188,7 +193,7 @@ class SAMModel(keras.Model):
                inner_group_size: int = 0, ascent_steps: int = 1,
                ascent_mode: str = 'train', fsam_sigma: float = 1.0,
                fsam_lambda: float = 0.6, msam_momentum: float = 0.9,
-               **kwargs: Any):
+               esam_beta: float = 0.5, esam_seed: int = 0, **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -205,7 +210,9 @@ class SAMModel(keras.Model):
         its own gradient (m-sharpness, m = the per-replica batch).
       eta: ASAM's offset, >= 0; ignored unless `adaptive`.
       variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
-        ('sam', 'asam', 'fsam', 'msam'); `adaptive=True` is 'asam'. F-SAM
+        ('sam', 'asam', 'esam', 'fsam', 'msam'); `adaptive=True` is 'asam'.
+        ESAM here is its stochastic weight perturbation (its data selection
+        is the custom loop's, config.sam.esam_gamma). F-SAM
         and MSAM keep a state (a momentum) in variables of the wrapper,
         saved with it; they need a built model.
       perturb_only: '' perturbs every parameter; 'normalization' only those
@@ -225,6 +232,9 @@ class SAMModel(keras.Model):
       fsam_sigma, fsam_lambda: F-SAM's sigma and lambda.
       msam_momentum: the momentum of MSAM's v; give the optimizer's (SGD's
         momentum, Adam's beta_1).
+      esam_beta: ESAM's probability that a weight tensor is perturbed.
+      esam_seed: the seed of ESAM's draws (one per step, from the seed and
+        the optimizer's iterations).
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
@@ -232,27 +242,16 @@ class SAMModel(keras.Model):
       ValueError: naming the argument, if one is of a wrong type or value,
         or `variant` refuses the others.
     """
+    arguments = {name: value for name, value in locals().items()
+                 if name in _SAM_ARGUMENTS}
     # Checked before anything is built: a bad argument fails here, not at
     # the first trace inside `fit`.
-    _check_arguments(model, rho=rho, adaptive=adaptive,
-                     sync_perturbation=sync_perturbation,
-                     adaptive_biases=adaptive_biases, variant=variant,
-                     perturb_only=perturb_only,
-                     inner_group_size=inner_group_size,
-                     ascent_steps=ascent_steps, ascent_mode=ascent_mode,
-                     numbers=dict(eta=eta, fsam_sigma=fsam_sigma,
-                                  fsam_lambda=fsam_lambda,
-                                  msam_momentum=msam_momentum))
+    _check_arguments(model, arguments)
     super().__init__(**kwargs)
     self.model = model
-    # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
-    self.rho, self.eta = float(rho), float(eta)
-    self.adaptive, self.sync_perturbation = adaptive, sync_perturbation
-    self.variant, self.perturb_only = variant, perturb_only
-    self.adaptive_biases, self.ascent_mode = adaptive_biases, ascent_mode
-    self.inner_group_size, self.ascent_steps = inner_group_size, ascent_steps
-    self.fsam_sigma, self.fsam_lambda = float(fsam_sigma), float(fsam_lambda)
-    self.msam_momentum = float(msam_momentum)
+    for name, value in arguments.items():
+      # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
+      setattr(self, name, float(value) if name in _NUMBERS else value)
     self.sam_state = [
         keras.Variable(value, trainable=False, name=f'sam_state_{i}')
         for i, value in enumerate(perturbations.get(variant).init(
@@ -292,7 +291,10 @@ class SAMModel(keras.Model):
         names=[v.path for v in trainable],
         adaptive_biases=self.adaptive_biases,
         state=[v.value for v in self.sam_state], fsam_sigma=self.fsam_sigma,
-        fsam_lambda=self.fsam_lambda, msam_momentum=self.msam_momentum)
+        fsam_lambda=self.fsam_lambda, msam_momentum=self.msam_momentum,
+        esam_beta=self.esam_beta,
+        esam_seed=tf.stack([tf.constant(self.esam_seed, tf.int64),
+                            tf.cast(self.optimizer.iterations, tf.int64)]))
     # The loss, metrics and new state of the pass at w, unless that one ran
     # in inference mode: then of the pass at w + eps.
     loss, y_pred, new_state, new_metrics = (

@@ -221,6 +221,53 @@ def msam(grads, params, rho, options, state):
   return eps, norm, state
 
 
+def swp_keep(seed, count: int, beta: float) -> tf.Tensor:
+  """ESAM's stochastic weight perturbation: which of `count` param tensors
+  are perturbed, each with probability `beta`: a float [count] of 0 and 1,
+  a function of `seed` (a [2] integer tensor; the trainer's is (config.seed,
+  step), so every replica draws the same and a resume the same again)."""
+  # Philox named: the default lets XLA pick another algorithm (other draws).
+  draws = tf.random.stateless_uniform([count], tf.cast(seed, tf.int32),
+                                      alg='philox')
+  return tf.cast(draws < beta, tf.float32)
+
+
+@register(
+    'esam',
+    paper='Du et al., "Efficient Sharpness-aware Minimization for Improved '
+    'Training of Neural Networks", ICLR 2022: stochastic weight '
+    'perturbation (SWP, eps on a random subset of the params, scaled by '
+    '1 / beta); its sharpness-sensitive data selection (SDS, the pass at '
+    'w + eps on the top gamma of the batch by loss increase) is the '
+    "custom loop's config.sam.esam_gamma",
+    reference='github.com/dydjw9/Efficient_SAM, utils/Esam.py (ESAM.step, '
+    'first_step, second_step); run.sh: beta = gamma = 0.5',
+    deviations='the reference draws, at the end of each step, which param '
+    'tensors the next ascent pass leaves without a gradient (Python random, '
+    'per process; every tensor on the first step) and so saves their part '
+    'of that backward pass; here the draw is per step from (seed, step), '
+    'the same on every replica, and TensorFlow still computes every '
+    "gradient: SWP saves no compute. The reference's first pass skips "
+    "DDP's all-reduce (each process perturbs with its own gradient); here "
+    'sync_perturbation chooses, as for SAM. The norm is guarded by 1e-12, '
+    "the reference's by 1e-7.")
+def esam(grads, params, rho, options, state):
+  """eps = rho (m g) / (||m g|| + 1e-12) / beta, m one draw per param tensor.
+
+  Options: `esam_beta` (default 0.5), the probability that a tensor is
+  perturbed; `esam_seed`, the draw's seed (see `swp_keep`), required.
+  """
+  del params
+  if options.get('esam_seed') is None:
+    raise ValueError("ESAM's stochastic weight perturbation needs a seed per "
+                     'step: sam_step(esam_seed=[seed, step]).')
+  beta = options.get('esam_beta', 0.5)
+  keep = tf.unstack(swp_keep(options['esam_seed'], len(grads), beta))
+  eps, norm = _normalized(
+      [tf.cast(k, g.dtype) * g for k, g in zip(keep, grads)], rho / beta)
+  return eps, norm, state
+
+
 def conflict(name: str, adaptive: bool = False, sync_perturbation: bool = True,
              inner_group_size: int = 0, ascent_steps: int = 1,
              gsam_alpha: float = 0.0) -> str | None:

@@ -14,8 +14,9 @@ weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
 Variants: the perturbation by name (`variant`; `sam.perturbations` holds
-them with their papers and reference code: SAM, ASAM, F-SAM and MSAM, the
-last two with a state carried from step to step), GSAM's descent
+them with their papers and reference code: SAM, ASAM, ESAM's weight
+perturbation, F-SAM and MSAM, the last two with a state carried from step to
+step), ESAM's data selection (`select_examples`), GSAM's descent
 direction (`gsam_alpha`), m-sharpness per replica (`sync_perturbation=False`)
 or per micro-batch (`micro_batch_sam_step`); LookSAM's reuse of the
 sharpness direction between SAM steps is `sam.looksam`.
@@ -238,12 +239,12 @@ def sam_step(
     ascent_loss_fn: LossFn | Sequence[LossFn] | None = None,
     variant: str = 'sam',
     state: Sequence[tf.Tensor] | None = None,
+    select_examples: Callable[[Any, list[tf.Tensor]], LossFn] | None = None,
     **options: Any,
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
 
-  The one entry point of the SAM rule; call it where you would call
-  `tape.gradient` (in `strategy.run`, `tf.function` or eagerly: docs/api.md).
+  Call it where you would call `tape.gradient` (docs/api.md).
 
   Args:
     loss_fn: `loss_fn(params) -> (loss, aux)`, pure in `params`; under a
@@ -257,9 +258,8 @@ def sam_step(
     sync_perturbation: sum the ascent gradient across the replicas before
       its norm: one eps for all. False: each replica's own (m-sharpness).
     gsam_alpha: GSAM's alpha (see `surrogate_gap_guided`); 0 is SAM.
-    loss_scale: float16 loss scaling: each backward pass differentiates
-      loss * loss_scale and unscales its gradients at once (in float32);
-      they come back non-finite on overflow. None: no scaling.
+    loss_scale: float16 loss scaling: each pass differentiates loss *
+      loss_scale and unscales at once (non-finite on overflow); None: off.
     inner_group_size: share eps within groups of this many consecutive
       replicas only (the SAM code's inner_group_size); 0: all replicas.
     ascent_steps: n ascent steps, each adding the perturbation of the
@@ -269,21 +269,18 @@ def sam_step(
     variant: the perturbation's name in `sam.perturbations.REGISTRY`.
     state: the variant's state, as the last step's `SAMOutput.state` left
       it (F-SAM's, MSAM's momentum); None: its initial state.
+    select_examples: `(aux at w, w + eps) -> the loss_fn at w + eps`, if not
+      `loss_fn` (ESAM's data selection: `sam.step.esam_selection`).
     **options: the variant's (`mask`, `names`, `adaptive_biases`: see
-      `perturbation`; `fsam_sigma`, `fsam_lambda`, `msam_momentum`).
+      `perturbation`; `fsam_sigma`, `fsam_lambda`, `msam_momentum`,
+      `esam_beta`, `esam_seed`).
 
   Returns:
-    A `SAMOutput` (the SAM gradients are per replica, for a Keras optimizer
-    to sum across replicas).
+    A `SAMOutput`; its gradients are per replica (the optimizer sums them).
   """
   params = [tf.convert_to_tensor(p) for p in params]
-  value_and_grad = functools.partial(_value_and_grad, loss_fn,
-                                     loss_scale=loss_scale)
   if isinstance(rho, (int, float)) and rho == 0:
-    # The plain base optimizer: one pass and no cross-replica traffic.
-    loss, grads, aux = value_and_grad(params)
-    return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads,
-                     list(state or []), aux)
+    return _plain(loss_fn, params, loss_scale, state)
   entry = _variant(variant, adaptive, sync_perturbation, inner_group_size,
                    ascent_steps, gsam_alpha)
   ctx = _replica_context_to_sync() if sync_perturbation else None
@@ -293,7 +290,11 @@ def sam_step(
       entry, functools.partial(_value_and_grad, ascent_loss_fn or loss_fn,
                                loss_scale=loss_scale),
       params, rho, options, state, ctx, inner_group_size, ascent_steps)
-  perturbed = value_and_grad(_moved(params, eps))
+  moved = _moved(params, eps)
+  descent_fn = loss_fn
+  if select_examples is not None and first is not None:
+    descent_fn = select_examples(first[2], moved)
+  perturbed = _value_and_grad(descent_fn, moved, loss_scale)
   # A variant without a pass at w: the one pass is the step's.
   loss, grads, aux = first if first is not None else perturbed
   sam_grads = perturbed[1]
@@ -304,6 +305,13 @@ def sam_step(
     state = entry.descend(state, _ascent_sum(sam_grads, ctx, 0), options)
   return SAMOutput(loss, sam_grads, aux, perturbed[0], norm, grads, state,
                    perturbed[2])
+
+
+def _plain(loss_fn, params, loss_scale, state) -> SAMOutput:
+  """The plain base optimizer: one pass and no cross-replica traffic."""
+  loss, grads, aux = _value_and_grad(loss_fn, params, loss_scale)
+  return SAMOutput(loss, grads, aux, loss, tf.zeros([], loss.dtype), grads,
+                   list(state or []), aux)
 
 
 def _variant(name, adaptive, *arguments) -> perturbations.Perturbation:

@@ -50,10 +50,14 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   elif sam_now:
     # The SAM rule: the gradient at w, its norm across replicas, eps, the
     # gradient at w + eps (one pass at w if rho is 0).
+    select = None
+    if sc.variant == 'esam' and sc.esam_gamma < 1:
+      select = esam_selection(state, config, images, labels, model_state,
+                              share)
     out = sam_lib.sam_step(
         loss_fn, params, sc.rho, sync_perturbation=sc.sync_perturbation,
         loss_scale=scale, ascent_loss_fn=ascent_loss_fn,
-        **_variant_args(state, config))
+        select_examples=select, **_variant_args(state, config))
   else:
     out = sam_lib.sam_step(loss_fn, params, 0.0, loss_scale=scale)  # Plain.
   if sc.looksam_alpha:
@@ -78,7 +82,8 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
 
 
 def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
-                 labels, model_state, l2_share: float, ascent: bool = False):
+                 labels, model_state, l2_share: float, ascent: bool = False,
+                 examples: int | None = None):
   """A share of the global-batch loss, as a function of the trainable values.
 
   Args:
@@ -92,6 +97,8 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
     ascent: the loss of SAM's ascent pass: the model in inference mode if
       config.sam.ascent_mode is 'inference', else with the true gradient of
       Shake-Shake and ShakeDrop (as the SAM code's ascent pass).
+    examples: the number of examples of all replicas that the data loss
+      averages over (default: config.batch_size).
 
   Returns:
     loss_fn(params) -> (loss, (logits, new_model_state)).
@@ -99,10 +106,6 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
   model = state.model
   decayed = optim.decayed(model.trainable_variables,
                           config.optimizer.decay_all_params)
-  smoothing = config.optimizer.label_smoothing
-  targets = tf.one_hot(labels, state.num_classes)
-  targets = targets * (1 - smoothing) + smoothing / state.num_classes
-
   training = not ascent or config.sam.ascent_mode == 'train'
 
   def loss_fn(params):
@@ -110,8 +113,8 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
       logits, new_state = model.stateless_call(
           params, model_state, images, training=training)
     logits = tf.cast(logits, tf.float32)
-    per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
-    loss = tf.reduce_sum(per_example) / config.batch_size
+    per_example = _per_example_loss(state, config, labels, logits)
+    loss = tf.reduce_sum(per_example) / (examples or config.batch_size)
     if state.l2:
       l2 = tf.add_n([tf.reduce_sum(tf.square(p))
                      for p, d in zip(params, decayed) if d])
@@ -119,6 +122,48 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
     return loss, (logits, new_state)
 
   return loss_fn
+
+
+def _per_example_loss(state, config, labels, logits):
+  """The cross-entropy of each example, with the config's label smoothing."""
+  smoothing = config.optimizer.label_smoothing
+  targets = tf.one_hot(labels, state.num_classes)
+  targets = targets * (1 - smoothing) + smoothing / state.num_classes
+  return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+
+
+def esam_selection(state: TrainState, config: ml_collections.ConfigDict,
+                   images, labels, model_state, l2_share: float):
+  """ESAM's sharpness-sensitive data selection, for `sam_step`.
+
+  Du et al., ICLR 2022 (github.com/dydjw9/Efficient_SAM, utils/Esam.py):
+  the pass at w + eps takes the int(gamma b) examples of this replica's b
+  (gamma: config.sam.esam_gamma) whose loss rose most from w to w + eps,
+  measured by one more forward pass at w + eps in training mode; its loss is
+  the mean over the examples kept by all replicas. As the reference, batch
+  norm in that pass normalizes over the kept examples; unlike it, exactly
+  int(gamma b) are kept (its strict `>` against the int(gamma b)-th largest
+  keeps one fewer), and that forward pass updates no batch-norm statistics.
+
+  Returns:
+    select(aux, moved) -> the loss_fn of the kept examples, given the aux of
+    the pass at w (its logits) and the params at w + eps.
+  """
+  keep = int(images.shape[0] * config.sam.esam_gamma)
+  num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+
+  def select(aux, moved):
+    logits, _ = aux
+    after, _ = state.model.stateless_call(moved, model_state, images,
+                                          training=True)
+    rise = (_per_example_loss(state, config, labels, tf.cast(after, tf.float32))
+            - _per_example_loss(state, config, labels, logits))
+    _, kept = tf.math.top_k(tf.stop_gradient(rise), keep)
+    return make_loss_fn(state, config, tf.gather(images, kept),
+                        tf.gather(labels, kept), model_state, l2_share,
+                        examples=keep * num_replicas)
+
+  return select
 
 
 def _micro_batch_sam(state, config, images, labels, model_state, params):
@@ -166,7 +211,11 @@ def _variant_args(state: TrainState, config: ml_collections.ConfigDict):
               ascent_steps=sc.ascent_steps,
               state=[v.read_value() for v in state.sam_state],
               fsam_sigma=sc.fsam_sigma, fsam_lambda=sc.fsam_lambda,
-              msam_momentum=oc.momentum if oc.name == 'sgd' else oc.beta1)
+              msam_momentum=oc.momentum if oc.name == 'sgd' else oc.beta1,
+              esam_beta=sc.esam_beta,
+              esam_seed=tf.stack([tf.constant(config.seed, tf.int64),
+                                  tf.cast(state.optimizer.iterations,
+                                          tf.int64)]))
 
 
 def _total(grads):

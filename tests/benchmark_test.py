@@ -35,6 +35,7 @@ def test_table_has_every_custom_loop_row(results):
       'cnn: custom loop, plain (rho=0)',
       'cnn: custom loop, SAM',
       'cnn: custom loop, SAM variant=asam',
+      'cnn: custom loop, SAM variant=esam',
       'cnn: custom loop, SAM variant=fsam',
       'cnn: custom loop, SAM variant=msam',
       'cnn: custom loop, SAM, 2 ascent steps',
@@ -69,7 +70,7 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
     if figures[f'{key}_images_per_sec'] is not None:
       assert figures[f'{key}_images_per_sec'] == (
           rows[row]['images_per_sec_best']), key
-  assert len(rows) == 16  # Input, 14 custom loop rows, Keras 3 SAMModel.
+  assert len(rows) == 17  # Input, 15 custom loop rows, Keras 3 SAMModel.
   for name, row in rows.items():
     for key in ROW_KEYS:
       assert _positive(row[key]), (name, key)
@@ -89,7 +90,7 @@ def test_loop_and_precision_rows_off_and_the_profile(tmp_path):
                               rho=0.05, keras2=False, loop_rows=False,
                               precision_rows=False, profile_dir=str(tmp_path))
   names = list(results['rows'])
-  assert len(names) == 11  # Input, 9 custom loop rows, Keras 3 SAMModel.
+  assert len(names) == 12  # Input, 10 custom loop rows, Keras 3 SAMModel.
   assert not any('steps_per_loop' in n or 'bfloat16' in n for n in names)
   # A trace for TensorBoard's profile plugin per profiled row.
   for subdir in ('plain', 'sam'):

@@ -529,6 +529,9 @@ def test_unbuilt_subclassed_model_is_built_by_fit():
     (dict(variant='fsam', ascent_steps=2),
      "variant 'fsam' keeps one state for all replicas"),
     (dict(variant='fsam', adaptive=True), 'exclude each other'),
+    (dict(variant='esam', esam_beta=0.0),
+     r'esam_beta=0.0 is invalid: .*\(0, 1\]'),
+    (dict(esam_seed=0.5), 'esam_seed=0.5 is invalid: it must be an int'),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -83,6 +83,17 @@ def _np_fsam(g, w, rho, options, momentum):
   return [rho * di / _norm(d) for di in d], momentum
 
 
+def _np_esam(g, w, rho, options, state):
+  # Du et al. (dydjw9/Efficient_SAM ESAM.first_step, beta 0.5): the kept
+  # tensors' part of g over its own norm, times rho / beta; 0 if none kept.
+  # The draw is the input: the code under test's, per step.
+  del w
+  keep = options['esam_keep']
+  kept = [k * gi for k, gi in zip(keep, g)]
+  norm = _norm(kept)
+  return [rho / 0.5 * gi / norm if norm else gi for gi in kept], state
+
+
 def _ascending(perturb):
   """The reference of a variant whose eps comes from gradients at w."""
   def reference(grad_at, w, rho, options, state):
@@ -110,6 +121,7 @@ def _np_msam(grad_at, w, rho, options, velocity):
 # name -> (grad_at, w, rho, options, state) -> (SAM gradient, state) in
 # NumPy: grad_at(w) is the whole batch's gradient at w; state None at first.
 NUMPY_REFERENCES = {'sam': _ascending(_np_sam), 'asam': _ascending(_np_asam),
+                    'esam': _ascending(_np_esam),
                     'fsam': _ascending(_np_fsam), 'msam': _np_msam}
 
 
@@ -131,15 +143,27 @@ def _np_grad(x, y, w):
   return [x.T @ d, d.sum(0)]
 
 
-def _np_run(name, xs, ys, w, options):
-  """STEPS steps of SGD at LR with the variant: [(w, gradient)] per step."""
+def _np_run(name, xs, ys, w, options, xla=False):
+  """STEPS steps of SGD at LR with the variant: [(w, gradient)] per step.
+
+  ESAM's draws are those of `swp_keep`, compiled with XLA if `xla` (whose
+  Philox gives other numbers than TensorFlow's kernel).
+  """
+  draw = tf.function(lambda seed: perturbations.swp_keep(seed, len(w), 0.5),
+                     jit_compile=xla)
   steps, state = [], None
-  for x, y in zip(xs, ys):
+  for i, (x, y) in enumerate(zip(xs, ys)):
     g, state = NUMPY_REFERENCES[name](
-        lambda at, x=x, y=y: _np_grad(x, y, at), w, RHO, options, state)
+        lambda at, x=x, y=y: _np_grad(x, y, at), w, RHO,
+        dict(options, esam_keep=draw(_seed(i)).numpy()), state)
     steps.append((w, g))
     w = [wi - LR * gi for wi, gi in zip(w, g)]
   return steps
+
+
+def _seed(step):
+  """ESAM's seed at a step (SAMModel's: its esam_seed 0, the iteration)."""
+  return np.array([0, step], np.int64)
 
 
 def _loss_fn(x, y):
@@ -187,35 +211,37 @@ def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with,
   parts = options.pop('micro_batches', 0)
 
   @tf.function(jit_compile=compile_with == 'xla')
-  def replica_step(x, y, params, state):
+  def replica_step(x, y, params, state, seed):
     loss_fn = [_loss_fn(a, b) for a, b in zip(
         tf.split(x, parts), tf.split(y, parts))] if parts else _loss_fn(x, y)
     out = sam.sam_step(loss_fn, params, rho=RHO, variant=name, names=NAMES,
-                       state=state, **options)
+                       state=state, esam_seed=seed, **options)
     return out.grads, out.state
 
   @tf.function
-  def step(x, y, params, state):
+  def step(x, y, params, state, seed):
     shards = strategy.experimental_distribute_values_from_function(
         lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
                      y[ctx.replica_id_in_sync_group * size:][:size]))
     grads, state = strategy.run(replica_step,
-                                args=(*shards, params, state))
+                                args=(*shards, params, state, seed))
     return [strategy.reduce('SUM', g, axis=None) for g in grads], state
 
   if _refused(name, options):
     with pytest.raises(ValueError, match='keeps one state for all'):
-      step(xs[0], ys[0], w, None)
+      step(xs[0], ys[0], w, None, _seed(0))
     return
-  want = _np_run(name, xs, ys, w, options)
+  want = _np_run(name, xs, ys, w, options, xla=compile_with == 'xla')
   state = None
-  for x, y, (at, ref) in zip(xs, ys, want):
-    got, state = step(x, y, [tf.constant(a, tf.float32) for a in at], state)
+  for i, (x, y, (at, ref)) in enumerate(zip(xs, ys, want)):
+    got, state = step(x, y, [tf.constant(a, tf.float32) for a in at], state,
+                      _seed(i))
     for got_g, ref_g in zip(got, ref):
       np.testing.assert_allclose(got_g, ref_g, rtol=1e-5, atol=1e-6)
-  # The reference is no plain gradient: the perturbation mattered.
-  (at, ref), x, y = want[-1], xs[-1], ys[-1]
-  assert np.abs(ref[0] - _np_grad(x, y, at)[0]).max() > 1e-4
+  # The reference is no plain gradient: the perturbation mattered (at some
+  # step: ESAM's draw may perturb nothing at one).
+  assert any(np.abs(ref[0] - _np_grad(x, y, at)[0]).max() > 1e-4
+             for x, y, (at, ref) in zip(xs, ys, want))
 
 
 @pytest.mark.parametrize('case', sorted(c for c in CASES if CASES[c][1]))
@@ -293,3 +319,20 @@ def test_sam_model_shares_eps_within_inner_groups(mirrored):
     want = [wi - gi / 2 for wi, gi in zip(want, perturbed)]
   for got, ref in zip(inner.get_weights(), want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_swp_keeps_each_tensor_with_probability_beta():
+  keep = perturbations.swp_keep([3, 7], 4000, 0.3).numpy()
+  assert set(np.unique(keep)) == {0.0, 1.0}
+  assert abs(keep.mean() - 0.3) < 0.03  # 4 standard errors.
+  # Another step, another draw; beta = 1 keeps every tensor.
+  assert not np.array_equal(
+      keep, perturbations.swp_keep([3, 8], 4000, 0.3).numpy())
+  assert perturbations.swp_keep([3, 7], 50, 1.0).numpy().all()
+
+
+def test_esam_without_a_seed_is_one_line():
+  xs, ys, w = _problem()
+  with pytest.raises(ValueError, match=r'needs a seed per step: '
+                     r'sam_step\(esam_seed=\[seed, step\]\)'):
+    sam.sam_step(_loss_fn(xs[0], ys[0]), w, rho=RHO, variant='esam')

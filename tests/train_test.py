@@ -137,13 +137,15 @@ def test_perturb_only_that_selects_nothing_is_one_line(tmp_path):
 
 
 def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
-                    ascent_training=True, variables=None):
+                    ascent_training=True, variables=None, esam_shards=0):
   """SAM + SGD computed another way: perturb Keras variables in place.
 
   `sam_steps` lists the steps that use SAM (default: all); with
   `looksam_alpha`, the others add LookSAM's reused direction, computed here
   on flattened NumPy vectors. `ascent_training=False` runs the pass at w in
-  inference mode. Returns the values of the trainable variables (or of
+  inference mode. `esam_shards`: ESAM's data selection (config.sam.
+  esam_gamma) within each of that many equal parts of the batch (the
+  replicas'). Returns the values of the trainable variables (or of
   `variables(model)`).
   """
   data = input_pipeline.load(config)
@@ -183,8 +185,16 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
     if sam_step:
       clean = flat(grads)
       norm = tf.linalg.global_norm(grads)
+      before = _example_losses(model, images, labels)
       for v, g in zip(model.trainable_variables, grads):
         v.assign_add(rho * g / norm)
+      if esam_shards:
+        rise = np.split(_example_losses(model, images, labels) - before,
+                        esam_shards)
+        keep = int(len(rise[0]) * config.sam.esam_gamma)
+        kept = np.concatenate([i * len(r) + np.argsort(-r)[:keep]
+                               for i, r in enumerate(rise)])
+        images, labels = tf.gather(images, kept), tf.gather(labels, kept)
       with tf.GradientTape() as tape:
         loss = loss_of(images, labels)
       grads = tape.gradient(loss, model.trainable_variables)
@@ -199,6 +209,52 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
       v.assign(s - config.schedule.learning_rate * g)
   return [v.numpy() for v in (variables or (
       lambda m: m.trainable_variables))(model)]
+
+
+def _example_losses(model, images, labels):
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels, model(images, training=True)).numpy()
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+def test_esam_data_selection_matches_manual_reference(mirrored, num_replicas):
+  """ESAM's SDS: the pass at w + eps on each replica's half whose loss rose
+  most, its loss the mean over all replicas' kept examples (beta = 1: every
+  weight perturbed, by rho)."""
+  config = tiny_config(**{'sam.rho': 0.5, 'optimizer.momentum': 0.0,
+                          'sam.variant': 'esam', 'sam.esam_beta': 1.0,
+                          'sam.esam_gamma': 0.5})
+  strategy = mirrored(num_replicas)
+  trainer = _train(config, strategy, 3)
+  want = _manual_sam_sgd(config, 3, esam_shards=num_replicas)
+  for got, ref in zip(
+      _values(trainer.state.model.trainable_variables, 0, strategy), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  # Not SAM on the whole batch.
+  assert not all(np.allclose(a, b, atol=1e-4)
+                 for a, b in zip(want, _manual_sam_sgd(config, 3)))
+
+
+def test_esam_data_selection_needs_the_training_mode_ascent():
+  config = tiny_config(**{'sam.variant': 'esam',
+                          'sam.ascent_mode': 'inference'})
+  with pytest.raises(ValueError, match="ESAM's data selection needs "
+                     "sam.ascent_mode='train'"):
+    config_checks.validate_config(config, 1)
+  config.sam.esam_gamma = 1.0
+  config_checks.validate_config(config, 1)
+
+
+def test_esam_weight_perturbation_on_replicas_matches_single_device(mirrored):
+  """SWP's draw is the same on every replica (one per step), and with
+  beta < 1 it is not SAM."""
+  config = tiny_config(**{'sam.rho': 0.1, 'sam.variant': 'esam',
+                          'sam.esam_gamma': 1.0})
+  one, _, _ = _assert_same_as_one_device(config, mirrored, 2, 3)
+  config.sam.variant = 'sam'
+  sam = _train(config, tf.distribute.get_strategy(), 3)
+  assert not all(np.allclose(a, b, atol=1e-5) for a, b in zip(
+      _values(one.state.model.variables), _values(sam.state.model.variables)))
 
 
 @pytest.mark.parametrize('rho', [0.0, 0.1])
@@ -383,6 +439,8 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('dtype_policy', 'float16', 'config.dtype_policy'),
     ('loss_scale.initial', 0.0, 'config.loss_scale.initial'),
     ('sam.rho', float('inf'), 'config.sam.rho=inf'),
+    ('sam.esam_beta', 0.0, 'config.sam.esam_beta=0.0'),
+    ('sam.esam_gamma', 0.1, 'keep at least one of the 8 examples per replica'),
     ('schedule.learning_rate', float('inf'), 'config.schedule.learning_rate'),
     ('num_train_steps', 0, 'config.num_train_steps=0'),
     ('seed', -1, 'config.seed=-1'),
