@@ -75,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sam = ml_collections.ConfigDict()
   # Neighbourhood radius; 0 trains with the plain base optimizer.
   config.sam.rho = 0.05
+  # 'constant'; or 'learning_rate': rho follows the learning rate, from
+  # sam.rho at its peak to sam.rho_min where the schedule ends (GSAM, Zhuang
+  # et al. 2022, as big_vision), logged as train/rho.
+  config.sam.rho_schedule = 'constant'
+  config.sam.rho_min = 0.0
   # The perturbation, by name (sam.perturbations.REGISTRY, with each one's
   # paper and reference code): 'sam'; 'asam' (Kwon et al. 2021: scaled by
   # |w| + eta; ASAM's rho is typically 10x SAM's); 'fsam' (Friendly SAM, Li

@@ -18,6 +18,7 @@ from sam import plateau
 
 OPTIMIZERS = ('sgd', 'adam')
 ASCENT_MODES = ('train', 'inference')
+RHO_SCHEDULES = ('constant', 'learning_rate')
 SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
 WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
 # Keras dtype policies of the model; mixed_float16 turns on loss scaling.
@@ -38,6 +39,9 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
   """The fields of config.sam that validate_config does not check alone."""
   _one_of('sam.variant', sc.variant, tuple(sorted(perturbations.REGISTRY)))
   _one_of('sam.ascent_mode', sc.ascent_mode, ASCENT_MODES)
+  _one_of('sam.rho_schedule', sc.rho_schedule, RHO_SCHEDULES)
+  _check(0 <= sc.rho_min <= sc.rho, 'sam.rho_min', sc.rho_min,
+         f'it must be in [0, sam.rho={sc.rho}]')
   _check(sc.ascent_steps >= 1, 'sam.ascent_steps', sc.ascent_steps,
          'it must be >= 1 (1 is SAM)')
   _check(math.isfinite(sc.fsam_sigma), 'sam.fsam_sigma', sc.fsam_sigma,
@@ -116,6 +120,10 @@ def validate_config(config: ml_collections.ConfigDict,
   _one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
          WEIGHT_DECAY_TYPES)
   _one_of('schedule.name', config.schedule.name, SCHEDULES)
+  _check(config.sam.rho_schedule == 'constant' or
+         config.schedule.name in ('cosine', 'step'), 'sam.rho_schedule',
+         config.sam.rho_schedule, 'it follows a learning rate that decays: '
+         "use schedule.name 'cosine' or 'step', or rho_schedule 'constant'")
   _one_of('strategy', config.strategy, distribute.STRATEGIES)
   _one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
   _one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
@@ -195,7 +203,8 @@ RESUMABLE_FIELDS = (
     'strategy', 'tpu', 'multi_worker_timeout_secs', 'jit_compile',
     'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
-    'sam.rho', 'sam.ascent_mode', 'sam.fsam_sigma', 'sam.fsam_lambda',
+    'sam.rho', 'sam.rho_schedule', 'sam.rho_min', 'sam.ascent_mode',
+    'sam.fsam_sigma', 'sam.fsam_lambda',
     'sam.esam_beta', 'sam.esam_gamma',
     'sam.adaptive', 'sam.eta',
     'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',

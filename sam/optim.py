@@ -44,10 +44,37 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
       lr *= self.scale[0]
     return lr
 
+  def final_rate(self) -> float:
+    """The rate the schedule decays to (before any plateau scaling)."""
+    if self.name == 'cosine':
+      return 0.0
+    if self.name == 'step':
+      return self.learning_rate * self.decay_factor**len(self.boundaries)
+    return self.learning_rate
+
   def get_config(self) -> dict[str, Any]:
     return dict(name=self.name, learning_rate=self.learning_rate,
                 warmup_steps=self.warmup_steps, total_steps=self.total_steps,
                 boundaries=self.boundaries, decay_factor=self.decay_factor)
+
+
+def sam_rho(config: ml_collections.ConfigDict, schedule: Schedule, step):
+  """SAM's rho at `step` (a tensor), or the constant config.sam.rho.
+
+  sam.rho_schedule='learning_rate' follows the learning rate lr from
+  sam.rho (at the peak rate lr_max) to sam.rho_min (at the rate the schedule
+  decays to, lr_min), as GSAM (Zhuang et al., ICLR 2022, and
+  big_vision's gsam_gradient): rho_min + (rho - rho_min) (lr - lr_min) /
+  (lr_max - lr_min); during warm-up it rises with the rate, never below
+  rho_min (big_vision's does not clamp: a warm-up below lr_min would take it
+  there).
+  """
+  sc = config.sam
+  if sc.rho_schedule == 'constant' or not sc.rho:
+    return sc.rho
+  lr_max, lr_min = schedule.learning_rate, schedule.final_rate()
+  fraction = tf.maximum(0.0, (schedule(step) - lr_min) / (lr_max - lr_min))
+  return sc.rho_min + (sc.rho - sc.rho_min) * fraction
 
 
 def create_optimizer(config: ml_collections.ConfigDict,

@@ -55,7 +55,8 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
       select = esam_selection(state, config, images, labels, model_state,
                               share)
     out = sam_lib.sam_step(
-        loss_fn, params, sc.rho, sync_perturbation=sc.sync_perturbation,
+        loss_fn, params, _rho(state, config),
+        sync_perturbation=sc.sync_perturbation,
         loss_scale=scale, ascent_loss_fn=ascent_loss_fn,
         select_examples=select, **_variant_args(state, config))
   else:
@@ -183,12 +184,14 @@ def _micro_batch_sam(state, config, images, labels, model_state, params):
                      for ascent in (False, True))
   if sc.accumulate_micro_batches:
     out = sam_lib.sam_step(
-        fns, params, sc.rho, sync_perturbation=sc.sync_perturbation,
+        fns, params, _rho(state, config),
+        sync_perturbation=sc.sync_perturbation,
         loss_scale=loss_scaling.scale(state), ascent_loss_fn=ascent_fns,
         **_variant_args(state, config))
   else:
     out = sam_lib.micro_batch_sam_step(
-        fns, params, sc.rho, loss_scale=loss_scaling.scale(state),
+        fns, params, _rho(state, config),
+        loss_scale=loss_scaling.scale(state),
         ascent_loss_fns=ascent_fns, **_variant_args(state, config))
 
   def joined(auxes):
@@ -198,6 +201,11 @@ def _micro_batch_sam(state, config, images, labels, model_state, params):
     return logits, [tf.add_n(s) / chunks for s in zip(*[a[1] for a in auxes])]
   return out._replace(aux=joined(out.aux),
                       perturbed_aux=joined(out.perturbed_aux))
+
+
+def _rho(state: TrainState, config: ml_collections.ConfigDict):
+  """This step's rho (config.sam.rho_schedule)."""
+  return optim.sam_rho(config, state.schedule, state.optimizer.iterations)
 
 
 def _variant_args(state: TrainState, config: ml_collections.ConfigDict):

@@ -11,6 +11,7 @@ import functools
 import ml_collections
 import tensorflow as tf
 
+from sam import optim
 from sam import plateau
 from sam import state as state_lib
 from sam import step as step_lib
@@ -130,6 +131,9 @@ class Trainer:
                        state.noise_sums.numpy().tolist()))
       state.noise_sums.assign(tf.zeros_like(state.noise_sums))
     metrics = {'train/learning_rate': float(state.schedule(state.step - 1))}
+    if self.config.sam.rho_schedule != 'constant':
+      metrics['train/rho'] = float(
+          optim.sam_rho(self.config, state.schedule, state.step - 1))
     if state.loss_scaling:
       metrics.update({'train/skipped_steps': sums['skipped'],
                       'train/loss_scale': float(state.loss_scale.numpy())})

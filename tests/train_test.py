@@ -440,6 +440,8 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('loss_scale.initial', 0.0, 'config.loss_scale.initial'),
     ('sam.rho', float('inf'), 'config.sam.rho=inf'),
     ('sam.esam_beta', 0.0, 'config.sam.esam_beta=0.0'),
+    ('sam.rho_schedule', 'learning_rate', 'a learning rate that decays'),
+    ('sam.rho_min', 0.1, 'config.sam.rho_min=0.1 is invalid: it must be in'),
     ('sam.esam_gamma', 0.1, 'keep at least one of the 8 examples per replica'),
     ('schedule.learning_rate', float('inf'), 'config.schedule.learning_rate'),
     ('num_train_steps', 0, 'config.num_train_steps=0'),
@@ -528,6 +530,48 @@ def test_schedules(name, step, want):
   schedule = optim.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
                             boundaries=(30, 60), decay_factor=0.2)
   np.testing.assert_allclose(float(schedule(step)), want, atol=1e-7)
+
+
+@pytest.mark.parametrize('name,step,want', [
+    # Cosine from 0.1 to 0: rho from 0.2 to 0.02 (the learning rate's
+    # fraction of the way from 0 to 0.1), rising with the warm-up.
+    ('cosine', 0, 0.02 + 0.18 * 0.1), ('cosine', 9, 0.2),
+    ('cosine', 55, 0.11), ('cosine', 100, 0.02),
+    # Steps 0.1, 0.02, 0.004: lr_min is 0.004.
+    ('step', 0, 0.02 + 0.18 * 0.006 / 0.096), ('step', 9, 0.2),
+    ('step', 30, 0.02 + 0.18 * 0.016 / 0.096), ('step', 60, 0.02),
+])
+def test_rho_follows_the_learning_rate(name, step, want):
+  config = tiny_config(**{'sam.rho': 0.2, 'sam.rho_min': 0.02,
+                          'sam.rho_schedule': 'learning_rate'})
+  schedule = optim.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
+                            boundaries=(30, 60), decay_factor=0.2)
+  np.testing.assert_allclose(float(optim.sam_rho(config, schedule, step)),
+                             want, rtol=1e-5)
+  # A warm-up below lr_min leaves rho at rho_min; 'constant' is sam.rho.
+  slow = optim.Schedule('step', 0.1, warmup_steps=1000, total_steps=2000,
+                        boundaries=(1500,), decay_factor=0.2)
+  np.testing.assert_allclose(float(optim.sam_rho(config, slow, 0)), 0.02)
+  config.sam.rho_schedule = 'constant'
+  assert optim.sam_rho(config, schedule, step) == 0.2
+
+
+def test_the_step_takes_the_scheduled_rho(tmp_path):
+  """At step 0 of a 4-step warm-up, rho is a quarter of the way up."""
+  def weights(**fields):
+    config = tiny_config(**{'schedule.name': 'cosine',
+                            'schedule.warmup_epochs': 1.0, **fields})
+    trainer = _train(config, tf.distribute.get_strategy(), 1)
+    return trainer, _values(trainer.state.model.trainable_variables)
+
+  trainer, scheduled = weights(**{'sam.rho': 0.4, 'sam.rho_min': 0.0,
+                                  'sam.rho_schedule': 'learning_rate'})
+  _, constant = weights(**{'sam.rho': 0.1})
+  _, at_max = weights(**{'sam.rho': 0.4})
+  for a, b in zip(scheduled, constant):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not all(np.allclose(a, b) for a, b in zip(scheduled, at_max))
+  assert trainer.read_train_metrics()['train/rho'] == pytest.approx(0.1)
 
 
 @pytest.mark.slow
