@@ -576,13 +576,16 @@ def test_the_step_takes_the_scheduled_rho(tmp_path):
 
 @pytest.mark.slow
 @requires_xla_cpu
-@pytest.mark.parametrize('model', ['resnet20', 'wrn16_4', 'cnn'])
-def test_xla_step_matches_graph_step(model):
+@pytest.mark.parametrize('model,side', [
+    ('resnet20', 8), ('wrn16_4', 8), ('cnn', 8), ('resnet50', 32),
+    ('vit_ti16', 32)])
+def test_xla_step_matches_graph_step(model, side):
   """The whole replica step (two SAM passes, update, metrics) compiles."""
   results = {}
   for jit in ('true', 'false'):
     config = tiny_config(**{'model.name': model, 'jit_compile': jit,
-                            'sam.rho': 0.05, 'optimizer.grad_clip_norm': 1.0})
+                            'sam.rho': 0.05, 'optimizer.grad_clip_norm': 1.0,
+                            'dataset.synthetic_image_shape': (side, side, 3)})
     trainer = _train(config, tf.distribute.get_strategy(), 2)
     assert trainer.jit_compile == (jit == 'true')
     data = input_pipeline.load(config)

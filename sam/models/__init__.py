@@ -32,6 +32,11 @@ coefficients, and the state returned by the first advances them.
   shake_shake_26_2x32d,       Shake-Shake-Image ResNet-26s (Gastaldi, 2017)
   shake_shake_26_2x64d,       with 2.9M, 11.7M and 26.2M parameters; the
   shake_shake_26_2x96d        SAM paper's Table 1 trains 2x96d
+  resnet50                    ResNet-50 v1.5 for ImageNet-sized images
+                              (25.6M parameters)
+  vit_ti16, vit_s16, vit_b16, Vision Transformers Ti/16, S/16, B/16, S/32,
+  vit_s32, vit_b32            B/32 (Dosovitskiy et al., 2021; 22.1M for S/16,
+                              86.6M for B/16)
 """
 
 from collections.abc import Callable
@@ -45,8 +50,10 @@ import keras
 # for `keras.saving.load_model`, as do `pyramidnet` and `shake_shake`.
 from sam.models import pyramidnet
 from sam.models import resnet
+from sam.models import resnet50
 from sam.models import shake_shake
 from sam.models import simple
+from sam.models import vit
 from sam.models import wide_resnet
 
 # Each builder takes (num_classes, input_shape).
@@ -74,6 +81,10 @@ _REGISTRY: dict[str, _Builder] = {
     'shake_shake_26_2x32d': functools.partial(shake_shake.shake_shake, 26, 32),
     'shake_shake_26_2x64d': functools.partial(shake_shake.shake_shake, 26, 64),
     'shake_shake_26_2x96d': functools.partial(shake_shake.shake_shake, 26, 96),
+    'resnet50': resnet50.resnet50,
+    **{f'vit_{size}{patch}': functools.partial(vit.vit, size, patch)
+       for size, patch in (('ti', 16), ('s', 16), ('b', 16), ('s', 32),
+                           ('b', 32))},
 }
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
