@@ -302,9 +302,15 @@ def main(argv):
              '(--list prints them).')
   while not _REPORT_ONLY.value:
     # Again after every cell: a finished sweep adds the chosen rho's cells.
-    todo = [name for name in cells(grid, choose_rho(grid, out_dir))
+    known = cells(grid, choose_rho(grid, out_dir))
+    todo = [name for name in known
             if name in (_CELLS.value or grid_cells) and
             name not in _finished(out_dir, {name: None})]
+    waiting = set(_CELLS.value or []) - set(known)
+    if not todo and waiting:
+      sys.exit(f'Error: --cells {sorted(waiting)} wait for the rho sweep on '
+               f'seeds {list(grid.sweep_seeds)}, which chooses their rho (or '
+               'names another rho): run the sweep cells first.')
     if not todo:
       break
     start = time.time()

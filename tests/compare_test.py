@@ -196,3 +196,16 @@ def test_sigterm_stops_the_grid_in_one_line_and_it_resumes(tmp_path):
   done = _run(tmp_path, f'--cells={cell.name}')
   assert done.returncode == 0, done.stderr[-3000:]
   assert json.loads((cell / 'results.json').read_text())['step'] == 400
+
+
+def test_cells_that_wait_for_the_sweep_are_one_line(tmp_path):
+  (tmp_path / 'grid.py').write_text(GRID.replace(
+      "grid.seeds = (0,)", "grid.seeds = (0, 1)\n  grid.sweep_seeds = (0,)"
+  ).replace("'eval_every_steps': 2}", "'eval_every_steps': 2,\n"
+            "                             'dataset.validation_size': 16}"))
+  done = _run(tmp_path, '--cells=sam_rho0.1_noise0.4_seed1')
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      "Error: --cells ['sam_rho0.1_noise0.4_seed1'] wait for the rho sweep on "
+      'seeds [0], which chooses their rho (or names another rho): run the '
+      'sweep cells first.')
