@@ -51,14 +51,15 @@ def _is_number(value: Any) -> bool:
 _SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
                   'perturb_only', 'adaptive_biases', 'inner_group_size',
                   'ascent_steps', 'ascent_mode', 'fsam_sigma', 'fsam_lambda',
-                  'msam_momentum', 'esam_beta', 'esam_seed')
+                  'msam_momentum', 'esam_beta', 'esam_seed', 'micro_batches')
 
 
 # Their kinds, for the checks.
 _NUMBERS = ('rho', 'eta', 'fsam_sigma', 'fsam_lambda', 'msam_momentum',
             'esam_beta')
 _FLAGS = ('adaptive', 'sync_perturbation', 'adaptive_biases')
-_INTS = {'inner_group_size': 0, 'ascent_steps': 1, 'esam_seed': 0}
+_INTS = {'inner_group_size': 0, 'ascent_steps': 1, 'esam_seed': 0,
+         'micro_batches': 1}
 
 
 def _check_arguments(model: Any, arguments: dict[str, Any]) -> None:
@@ -96,12 +97,13 @@ def _check_arguments(model: Any, arguments: dict[str, Any]) -> None:
 
 
 def _loss_fn(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
-             ascent: bool):
+             ascent: bool, share: float = 1.0):
   """The compiled loss of a batch as a pure function of the trainable values.
 
   `ascent`: of SAM's ascent pass (in inference mode if
   `sam_model.ascent_mode` is 'inference', else with Shake-Shake's and
-  ShakeDrop's true gradient, `sam.models.true_gradient`).
+  ShakeDrop's true gradient, `sam.models.true_gradient`). `share`: the
+  batch's share of the replica's (a micro-batch's), which scales the loss.
   """
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
   trainable = sam_model.trainable_variables
@@ -128,10 +130,51 @@ def _loss_fn(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
     # scope; None where nothing was updated.
     new_metrics = [scope.get_current_value(v) for v in metric_vars]
     # A LossScaleOptimizer's scale cancels in eps = rho g / ||g||.
-    return sam_model.optimizer.scale_loss(loss), (loss, y_pred, new_state,
-                                                  new_metrics)
+    return sam_model.optimizer.scale_loss(loss * share), (
+        loss, y_pred, new_state, new_metrics)
 
   return loss_fn
+
+
+def _loss_fns(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
+              ascent: bool):
+  """`_loss_fn` of the batch, or a list of them, one per micro-batch."""
+  count = sam_model.micro_batches
+  if count == 1:
+    return _loss_fn(sam_model, data, state_vars, ascent)
+
+  def split(t):
+    if t is None:
+      return [None] * count
+    check = tf.debugging.assert_equal(
+        tf.shape(t)[0] % count, 0, message=(
+            f'SAMModel(micro_batches={count}): the batch of each replica must '
+            f'divide into {count} (batch the data with drop_remainder=True)'))
+    with tf.control_dependencies([check]):
+      return tf.split(t, count)
+
+  flat = [split(t) for t in tf.nest.flatten(data)]
+  parts = [tf.nest.pack_sequence_as(data, [f[i] for f in flat])
+           for i in range(count)]
+  return [_loss_fn(sam_model, part, state_vars, ascent, 1 / count)
+          for part in parts]
+
+
+def _joined(aux: Any, metric_vars: list[Any]) -> Any:
+  """The micro-batches' auxes as one of the whole batch: the mean loss, the
+  predictions concatenated, the mean of the new float states (the others
+  advance alike from one start), the metric updates added up."""
+  if not isinstance(aux, list):
+    return aux
+  losses, predictions, states, metrics = zip(*aux)
+  state = [tf.add_n(s) / len(s) if s[0].dtype.is_floating else s[0]
+           for s in zip(*states)]
+  metrics = [values[0] if values[0] is None else
+             v.value + tf.add_n([m - v.value for m in values])
+             for v, values in zip(metric_vars, zip(*metrics))]
+  return (tf.add_n(losses) / len(losses),
+          tf.nest.map_structure(lambda *p: tf.concat(p, 0), *predictions),
+          state, metrics)
 
 
 @keras.saving.register_keras_serializable(package='sam')
@@ -193,7 +236,8 @@ class SAMModel(keras.Model):
                inner_group_size: int = 0, ascent_steps: int = 1,
                ascent_mode: str = 'train', fsam_sigma: float = 1.0,
                fsam_lambda: float = 0.6, msam_momentum: float = 0.9,
-               esam_beta: float = 0.5, esam_seed: int = 0, **kwargs: Any):
+               esam_beta: float = 0.5, esam_seed: int = 0,
+               micro_batches: int = 1, **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -232,9 +276,10 @@ class SAMModel(keras.Model):
       fsam_sigma, fsam_lambda: F-SAM's sigma and lambda.
       msam_momentum: the momentum of MSAM's v; give the optimizer's (SGD's
         momentum, Adam's beta_1).
-      esam_beta: ESAM's probability that a weight tensor is perturbed.
-      esam_seed: the seed of ESAM's draws (one per step, from the seed and
-        the optimizer's iterations).
+      esam_beta, esam_seed: ESAM's probability that a weight tensor is
+        perturbed, and the seed of its draws (one per optimizer iteration).
+      micro_batches: gradient accumulation: each replica's batch as this many
+        micro-batches one after the other, one eps for all.
       **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
@@ -280,7 +325,7 @@ class SAMModel(keras.Model):
     state_vars = [v for v in self.non_trainable_variables
                   if id(v) not in sam_state]
     loss_fn, ascent_loss_fn = (
-        _loss_fn(self, data, state_vars, ascent) for ascent in (False, True))
+        _loss_fns(self, data, state_vars, ascent) for ascent in (False, True))
     out = sam_lib.sam_step(
         loss_fn, [v.value for v in trainable], self.rho,
         ascent_loss_fn=ascent_loss_fn, adaptive=self.adaptive,
@@ -297,8 +342,9 @@ class SAMModel(keras.Model):
                             tf.cast(self.optimizer.iterations, tf.int64)]))
     # The loss, metrics and new state of the pass at w, unless that one ran
     # in inference mode: then of the pass at w + eps.
-    loss, y_pred, new_state, new_metrics = (
-        out.aux if self.ascent_mode == 'train' else out.perturbed_aux)
+    loss, y_pred, new_state, new_metrics = _joined(
+        out.aux if self.ascent_mode == 'train' else out.perturbed_aux,
+        self.metrics_variables)
     for variable, value in zip(self.sam_state, out.state):
       variable.assign(value)  # The same on every replica.
     for variable, value in zip(state_vars,

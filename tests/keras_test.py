@@ -542,3 +542,33 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 def test_non_model_fails_at_construction(model):
   with pytest.raises(TypeError, match='model must be a Keras 3 model'):
     SAMModel(model)
+
+
+@pytest.mark.parametrize('micro_batches,num_replicas', [(2, 1), (2, 2)])
+def test_micro_batches_accumulate_as_replicas_do(micro_batches,
+                                                 num_replicas, mirrored):
+  """micro_batches=k: batch norm over each micro-batch, one eps for all: the
+  same as SAM on k times the replicas (the reference), weights and moving
+  statistics alike; the logged loss is that of the whole batch at w."""
+  x, y = _vectors()
+  sam_model = _fit_sam(x, y, mirrored(num_replicas),
+                       sam_kwargs={'micro_batches': micro_batches})
+  strategy = mirrored(num_replicas * micro_batches)
+  want = _reference_steps(x, y, strategy)[-1]
+  _assert_all_close([v.numpy() for v in sam_model.trainable_variables], want)
+  whole = _fit_sam(x, y, mirrored(num_replicas * micro_batches))
+  _assert_all_close(
+      [v.numpy() for v in sam_model.model.non_trainable_variables],
+      [v.numpy() for v in whole.model.non_trainable_variables])
+  for name in ('loss', 'accuracy'):
+    assert float(sam_model.get_metrics_result()[name]) == pytest.approx(
+        float(whole.get_metrics_result()[name]), rel=1e-5), name
+
+
+def test_micro_batches_that_do_not_divide_the_batch_name_the_fix():
+  x, y = _vectors()
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'micro_batches=2\): the batch of each replica '
+                     r'must divide into 2 \(batch the data with drop_rem'):
+    _fit_sam(x[:3], y[:3], tf.distribute.get_strategy(),
+             sam_kwargs={'micro_batches': 2})

@@ -37,9 +37,9 @@ CASES = {
     'two ascent steps': ({'eta': 0.01, 'ascent_steps': 2},
                          {'eta': 0.01, 'ascent_steps': 2}),
     # Gradient accumulation: each replica's shard as 2 micro-batches, one
-    # eps for all; the same as SAM on the whole batch (SAMModel: no such
-    # option).
-    'accumulation': ({'eta': 0.01, 'micro_batches': 2}, None),
+    # eps for all; the same as SAM on the whole batch.
+    'accumulation': ({'eta': 0.01, 'micro_batches': 2},
+                     {'eta': 0.01, 'micro_batches': 2}),
 }
 
 
