@@ -51,12 +51,13 @@ def _is_number(value: Any) -> bool:
 _SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
                   'perturb_only', 'adaptive_biases', 'inner_group_size',
                   'ascent_steps', 'ascent_mode', 'fsam_sigma', 'fsam_lambda',
-                  'msam_momentum', 'esam_beta', 'esam_seed', 'micro_batches')
+                  'msam_momentum', 'esam_beta', 'esam_gamma', 'esam_seed',
+                  'micro_batches')
 
 
 # Their kinds, for the checks.
 _NUMBERS = ('rho', 'eta', 'fsam_sigma', 'fsam_lambda', 'msam_momentum',
-            'esam_beta')
+            'esam_beta', 'esam_gamma')
 _FLAGS = ('adaptive', 'sync_perturbation', 'adaptive_biases')
 _INTS = {'inner_group_size': 0, 'ascent_steps': 1, 'esam_seed': 0,
          'micro_batches': 1}
@@ -72,8 +73,13 @@ def _check_arguments(model: Any, arguments: dict[str, Any]) -> None:
   for name in _NUMBERS:
     _check(_is_number(a[name]) and a[name] >= 0, name, a[name],
            'it must be a number >= 0')
-  _check(0 < a['esam_beta'] <= 1, 'esam_beta', a['esam_beta'],
-         'it must be in (0, 1] (ESAM uses 0.5)')
+  for name in ('esam_beta', 'esam_gamma'):
+    _check(0 < a[name] <= 1, name, a[name],
+           'it must be in (0, 1] (ESAM uses 0.5; 1 turns it off)')
+  if a['variant'] == 'esam' and a['esam_gamma'] < 1:
+    _check(a['ascent_mode'] == 'train' and a['micro_batches'] == 1,
+           'esam_gamma', a['esam_gamma'], "ESAM's data selection needs "
+           "ascent_mode='train' and micro_batches=1; or set it to 1")
   for name in _FLAGS:
     _check(isinstance(a[name], bool), name, a[name], 'it must be True or False')
   _check(a['variant'] in perturbations.REGISTRY, 'variant', a['variant'],
@@ -160,6 +166,55 @@ def _loss_fns(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
           for part in parts]
 
 
+def _esam_selection(sam_model: 'SAMModel', data: Any, state_vars: list[Any]):
+  """ESAM's data selection (see `sam.step.esam_selection`) for `sam_step`:
+  the pass at w + eps on the int(esam_gamma b) examples whose compiled loss
+  rose most from w to w + eps (one more forward pass, in training mode)."""
+  x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+  loss = sam_model.loss
+  if not isinstance(loss, (str, keras.losses.Loss)) and not callable(loss):
+    raise ValueError('SAMModel: ESAM\'s data selection (esam_gamma < 1) '
+                     'needs one compiled loss, not a list or dict of them.')
+  loss = keras.losses.get(loss)
+  per_example = loss.call if isinstance(loss, keras.losses.Loss) else loss
+  batch = tf.shape(tf.nest.flatten(x)[0])[0]
+  keep = tf.cast(tf.cast(batch, tf.float32) * sam_model.esam_gamma, tf.int32)
+  trainable = sam_model.trainable_variables
+  state = [v.value for v in state_vars]
+
+  def select(aux, moved):
+    mapping = list(zip(trainable, moved)) + list(zip(state_vars, state))
+    with keras.StatelessScope(state_mapping=mapping):
+      after = sam_model(x, training=True)
+    rise = per_example(y, after) - per_example(y, aux[1])
+    _, kept = tf.math.top_k(tf.stop_gradient(rise), keep)
+    part = tf.nest.map_structure(lambda t: tf.gather(t, kept), data)
+    return _loss_fn(sam_model, part, state_vars, ascent=False)
+
+  return select
+
+
+def _sam_arguments(sam_model: 'SAMModel', data: Any,
+                   state_vars: list[Any]) -> dict[str, Any]:
+  """`sam_step`'s arguments from the wrapper's, for this batch."""
+  m = sam_model
+  select = None
+  if m.variant == 'esam' and m.esam_gamma < 1:
+    select = _esam_selection(m, data, state_vars)
+  return dict(
+      adaptive=m.adaptive, sync_perturbation=m.sync_perturbation, eta=m.eta,
+      variant=m.variant, inner_group_size=m.inner_group_size,
+      ascent_steps=m.ascent_steps,
+      mask=perturbations.parameter_mask(m, m.perturb_only),
+      names=[v.path for v in m.trainable_variables],
+      adaptive_biases=m.adaptive_biases,
+      state=[v.value for v in m.sam_state], fsam_sigma=m.fsam_sigma,
+      fsam_lambda=m.fsam_lambda, msam_momentum=m.msam_momentum,
+      esam_beta=m.esam_beta, select_examples=select,
+      esam_seed=tf.stack([tf.constant(m.esam_seed, tf.int64),
+                          tf.cast(m.optimizer.iterations, tf.int64)]))
+
+
 def _joined(aux: Any, metric_vars: list[Any]) -> Any:
   """The micro-batches' auxes as one of the whole batch: the mean loss, the
   predictions concatenated, the mean of the new float states (the others
@@ -236,8 +291,8 @@ class SAMModel(keras.Model):
                inner_group_size: int = 0, ascent_steps: int = 1,
                ascent_mode: str = 'train', fsam_sigma: float = 1.0,
                fsam_lambda: float = 0.6, msam_momentum: float = 0.9,
-               esam_beta: float = 0.5, esam_seed: int = 0,
-               micro_batches: int = 1, **kwargs: Any):
+               esam_beta: float = 0.5, esam_gamma: float = 0.5,
+               esam_seed: int = 0, micro_batches: int = 1, **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -255,10 +310,8 @@ class SAMModel(keras.Model):
       eta: ASAM's offset, >= 0; ignored unless `adaptive`.
       variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
         ('sam', 'asam', 'esam', 'fsam', 'msam'); `adaptive=True` is 'asam'.
-        ESAM here is its stochastic weight perturbation (its data selection
-        is the custom loop's, config.sam.esam_gamma). F-SAM
-        and MSAM keep a state (a momentum) in variables of the wrapper,
-        saved with it; they need a built model.
+        F-SAM and MSAM keep a state (a momentum) in variables of the
+        wrapper, saved with it; they need a built model.
       perturb_only: '' perturbs every parameter; 'normalization' only those
         of the normalization layers (SAM-ON); else a regular expression
         searched in the variable paths
@@ -276,8 +329,9 @@ class SAMModel(keras.Model):
       fsam_sigma, fsam_lambda: F-SAM's sigma and lambda.
       msam_momentum: the momentum of MSAM's v; give the optimizer's (SGD's
         momentum, Adam's beta_1).
-      esam_beta, esam_seed: ESAM's probability that a weight tensor is
-        perturbed, and the seed of its draws (one per optimizer iteration).
+      esam_beta, esam_gamma, esam_seed: ESAM's (variant='esam') chance that
+        a weight tensor is perturbed, the part of each batch its pass at
+        w + eps takes, and the seed of its draws (one per iteration).
       micro_batches: gradient accumulation: each replica's batch as this many
         micro-batches one after the other, one eps for all.
       **kwargs: passed to `keras.Model` (e.g. `name`).
@@ -328,18 +382,8 @@ class SAMModel(keras.Model):
         _loss_fns(self, data, state_vars, ascent) for ascent in (False, True))
     out = sam_lib.sam_step(
         loss_fn, [v.value for v in trainable], self.rho,
-        ascent_loss_fn=ascent_loss_fn, adaptive=self.adaptive,
-        sync_perturbation=self.sync_perturbation, eta=self.eta,
-        variant=self.variant, inner_group_size=self.inner_group_size,
-        ascent_steps=self.ascent_steps,
-        mask=perturbations.parameter_mask(self, self.perturb_only),
-        names=[v.path for v in trainable],
-        adaptive_biases=self.adaptive_biases,
-        state=[v.value for v in self.sam_state], fsam_sigma=self.fsam_sigma,
-        fsam_lambda=self.fsam_lambda, msam_momentum=self.msam_momentum,
-        esam_beta=self.esam_beta,
-        esam_seed=tf.stack([tf.constant(self.esam_seed, tf.int64),
-                            tf.cast(self.optimizer.iterations, tf.int64)]))
+        ascent_loss_fn=ascent_loss_fn,
+        **_sam_arguments(self, data, state_vars))
     # The loss, metrics and new state of the pass at w, unless that one ran
     # in inference mode: then of the pass at w + eps.
     loss, y_pred, new_state, new_metrics = _joined(

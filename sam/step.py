@@ -99,7 +99,7 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
       config.sam.ascent_mode is 'inference', else with the true gradient of
       Shake-Shake and ShakeDrop (as the SAM code's ascent pass).
     examples: the number of examples of all replicas that the data loss
-      averages over (default: config.batch_size).
+      averages over (a float; default: config.batch_size).
 
   Returns:
     loss_fn(params) -> (loss, (logits, new_model_state)).
@@ -115,7 +115,8 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
           params, model_state, images, training=training)
     logits = tf.cast(logits, tf.float32)
     per_example = _per_example_loss(state, config, labels, logits)
-    loss = tf.reduce_sum(per_example) / (examples or config.batch_size)
+    loss = tf.reduce_sum(per_example) / (
+        config.batch_size if examples is None else examples)
     if state.l2:
       l2 = tf.add_n([tf.reduce_sum(tf.square(p))
                      for p, d in zip(params, decayed) if d])
@@ -150,7 +151,11 @@ def esam_selection(state: TrainState, config: ml_collections.ConfigDict,
     select(aux, moved) -> the loss_fn of the kept examples, given the aux of
     the pass at w (its logits) and the params at w + eps.
   """
-  keep = int(images.shape[0] * config.sam.esam_gamma)
+  gamma = config.sam.esam_gamma
+  if images.shape[0] is not None:
+    keep = int(images.shape[0] * gamma)
+  else:  # A batch without drop_remainder (not the trainer's own data).
+    keep = tf.cast(tf.cast(tf.shape(images)[0], tf.float32) * gamma, tf.int32)
   num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
 
   def select(aux, moved):
@@ -162,7 +167,7 @@ def esam_selection(state: TrainState, config: ml_collections.ConfigDict,
     _, kept = tf.math.top_k(tf.stop_gradient(rise), keep)
     return make_loss_fn(state, config, tf.gather(images, kept),
                         tf.gather(labels, kept), model_state, l2_share,
-                        examples=keep * num_replicas)
+                        examples=tf.cast(keep * num_replicas, tf.float32))
 
   return select
 

@@ -92,6 +92,46 @@ def _one_device_trainer_weights(adaptive):
   return trainer.state.model.get_weights()
 
 
+def _fit_like_trainer(config, trainer, initial, strategy, x, y, **sam_kwargs):
+  """SAMModel on the trainer's cnn, initial weights, L2 term and optimizer."""
+  with strategy.scope():
+    model = models.get_model('cnn', NUM_CLASSES, x.shape[1:])
+    model.set_weights(initial)
+    # The trainer's L2 term, 0.5 wd ||w||^2 over kernels, as a regularizer.
+    for v in model.trainable_variables:
+      if len(v.shape) > 1:
+        v.regularizer = keras.regularizers.L2(config.optimizer.weight_decay / 2)
+    sam_model = SAMModel(model, rho=config.sam.rho, **sam_kwargs)
+    sam_model.compile(
+        optimizer=optim.create_optimizer(config, trainer.state.schedule),
+        loss=_sparse_ce(), metrics=['accuracy'])
+  history = sam_model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False,
+                          verbose=0)
+  return sam_model, history
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+def test_esam_matches_custom_loop(num_replicas, mirrored):
+  """ESAM's weight perturbation and data selection through `fit` equal the
+  custom loop's (whose selection train_test checks in place)."""
+  strategy = _strategy(num_replicas, mirrored)
+  config = _trainer_config(False, True)
+  config.sam.variant = 'esam'  # beta = gamma = 0.5.
+  x, y = _images()
+  trainer, initial = _run_trainer(config, strategy, x, y)
+  sam_model, _ = _fit_like_trainer(config, trainer, initial, strategy, x, y,
+                                   variant='esam', esam_seed=config.seed)
+  want = _replica_values(trainer.state.model.trainable_variables, strategy)
+  got = _replica_values(sam_model.trainable_variables, strategy)
+  _assert_all_close(got[-1], want[0])
+  # Not SAM's update.
+  config.sam.variant = 'sam'
+  sam, _ = _run_trainer(config, strategy, x, y)
+  assert not all(np.allclose(a, b, atol=1e-5) for a, b in zip(
+      want[0], _replica_values(sam.state.model.trainable_variables,
+                               strategy)[0]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('num_replicas,adaptive,sync', [
     (1, False, True), (2, False, True), (4, False, True), (2, True, True),
@@ -102,20 +142,9 @@ def test_fit_matches_custom_loop(num_replicas, adaptive, sync, mirrored):
   x, y = _images()
   trainer, initial = _run_trainer(config, strategy, x, y)
 
-  with strategy.scope():
-    model = models.get_model('cnn', NUM_CLASSES, x.shape[1:])
-    model.set_weights(initial)
-    # The trainer's L2 term, 0.5 wd ||w||^2 over kernels, as a regularizer.
-    for v in model.trainable_variables:
-      if len(v.shape) > 1:
-        v.regularizer = keras.regularizers.L2(config.optimizer.weight_decay / 2)
-    sam_model = SAMModel(model, rho=config.sam.rho, adaptive=adaptive,
-                         sync_perturbation=sync, eta=config.sam.eta)
-    sam_model.compile(
-        optimizer=optim.create_optimizer(config, trainer.state.schedule),
-        loss=_sparse_ce(), metrics=['accuracy'])
-  history = sam_model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False,
-                          verbose=0)
+  sam_model, history = _fit_like_trainer(
+      config, trainer, initial, strategy, x, y, adaptive=adaptive,
+      sync_perturbation=sync, eta=config.sam.eta)
 
   assert int(sam_model.optimizer.iterations.numpy()) == STEPS
   want = _replica_values(trainer.state.model.trainable_variables, strategy)
@@ -532,6 +561,8 @@ def test_unbuilt_subclassed_model_is_built_by_fit():
     (dict(variant='esam', esam_beta=0.0),
      r'esam_beta=0.0 is invalid: .*\(0, 1\]'),
     (dict(esam_seed=0.5), 'esam_seed=0.5 is invalid: it must be an int'),
+    (dict(variant='esam', ascent_mode='inference'),
+     "esam_gamma=0.5 is invalid: ESAM's data selection needs"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):

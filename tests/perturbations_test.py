@@ -260,7 +260,10 @@ def test_variant_through_sam_model_matches_numpy(mirrored, name,
       with pytest.raises(ValueError, match='keeps one state for all'):
         SAMModel(inner, rho=RHO, variant=name, **model_options)
       return
-    model = SAMModel(inner, rho=RHO, variant=name, **model_options)
+    # The perturbation alone: ESAM's data selection (esam_gamma) is checked
+    # against the custom loop in keras_test.
+    model = SAMModel(inner, rho=RHO, variant=name, esam_gamma=1.0,
+                     **model_options)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR),
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
