@@ -177,8 +177,12 @@ def _esam_selection(sam_model: 'SAMModel', data: Any, state_vars: list[Any]):
                      'needs one compiled loss, not a list or dict of them.')
   loss = keras.losses.get(loss)
   per_example = loss.call if isinstance(loss, keras.losses.Loss) else loss
-  batch = tf.shape(tf.nest.flatten(x)[0])[0]
-  keep = tf.cast(tf.cast(batch, tf.float32) * sam_model.esam_gamma, tf.int32)
+  batch = tf.nest.flatten(x)[0].shape[0]  # Static where known (XLA).
+  if batch is not None:
+    keep = max(1, int(batch * sam_model.esam_gamma))
+  else:
+    batch = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+    keep = tf.maximum(1, tf.cast(batch * sam_model.esam_gamma, tf.int32))
   trainable = sam_model.trainable_variables
   state = [v.value for v in state_vars]
 

@@ -73,6 +73,8 @@ def sam_rho(config: ml_collections.ConfigDict, schedule: Schedule, step):
   if sc.rho_schedule == 'constant' or not sc.rho:
     return sc.rho
   lr_max, lr_min = schedule.learning_rate, schedule.final_rate()
+  if lr_max == lr_min:  # A step schedule that does not decay.
+    return sc.rho
   fraction = tf.maximum(0.0, (schedule(step) - lr_min) / (lr_max - lr_min))
   return sc.rho_min + (sc.rho - sc.rho_min) * fraction
 

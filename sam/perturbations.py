@@ -238,8 +238,9 @@ def swp_keep(seed, count: int, beta: float) -> tf.Tensor:
     'Training of Neural Networks", ICLR 2022: stochastic weight '
     'perturbation (SWP, eps on a random subset of the params, scaled by '
     '1 / beta); its sharpness-sensitive data selection (SDS, the pass at '
-    'w + eps on the top gamma of the batch by loss increase) is the '
-    "custom loop's config.sam.esam_gamma",
+    'w + eps on the top gamma of the batch by loss increase) is '
+    "sam_step's select_examples (config.sam.esam_gamma, SAMModel's "
+    'esam_gamma)',
     reference='github.com/dydjw9/Efficient_SAM, utils/Esam.py (ESAM.step, '
     'first_step, second_step); run.sh: beta = gamma = 0.5',
     deviations='the reference draws, at the end of each step, which param '

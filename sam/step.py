@@ -84,7 +84,7 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
 
 def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
                  labels, model_state, l2_share: float, ascent: bool = False,
-                 examples: int | None = None):
+                 examples: tf.Tensor | None = None):
   """A share of the global-batch loss, as a function of the trainable values.
 
   Args:
