@@ -17,16 +17,19 @@ augmentation, with the run's labels: `sam.sharpness.analysis_dataset`):
   hovers at ("edge of stability": Cohen et al., "Gradient Descent on Neural
   Networks Typically Occurs at the Edge of Stability", ICLR 2021; 2 / eta
   without momentum). For Adam, Cohen et al. ("Adaptive Gradient Methods at
-  the Edge of Stability", arXiv:2207.14484, 2022) find the preconditioned
-  sharpness at (2 + 2 beta_1) / ((1 - beta_1) eta), 38 / eta at beta_1 = 0.9;
-  that quantity needs the Hessian preconditioned by Adam's second moments,
-  which this probe does not compute, so under Adam (and Nesterov SGD) no
-  threshold is logged;
+  the Edge of Stability", arXiv:2207.14484, 2022) write the step as
+  w -= eta P^-1 m and find the preconditioned sharpness, the top eigenvalue
+  of P^-1 H, at (2 + 2 beta_1) / ((1 - beta_1) eta), 38 / eta at
+  beta_1 = 0.9: logged as probe/preconditioned_eigenvalue and that
+  threshold, with P the diagonal of Keras Adam's last step,
+  (1 - beta_1^t) (sqrt(v) + epsilon) / sqrt(1 - beta_2^t) after t steps.
+  Under Nesterov SGD no threshold is logged;
 * probe/seconds: what the probe cost.
 
 Off by default (every_steps = 0).
 """
 
+import math
 import time
 
 import ml_collections
@@ -63,13 +66,29 @@ class SharpnessProbe:
             data, config, 'train', pc.batch_size, pc.num_batches, ctx))
 
   def stability_threshold(self) -> float | None:
-    """(2 + 2 beta) / eta of heavy-ball SGD now; None for other optimizers."""
+    """(2 + 2 beta) / eta of heavy-ball SGD now, or Adam's (2 + 2 beta_1) /
+    ((1 - beta_1) eta); None for Nesterov SGD."""
     oc = self.config.optimizer
-    if oc.name != 'sgd' or oc.nesterov:
-      return None
     state = self.trainer.state
     learning_rate = float(state.schedule(max(state.step - 1, 0)))
-    return (2 + 2 * oc.momentum) / learning_rate if learning_rate else None
+    if not learning_rate or (oc.name == 'sgd' and oc.nesterov):
+      return None
+    if oc.name == 'adam':
+      return (2 + 2 * oc.beta1) / ((1 - oc.beta1) * learning_rate)
+    return (2 + 2 * oc.momentum) / learning_rate
+
+  def adam_preconditioner(self) -> list[tf.Tensor] | None:
+    """P of Keras Adam's last step (see the module doc); None before one."""
+    oc = self.config.optimizer
+    optimizer = self.trainer.state.optimizer
+    optimizer = getattr(optimizer, 'inner_optimizer', optimizer)
+    t = int(optimizer.iterations.numpy())
+    if oc.name != 'adam' or not t:
+      return None
+    correction = math.sqrt(1 - oc.beta2**t)
+    return [(1 - oc.beta1**t) * (tf.sqrt(optimizer._velocities[  # pylint: disable=protected-access
+        optimizer._get_variable_index(v)].value) + oc.epsilon) / correction  # pylint: disable=protected-access
+            for v in self.trainer.state.model.trainable_variables]
 
   def __call__(self) -> dict[str, float]:
     pc = self.config.probe
@@ -83,6 +102,13 @@ class SharpnessProbe:
     metrics = {'probe/hessian_eigenvalue': hessian['eigenvalue'],
                'probe/m_sharpness': m['sharpness'],
                'probe/loss': m['loss']}
+    preconditioner = self.adam_preconditioner()
+    if preconditioner is not None:
+      metrics['probe/preconditioned_eigenvalue'] = (
+          sharpness.top_hessian_eigenvalue(
+              model, self.dataset, self.strategy,
+              num_iterations=pc.hessian_iterations, seed=self.config.seed,
+              preconditioner=preconditioner)['eigenvalue'])
     threshold = self.stability_threshold()
     if threshold is not None:
       metrics['probe/stability_threshold'] = threshold

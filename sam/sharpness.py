@@ -121,6 +121,7 @@ def batch_loss_fn(model: keras.Model, batch: tuple[tf.Tensor, ...],
       non-trainable ones (batch-norm statistics) are read as they are.
     batch: (images, labels, mask).
     per_example_loss: loss from (labels, logits).
+    preconditioner: P, or None for H itself.
 
   Returns:
     `loss_fn(params) -> loss`, a pure function of the trainable values.
@@ -313,13 +314,17 @@ def top_hessian_eigenvalue(model: keras.Model,
                            strategy: tf.distribute.Strategy | None = None,
                            num_iterations: int = 20, tolerance: float = 1e-3,
                            method: str = 'double_backward', seed: int = 0,
-                           per_example_loss: PerExampleLoss = cross_entropy
+                           per_example_loss: PerExampleLoss = cross_entropy,
+                           preconditioner: Sequence[tf.Tensor] | None = None
                            ) -> dict[str, Any]:
   """The largest Hessian eigenvalue of the mean loss over `dataset`.
 
   Power iteration: v <- H v / ||H v||, with H v summed batch by batch (each
   batch weighted by its share of the examples), until the Rayleigh quotient
-  v.Hv changes by less than `tolerance` relative to itself.
+  v.Hv changes by less than `tolerance` relative to itself. With a
+  `preconditioner` P (a positive diagonal, one tensor per variable), of
+  P^-1 H instead, iterated as the symmetric P^-1/2 H P^-1/2 (the same
+  eigenvalues).
 
   Args:
     model: the model, built under `strategy.scope()`.
@@ -368,8 +373,17 @@ def top_hessian_eigenvalue(model: keras.Model,
   norm = tf.linalg.global_norm(vector)
   vector = [v / norm for v in vector]
   history, converged, examples = [], False, 0.0
+  scale = None if preconditioner is None else [
+      tf.math.rsqrt(tf.cast(p, v.dtype)) for p, v in zip(preconditioner,
+                                                         variables)]
+
+  def scaled(vectors):
+    return vectors if scale is None else [s * v for s, v in zip(scale,
+                                                                vectors)]
+
   for _ in range(num_iterations):
-    hv, examples = run(vector)
+    hv, examples = run(scaled(vector))
+    hv = scaled(hv)
     eigenvalue = float(tf.add_n([tf.reduce_sum(v * h)
                                  for v, h in zip(vector, hv)]))
     norm = tf.linalg.global_norm(hv)

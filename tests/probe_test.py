@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -68,15 +69,45 @@ def test_probe_logs_sharpness_during_training(tmp_path, mirrored,
   assert logged['probe/loss'][2] != logged['probe/loss'][4]
 
 
-def test_probe_is_off_by_default_and_has_no_threshold_under_adam(tmp_path):
-  train.train_and_evaluate(tiny_config(), str(tmp_path / 'off'))
-  assert not _scalars(str(tmp_path / 'off'))
+def test_probe_is_off_by_default(tmp_path):
+  train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert not _scalars(str(tmp_path))
+
+
+def test_probe_under_adam_logs_the_preconditioned_sharpness(tmp_path):
+  """Cohen et al. 2022: lambda_1(P^-1 H) against (2 + 2 beta_1) /
+  ((1 - beta_1) eta); P from Adam's second moments, recomputed here."""
   config = tiny_config(**PROBE, **{'optimizer.name': 'adam',
                                    'schedule.learning_rate': 1e-3})
-  train.train_and_evaluate(config, str(tmp_path / 'adam'))
-  logged = _scalars(str(tmp_path / 'adam'))
-  assert 'probe/hessian_eigenvalue' in logged
-  assert 'probe/stability_threshold' not in logged
+  strategy = tf.distribute.get_strategy()
+  train.train_and_evaluate(config, str(tmp_path), strategy)
+  logged = _scalars(str(tmp_path))
+  assert logged['probe/stability_threshold'][4] == pytest.approx(38_000)
+  # The same measure again on the restored run: P from Keras Adam's update,
+  # w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps), as eta P^-1 m.
+  data = input_pipeline.load(config)
+  trainer = Trainer(config, strategy, data.num_classes, data.image_shape,
+                    input_pipeline.steps_per_epoch(data, config.batch_size),
+                    config.num_train_steps)
+  assert workdir_lib.restore(trainer.state.checkpoint,
+                             os.path.join(str(tmp_path), 'checkpoints'))
+  optimizer = trainer.state.optimizer
+  t = 4
+  assert int(optimizer.iterations.numpy()) == t
+  b1, b2, eps = 0.9, 0.999, config.optimizer.epsilon
+  p = [(1 - b1**t) * (np.sqrt(v.numpy()) + eps) / np.sqrt(1 - b2**t)
+       for v in optimizer._velocities]  # pylint: disable=protected-access
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: sharpness.analysis_dataset(data, config, 'train', 16, 2,
+                                             ctx))
+  want = sharpness.top_hessian_eigenvalue(
+      trainer.state.model, dataset, strategy, num_iterations=5, seed=0,
+      preconditioner=[tf.constant(x) for x in p])
+  assert logged['probe/preconditioned_eigenvalue'][4] == pytest.approx(
+      want['eigenvalue'], rel=1e-4)
+  # Adam's small second moments make P^-1 H far larger than H.
+  assert (logged['probe/preconditioned_eigenvalue'][4] >
+          10 * logged['probe/hessian_eigenvalue'][4])
 
 
 @pytest.mark.parametrize('field,value,message', [

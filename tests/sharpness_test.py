@@ -83,6 +83,26 @@ def test_top_eigenvalue_of_a_quadratic_loss(mirrored, strategy_name, method):
 
 
 @pytest.mark.parametrize('strategy_name', ['default', 'mirrored'])
+def test_preconditioned_top_eigenvalue_of_a_quadratic_loss(mirrored,
+                                                           strategy_name):
+  """The top eigenvalue of P^-1 H against NumPy's, P a positive diagonal."""
+  strategy = _strategy(strategy_name, mirrored)
+  rng = np.random.default_rng(0)
+  x = _features_with_spectrum(24, rng)
+  p = rng.uniform(0.2, 3.0, (_DIM, 1)).astype(np.float32)
+  model = _linear_model(strategy, use_bias=False)
+  result = sharpness.top_hessian_eigenvalue(
+      model, _dataset(strategy, x, 8), strategy, num_iterations=200,
+      tolerance=1e-8, preconditioner=[tf.constant(p)],
+      per_example_loss=lambda y, logits: 0.5 * tf.square(logits[:, 0]))
+  hessian = x.T @ x / len(x)
+  want = np.linalg.eigvals(np.diag(1 / p[:, 0]) @ hessian).real.max()
+  assert result['converged']
+  np.testing.assert_allclose(result['eigenvalue'], want, rtol=1e-4)
+  assert abs(want - _EIGENVALUES[0]) > 0.1  # P changed the answer.
+
+
+@pytest.mark.parametrize('strategy_name', ['default', 'mirrored'])
 @pytest.mark.parametrize('num_steps', [1, 3])
 @pytest.mark.parametrize('adaptive', [False, True])
 def test_sharpness_of_a_linear_loss(mirrored, strategy_name, num_steps,
