@@ -7,7 +7,7 @@ augmentation, with the run's labels: `sam.sharpness.analysis_dataset`):
 
 * probe/hessian_eigenvalue: the top eigenvalue of the Hessian of the mean
   data loss (cross-entropy, no weight decay, batch norm on its moving
-  statistics), by power iteration (`sam.sharpness.top_hessian_eigenvalue`);
+  statistics), by power iteration (`sam.hessian.top_hessian_eigenvalue`);
 * probe/m_sharpness: L(w + eps) - L(w) with SAM's eps of radius
   `config.probe.rho` per batch (m = probe.batch_size), and probe/loss, L(w)
   (`sam.sharpness.m_sharpness`);
@@ -35,6 +35,7 @@ import time
 import ml_collections
 import tensorflow as tf
 
+from sam import hessian
 from sam import input_pipeline
 from sam import sharpness
 from sam.trainer import Trainer
@@ -94,18 +95,18 @@ class SharpnessProbe:
     pc = self.config.probe
     start = time.perf_counter()
     model = self.trainer.state.model
-    hessian = sharpness.top_hessian_eigenvalue(
+    top = hessian.top_hessian_eigenvalue(
         model, self.dataset, self.strategy,
         num_iterations=pc.hessian_iterations, seed=self.config.seed)
     rho = pc.rho or self.config.sam.rho or 0.05
     m = sharpness.m_sharpness(model, self.dataset, self.strategy, rho=rho)
-    metrics = {'probe/hessian_eigenvalue': hessian['eigenvalue'],
+    metrics = {'probe/hessian_eigenvalue': top['eigenvalue'],
                'probe/m_sharpness': m['sharpness'],
                'probe/loss': m['loss']}
     preconditioner = self.adam_preconditioner()
     if preconditioner is not None:
       metrics['probe/preconditioned_eigenvalue'] = (
-          sharpness.top_hessian_eigenvalue(
+          hessian.top_hessian_eigenvalue(
               model, self.dataset, self.strategy,
               num_iterations=pc.hessian_iterations, seed=self.config.seed,
               preconditioner=preconditioner)['eigenvalue'])

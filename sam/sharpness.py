@@ -13,11 +13,8 @@ without ever touching the model's variables (every loss is a
   bound of the true maximum that only grows with more steps. With several
   replicas the ascent gradient is summed across them first (m is the global
   batch), as in training with `config.sam.sync_perturbation=True`.
-* The largest eigenvalue of the Hessian of the loss over all the batches, by
-  power iteration on Hessian-vector products (double backward, or
-  forward-over-backward with `tf.autodiff.ForwardAccumulator`). Power
-  iteration finds the eigenvalue of largest magnitude; at a minimum that is
-  the top one, the usual measure of sharpness (Keskar et al. 2017).
+* The largest eigenvalue of the Hessian of the loss over all the batches,
+  in `sam.hessian` (power iteration on Hessian-vector products).
 
 The loss is the data loss (cross-entropy on the model's logits, no label
 smoothing, no weight decay): runs trained with different regularizers are
@@ -42,7 +39,6 @@ from sam import sam as sam_lib
 # Per-example loss from (labels, logits).
 PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 SPLITS = ('train', 'validation', 'test')
-HVP_METHODS = ('double_backward', 'forward_over_backward')
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -99,7 +95,7 @@ def analysis_dataset(data: input_pipeline.Data,
   return ds.take(num_batches * replicas_per_pipeline)
 
 
-def _replica_sum(value: Any) -> Any:
+def replica_sum(value: Any) -> Any:
   """Sums a (nest of) tensor(s) over the replicas of the current context."""
   ctx = tf.distribute.get_replica_context()
   if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -128,7 +124,7 @@ def batch_loss_fn(model: keras.Model, batch: tuple[tf.Tensor, ...],
   """
   images, labels, mask = batch
   state = [v.value for v in model.non_trainable_variables]
-  count = _replica_sum(tf.reduce_sum(mask))
+  count = replica_sum(tf.reduce_sum(mask))
 
   def loss_fn(params):
     logits, _ = model.stateless_call(list(params), state, images,
@@ -139,7 +135,7 @@ def batch_loss_fn(model: keras.Model, batch: tuple[tf.Tensor, ...],
   return loss_fn
 
 
-def _value_and_grad(loss_fn, params):
+def value_and_grad(loss_fn, params):
   with tf.GradientTape(watch_accessed_variables=False) as tape:
     tape.watch(params)
     loss = loss_fn(params)
@@ -189,8 +185,8 @@ def ascent_sharpness(loss_fn: Callable[[Sequence[tf.Tensor]], tf.Tensor],
   if step_size is None:
     step_size = 2.5 * rho / num_steps
   params = [tf.convert_to_tensor(p) for p in params]
-  loss, grads = _value_and_grad(loss_fn, params)
-  loss, grads = _replica_sum((loss, grads))
+  loss, grads = value_and_grad(loss_fn, params)
+  loss, grads = replica_sum((loss, grads))
   eps, _ = sam_lib.perturbation(grads, params, rho, adaptive=adaptive,
                                 eta=eta)
   best = tf.constant(-np.inf, loss.dtype)
@@ -198,55 +194,18 @@ def ascent_sharpness(loss_fn: Callable[[Sequence[tf.Tensor]], tf.Tensor],
   # static shapes.
   for _ in range(num_steps - 1):
     perturbed = [p + e for p, e in zip(params, eps)]
-    value, grads = _value_and_grad(loss_fn, perturbed)
-    value, grads = _replica_sum((value, grads))
+    value, grads = value_and_grad(loss_fn, perturbed)
+    value, grads = replica_sum((value, grads))
     best = tf.maximum(best, value)
     step, _ = sam_lib.perturbation(grads, params, step_size,
                                    adaptive=adaptive, eta=eta)
     eps = _project([e + s for e, s in zip(eps, step)], params, rho, adaptive,
                    eta)
-  value = _replica_sum(loss_fn([p + e for p, e in zip(params, eps)]))
+  value = replica_sum(loss_fn([p + e for p, e in zip(params, eps)]))
   return loss, tf.maximum(best, value)
 
 
-def hessian_vector_product(loss_fn: Callable[[Sequence[tf.Tensor]],
-                                             tf.Tensor],
-                           params: Sequence[tf.Tensor],
-                           vector: Sequence[tf.Tensor],
-                           method: str = 'double_backward'
-                           ) -> list[tf.Tensor]:
-  """H v, with H the Hessian of `loss_fn` at `params`.
-
-  Args:
-    loss_fn: `loss_fn(params) -> loss`, twice differentiable.
-    params: where the Hessian is taken.
-    vector: v, one tensor per param.
-    method: 'double_backward' (the gradient of <grad L, v>; every op with a
-      gradient has a second one in TF) or 'forward_over_backward' (the JVP
-      of the gradient along v; cheaper, but needs forward-mode rules for the
-      gradient ops).
-
-  Returns:
-    H v, one tensor per param.
-  """
-  params = [tf.convert_to_tensor(p) for p in params]
-  vector = [tf.convert_to_tensor(v) for v in vector]
-  zero = tf.UnconnectedGradients.ZERO
-  if method == 'forward_over_backward':
-    with tf.autodiff.ForwardAccumulator(params, vector) as acc:
-      _, grads = _value_and_grad(loss_fn, params)
-    return list(acc.jvp(grads, unconnected_gradients=zero))
-  if method != 'double_backward':
-    raise ValueError(f'method={method!r} is not one of {HVP_METHODS}.')
-  with tf.GradientTape(watch_accessed_variables=False) as outer:
-    outer.watch(params)
-    _, grads = _value_and_grad(loss_fn, params)
-    dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(v))
-                    for g, v in zip(grads, vector)])
-  return outer.gradient(dot, params, unconnected_gradients=zero)
-
-
-def _params(model: keras.Model) -> list[tf.Tensor]:
+def trainable_values(model: keras.Model) -> list[tf.Tensor]:
   return [v.value for v in model.trainable_variables]
 
 
@@ -282,9 +241,10 @@ def m_sharpness(model: keras.Model,
 
   def replica_fn(batch):
     loss, worst = ascent_sharpness(
-        batch_loss_fn(model, batch, per_example_loss), _params(model), rho,
-        num_steps=num_steps, step_size=step_size, adaptive=adaptive, eta=eta)
-    return tf.stack([loss, worst, _replica_sum(tf.reduce_sum(batch[2]))])
+        batch_loss_fn(model, batch, per_example_loss),
+        trainable_values(model), rho, num_steps=num_steps,
+        step_size=step_size, adaptive=adaptive, eta=eta)
+    return tf.stack([loss, worst, replica_sum(tf.reduce_sum(batch[2]))])
 
   @tf.function
   def run():
@@ -307,96 +267,6 @@ def m_sharpness(model: keras.Model,
           'examples': int(rows[:, 2].sum()), 'rho': rho,
           'num_steps': num_steps, 'adaptive': adaptive,
           'num_batches': len(rows)}
-
-
-def top_hessian_eigenvalue(model: keras.Model,
-                           dataset: tf.distribute.DistributedDataset,
-                           strategy: tf.distribute.Strategy | None = None,
-                           num_iterations: int = 20, tolerance: float = 1e-3,
-                           method: str = 'double_backward', seed: int = 0,
-                           per_example_loss: PerExampleLoss = cross_entropy,
-                           preconditioner: Sequence[tf.Tensor] | None = None
-                           ) -> dict[str, Any]:
-  """The largest Hessian eigenvalue of the mean loss over `dataset`.
-
-  Power iteration: v <- H v / ||H v||, with H v summed batch by batch (each
-  batch weighted by its share of the examples), until the Rayleigh quotient
-  v.Hv changes by less than `tolerance` relative to itself. With a
-  `preconditioner` P (a positive diagonal, one tensor per variable), of
-  P^-1 H instead, iterated as the symmetric P^-1/2 H P^-1/2 (the same
-  eigenvalues).
-
-  Args:
-    model: the model, built under `strategy.scope()`.
-    dataset: distributed (images, labels, mask) batches, read once per
-      iteration: it must yield the same batches each time.
-    strategy: the strategy; the current one if None.
-    num_iterations: the most power iterations.
-    tolerance: relative change of the estimate that stops the iteration.
-    method: how to take H v, see `hessian_vector_product`.
-    seed: of the random start vector.
-    per_example_loss: loss from (labels, logits).
-
-  Returns:
-    A dict: `eigenvalue`, `history` (the estimate per iteration),
-    `iterations`, `converged`, `examples`.
-  """
-  strategy = strategy or tf.distribute.get_strategy()
-  if method not in HVP_METHODS:
-    raise ValueError(f'method={method!r} is not one of {HVP_METHODS}.')
-  variables = model.trainable_variables
-
-  def replica_fn(batch, vector):
-    hv = hessian_vector_product(batch_loss_fn(model, batch, per_example_loss),
-                                _params(model), vector, method=method)
-    count = _replica_sum(tf.reduce_sum(batch[2]))
-    # Weighted by the batch's examples, so the sum over batches divided by
-    # all examples is H v of the mean loss over all of them.
-    return [h * count for h in hv], count
-
-  @tf.function
-  def run(vector):
-    # A tuple, not a list: tf.data would pack a list loop state into one
-    # tensor.
-    total = tuple(tf.zeros_like(v) for v in vector)
-    examples = tf.constant(0.0)
-    for batch in dataset:
-      hv, count = strategy.run(replica_fn, args=(batch, vector))
-      total = tuple(t + h for t, h in zip(
-          total, strategy.reduce(tf.distribute.ReduceOp.SUM, hv, axis=None)))
-      examples += strategy.experimental_local_results(count)[0]
-    return [t / tf.maximum(examples, 1.0) for t in total], examples
-
-  rng = np.random.default_rng(seed)
-  vector = [tf.constant(rng.standard_normal(v.shape), v.dtype)
-            for v in variables]
-  norm = tf.linalg.global_norm(vector)
-  vector = [v / norm for v in vector]
-  history, converged, examples = [], False, 0.0
-  scale = None if preconditioner is None else [
-      tf.math.rsqrt(tf.cast(p, v.dtype)) for p, v in zip(preconditioner,
-                                                         variables)]
-
-  def scaled(vectors):
-    return vectors if scale is None else [s * v for s, v in zip(scale,
-                                                                vectors)]
-
-  for _ in range(num_iterations):
-    hv, examples = run(scaled(vector))
-    hv = scaled(hv)
-    eigenvalue = float(tf.add_n([tf.reduce_sum(v * h)
-                                 for v, h in zip(vector, hv)]))
-    norm = tf.linalg.global_norm(hv)
-    vector = [h / (norm + 1e-30) for h in hv]
-    if history and abs(eigenvalue - history[-1]) <= tolerance * abs(
-        eigenvalue):
-      history.append(eigenvalue)
-      converged = True
-      break
-    history.append(eigenvalue)
-  return {'eigenvalue': history[-1], 'history': history,
-          'iterations': len(history), 'converged': converged,
-          'examples': int(examples), 'method': method}
 
 
 def evaluate_params(model: keras.Model,

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import hessian
 from sam import input_pipeline
 from sam import models
 from sam import sharpness
@@ -40,7 +41,7 @@ def _features_with_spectrum(n, rng):
   return q * np.sqrt(n * _EIGENVALUES) @ r
 
 
-@pytest.mark.parametrize('method', sharpness.HVP_METHODS)
+@pytest.mark.parametrize('method', hessian.HVP_METHODS)
 def test_hessian_vector_product_of_a_quadratic(method):
   """L(w) = 0.5 w^T A w over two tensors: H v = A v."""
   rng = np.random.default_rng(0)
@@ -53,13 +54,13 @@ def test_hessian_vector_product_of_a_quadratic(method):
     flat = tf.concat(params, 0)
     return 0.5 * tf.tensordot(flat, tf.linalg.matvec(a, flat), 1)
 
-  hv = sharpness.hessian_vector_product(loss_fn, [w[:2], w[2:]],
+  hv = hessian.hessian_vector_product(loss_fn, [w[:2], w[2:]],
                                         [v[:2], v[2:]], method)
   np.testing.assert_allclose(np.concatenate(hv), a @ v, rtol=1e-5)
 
 
 @pytest.mark.parametrize('strategy_name', ['default', 'mirrored'])
-@pytest.mark.parametrize('method', sharpness.HVP_METHODS)
+@pytest.mark.parametrize('method', hessian.HVP_METHODS)
 def test_top_eigenvalue_of_a_quadratic_loss(mirrored, strategy_name, method):
   """0.5 (x.w)^2 averaged over the data: H = x^T x / n, known spectrum.
 
@@ -72,7 +73,7 @@ def test_top_eigenvalue_of_a_quadratic_loss(mirrored, strategy_name, method):
   x = np.concatenate([x, 100 * rng.standard_normal((8, _DIM))])
   mask = np.concatenate([np.ones(24), np.zeros(8)]).astype(np.float32)
   model = _linear_model(strategy, use_bias=False)
-  result = sharpness.top_hessian_eigenvalue(
+  result = hessian.top_hessian_eigenvalue(
       model, _dataset(strategy, x, 8, mask), strategy, num_iterations=60,
       tolerance=1e-7, method=method,
       per_example_loss=lambda y, logits: 0.5 * tf.square(logits[:, 0]))
@@ -91,12 +92,12 @@ def test_preconditioned_top_eigenvalue_of_a_quadratic_loss(mirrored,
   x = _features_with_spectrum(24, rng)
   p = rng.uniform(0.2, 3.0, (_DIM, 1)).astype(np.float32)
   model = _linear_model(strategy, use_bias=False)
-  result = sharpness.top_hessian_eigenvalue(
+  result = hessian.top_hessian_eigenvalue(
       model, _dataset(strategy, x, 8), strategy, num_iterations=200,
       tolerance=1e-8, preconditioner=[tf.constant(p)],
       per_example_loss=lambda y, logits: 0.5 * tf.square(logits[:, 0]))
-  hessian = x.T @ x / len(x)
-  want = np.linalg.eigvals(np.diag(1 / p[:, 0]) @ hessian).real.max()
+  h = x.T @ x / len(x)
+  want = np.linalg.eigvals(np.diag(1 / p[:, 0]) @ h).real.max()
   assert result['converged']
   np.testing.assert_allclose(result['eigenvalue'], want, rtol=1e-4)
   assert abs(want - _EIGENVALUES[0]) > 0.1  # P changed the answer.
@@ -172,11 +173,11 @@ def test_measures_on_a_model_agree_across_replicas(mirrored):
                                                ctx))
     sharp = sharpness.m_sharpness(model, dataset, strategy, rho=0.05,
                                   num_steps=2)
-    hessian = sharpness.top_hessian_eigenvalue(model, dataset, strategy,
-                                               num_iterations=3)
-    results.append((sharp, hessian))
+    top = hessian.top_hessian_eigenvalue(model, dataset, strategy,
+                                         num_iterations=3)
+    results.append((sharp, top))
     # The whole test split, the padding of its last batch masked out.
-    assert sharp['examples'] == hessian['examples'] == 40
+    assert sharp['examples'] == top['examples'] == 40
     assert sharp['num_batches'] == 3
     assert sharp['sharpness'] > 0
   (s1, h1), (s2, h2) = results

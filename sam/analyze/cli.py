@@ -13,7 +13,7 @@ from absl import flags
 import tensorflow as tf
 
 from sam import distribute
-from sam import sharpness
+from sam import hessian
 from sam.analyze import measures
 from sam.analyze import runs as runs_lib
 
@@ -49,7 +49,7 @@ _ADAPTIVE = flags.DEFINE_bool('adaptive', False,
                               'm-sharpness in ASAM\'s scaled ball.')
 _ITERATIONS = flags.DEFINE_integer('power_iterations', 20,
                                    'Most power iterations.')
-_HVP = flags.DEFINE_enum('hvp', 'double_backward', sharpness.HVP_METHODS,
+_HVP = flags.DEFINE_enum('hvp', 'double_backward', hessian.HVP_METHODS,
                          'How to take Hessian-vector products.')
 _DIMS = flags.DEFINE_integer('dims', 2, 'Landscape dimensions: 1 or 2.')
 _GRID = flags.DEFINE_integer('grid_points', 21, 'Points per direction.')

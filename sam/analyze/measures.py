@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from sam import curves as curves_lib
+from sam import hessian
 from sam import landscape
 from sam import sharpness
 from sam.analyze import runs as runs_lib
@@ -67,17 +68,17 @@ def measure_hessian(runs: Sequence[runs_lib.Run],
     num_batches: how many batches (-1: the whole split).
     num_iterations: the most power iterations.
     tolerance: relative change that ends the power iteration.
-    method: see `sharpness.hessian_vector_product`.
+    method: see `hessian.hessian_vector_product`.
     seed: of the start vector.
 
   Returns:
-    label -> split -> `sharpness.top_hessian_eigenvalue` result.
+    label -> split -> `hessian.top_hessian_eigenvalue` result.
   """
   results = {}
   for run in runs:
     size = batch_size or run.config.eval_batch_size
     results[run.label] = {
-        split: sharpness.top_hessian_eigenvalue(
+        split: hessian.top_hessian_eigenvalue(
             run.model,
             runs_lib.dataset(run, strategy, split, size, num_batches),
             strategy, num_iterations=num_iterations, tolerance=tolerance,
