@@ -50,11 +50,12 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
          'it must be in [0, 1) (F-SAM uses 0.6)')
   _check(0 < sc.esam_beta <= 1, 'sam.esam_beta', sc.esam_beta,
          'it must be in (0, 1] (ESAM uses 0.5; 1 perturbs every weight)')
-  _check(0 < sc.esam_gamma <= 1 and int(per_replica * sc.esam_gamma) >= 1,
-         'sam.esam_gamma', sc.esam_gamma,
-         f'it must be in (0, 1] and keep at least one of the {per_replica} '
-         'examples per replica (ESAM uses 0.5; 1 keeps all)')
+  _check(0 < sc.esam_gamma <= 1, 'sam.esam_gamma', sc.esam_gamma,
+         'it must be in (0, 1] (ESAM uses 0.5; 1 keeps every example)')
   if sc.variant == 'esam' and sc.esam_gamma < 1:
+    _check(int(per_replica * sc.esam_gamma) >= 1, 'sam.esam_gamma',
+           sc.esam_gamma, f'it must keep at least one of the {per_replica} '
+           'examples per replica')
     _check(sc.ascent_mode == 'train' and not sc.micro_batch_size,
            'sam.esam_gamma', sc.esam_gamma,
            "ESAM's data selection needs sam.ascent_mode='train' and no "

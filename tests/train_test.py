@@ -185,7 +185,8 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
     if sam_step:
       clean = flat(grads)
       norm = tf.linalg.global_norm(grads)
-      before = _example_losses(model, images, labels)
+      # (Only for ESAM: a training-mode call updates batch-norm statistics.)
+      before = esam_shards and _example_losses(model, images, labels)
       for v, g in zip(model.trainable_variables, grads):
         v.assign_add(rho * g / norm)
       if esam_shards:
@@ -243,6 +244,12 @@ def test_esam_data_selection_needs_the_training_mode_ascent():
     config_checks.validate_config(config, 1)
   config.sam.esam_gamma = 1.0
   config_checks.validate_config(config, 1)
+  config.sam.ascent_mode, config.sam.esam_gamma = 'train', 0.1
+  with pytest.raises(ValueError, match='it must keep at least one of the 8 '
+                     'examples per replica'):
+    config_checks.validate_config(config, 2)
+  config.sam.variant = 'sam'  # Then esam_gamma plays no part.
+  config_checks.validate_config(config, 2)
 
 
 def test_esam_weight_perturbation_on_replicas_matches_single_device(mirrored):
@@ -442,7 +449,7 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('sam.esam_beta', 0.0, 'config.sam.esam_beta=0.0'),
     ('sam.rho_schedule', 'learning_rate', 'a learning rate that decays'),
     ('sam.rho_min', 0.1, 'config.sam.rho_min=0.1 is invalid: it must be in'),
-    ('sam.esam_gamma', 0.1, 'keep at least one of the 8 examples per replica'),
+    ('sam.esam_gamma', 1.5, 'config.sam.esam_gamma=1.5 is invalid'),
     ('schedule.learning_rate', float('inf'), 'config.schedule.learning_rate'),
     ('num_train_steps', 0, 'config.num_train_steps=0'),
     ('seed', -1, 'config.seed=-1'),
