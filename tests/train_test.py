@@ -588,7 +588,10 @@ def test_the_step_takes_the_scheduled_rho(tmp_path):
     # 53 layers, batch norm over 16 values at 1 x 1 in the last stage: a
     # few weights differ by up to 2e-4 (of the zero-initialized gammas,
     # which two steps move by about 5e-4): it compiles, and runs alike.
-    ('resnet50', 32, 1e-3), ('vit_ti16', 32, 5e-5)])
+    pytest.param('resnet50', 32, 1e-3, marks=pytest.mark.skipif(
+        tuple(map(int, tf.__version__.split('.')[:2])) < (2, 20),
+        reason="TensorFlow 2.16's XLA took over 10 minutes on it in CI")),
+    ('vit_ti16', 32, 5e-5)])
 def test_xla_step_matches_graph_step(model, side, atol):
   """The whole replica step (two SAM passes, update, metrics) compiles."""
   results = {}
