@@ -1,9 +1,11 @@
 """ResNet-50 and the ViTs: published sizes, and SAM steps on replicas."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from sam import models
 from tests import conftest
@@ -80,7 +82,20 @@ def test_vit_sam_steps_on_two_replicas_match_one_device(mirrored):
   _assert_same_as_one_device(config, mirrored, 2, 2)
 
 
+# TensorFlow 2.16 with its oneDNN kernels on (the default on x86): after one
+# SAM step the 2-replica run differs from the same run with
+# TF_ENABLE_ONEDNN_OPTS=0 by up to 5.6e-4 (stage 3's weights), while the
+# one-device run agrees with it to 1.2e-7; 2.20 and 2.21 agree. A CPU-only
+# kernel difference of that release under MirroredStrategy, not ours.
+_ONEDNN_BEFORE_2_20 = (
+    tuple(map(int, tf.__version__.split('.')[:2])) < (2, 20) and
+    os.environ.get('TF_ENABLE_ONEDNN_OPTS', '1') != '0')
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(_ONEDNN_BEFORE_2_20, reason=(
+    "TensorFlow < 2.20's oneDNN kernels differ on 2 replicas; run with "
+    'TF_ENABLE_ONEDNN_OPTS=0'))
 def test_resnet50_sam_steps_on_two_replicas_match_one_device(mirrored):
   """Batch norm normalizes each replica's 8 examples: on one device, the
   same as SAM with one eps over two accumulated micro-batches of 8."""
