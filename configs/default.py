@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_scale.growth_steps = 2000
 
   config.dataset = ml_collections.ConfigDict()
-  # One of cifar10, cifar100, fashion_mnist, synthetic.
+  # One of cifar10, cifar100, fashion_mnist, synthetic (held in memory), or
+  # 'tfds:NAME' for any prepared TFDS image data set, streamed from its files
+  # (e.g. 'tfds:imagenet2012'; docs/imagenet.md).
   config.dataset.name = 'cifar10'
   # Where the data is: the tfds data_dir (may be gs://), or for fashion_mnist
   # the directory of the IDX .gz files. '' means the library's default
@@ -49,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 'basic_cutout' (and cutout), 'autoaugment' (basic, AutoAugment's CIFAR-10
   # policy, cutout), 'crop_brightness' (the TF SAM notebook's) or 'none'.
   config.dataset.augment = 'basic'
+  # Streamed data sets ('tfds:NAME'): images are cropped and resized to
+  # image_size x image_size; augment is 'inception_crop' (random-resized crop
+  # and flip) or 'none'; each epoch shuffles blocks of shuffle_buffer
+  # records (encoded images held in host memory) in an order of their own.
+  config.dataset.image_size = 224
+  config.dataset.shuffle_buffer = 10_000
   # Side of the cutout square in pixels (16 for CIFAR in DeVries & Taylor).
   config.dataset.cutout_size = 16
   # Fraction of training labels replaced by a uniformly drawn wrong class

@@ -15,6 +15,7 @@ from sam import input_pipeline
 from sam import models
 from sam import perturbations
 from sam import plateau
+from sam import streaming
 
 OPTIMIZERS = ('sgd', 'adam')
 ASCENT_MODES = ('train', 'inference')
@@ -106,6 +107,26 @@ def _check_probe(pc: ml_collections.ConfigDict, num_replicas: int) -> None:
          pc.hessian_iterations, 'it must be >= 1')
 
 
+def _check_stream(config: ml_collections.ConfigDict) -> None:
+  """A streamed data set ('tfds:NAME') and what it does not support."""
+  dc = config.dataset
+  _check(len(dc.name) > len(streaming.PREFIX), 'dataset.name', dc.name,
+         "name the TFDS data set after 'tfds:', e.g. 'tfds:imagenet2012'")
+  _one_of('dataset.augment', dc.augment, streaming.AUGMENTATIONS)
+  _check(dc.image_size >= 1, 'dataset.image_size', dc.image_size,
+         'it must be >= 1 (224 for ImageNet)')
+  _check(dc.shuffle_buffer >= 1, 'dataset.shuffle_buffer', dc.shuffle_buffer,
+         'it must be >= 1')
+  for field, value, off in (('label_noise', dc.label_noise, 0.0),
+                            ('validation_size', dc.validation_size, 0),
+                            ('train_subset', dc.train_subset, -1)):
+    _check(value == off, f'dataset.{field}', value,
+           f'streamed data sets do not support it yet: set it to {off}')
+  _check(config.probe.every_steps == 0, 'probe.every_steps',
+         config.probe.every_steps,
+         'the probe needs a data set in memory: set it to 0 for streams')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_replicas: int) -> None:
   """Checks the config before any data is loaded or model built.
@@ -113,9 +134,12 @@ def validate_config(config: ml_collections.ConfigDict,
   Raises:
     ValueError: naming the offending field, its value and what is allowed.
   """
-  _one_of('dataset.name', config.dataset.name, input_pipeline.DATASETS)
-  _one_of('dataset.augment', config.dataset.augment,
-         input_pipeline.AUGMENTATIONS)
+  if streaming.is_streamed(config.dataset.name):
+    _check_stream(config)
+  else:
+    _one_of('dataset.name', config.dataset.name, input_pipeline.DATASETS)
+    _one_of('dataset.augment', config.dataset.augment,
+           input_pipeline.AUGMENTATIONS)
   _one_of('model.name', config.model.name, models.MODELS)
   _one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   _one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
@@ -190,7 +214,8 @@ def validate_config(config: ml_collections.ConfigDict,
 # other values would not continue the same run.
 STRUCTURAL_FIELDS = (
     'seed', 'batch_size', 'model', 'dataset.name', 'dataset.augment',
-    'dataset.cutout_size', 'dataset.label_noise', 'dataset.validation_size',
+    'dataset.image_size', 'dataset.shuffle_buffer', 'dataset.cutout_size',
+    'dataset.label_noise', 'dataset.validation_size',
     'dataset.train_subset', 'dataset.synthetic_image_shape',
     'dataset.synthetic_num_classes', 'dataset.synthetic_train_size',
     'dataset.synthetic_noise', 'dataset.synthetic_seed', 'optimizer.name',

@@ -17,6 +17,9 @@ With several hosts (input pipelines), pipeline p takes every P-th example of
 each epoch's permutation and of the test set, and its replicas take
 consecutive per-replica batches, as `distribute_datasets_from_function`
 expects.
+
+Data sets too large for memory (ImageNet) stream from their TFDS files:
+`dataset.name='tfds:NAME'`, sam/streaming.py, behind the same functions.
 """
 
 import dataclasses
@@ -30,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from sam import autoaugment
+from sam import streaming
 from sam import versions
 
 DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'synthetic')
@@ -55,8 +59,7 @@ _NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'fashion_mnist': 10}
 _CROP_PADDING = 4
 
 
-class DataNotFoundError(FileNotFoundError):
-  """The data set is neither on disk nor allowed to be downloaded."""
+DataNotFoundError = streaming.DataNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,9 @@ class Data:
     return tuple(self.train.images.shape[1:])
 
 
-def load(config: ml_collections.ConfigDict) -> Data:
-  """Loads `config.dataset` into memory, or says where to get it.
+def load(config: ml_collections.ConfigDict) -> Data | streaming.Data:
+  """Loads `config.dataset` into memory (or opens its stream), or says where
+  to get it.
 
   Args:
     config: the run's config; reads `config.dataset` and `config.seed`.
@@ -106,6 +110,8 @@ def load(config: ml_collections.ConfigDict) -> Data:
       be downloaded; the message names the places looked and the fix.
   """
   dc = config.dataset
+  if streaming.is_streamed(dc.name):
+    return streaming.load(config)
   if dc.name == 'synthetic':
     train, test, num_classes = _synthetic(dc)
   elif dc.name == 'fashion_mnist':
@@ -358,6 +364,8 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
     Per-replica batches (images float32 normalized, labels int32), and a
     third element under label noise: whether each label was flipped.
   """
+  if isinstance(data, streaming.Data):
+    return streaming.train_dataset(data, config, input_context, start_step)
   num_pipelines = input_context.num_input_pipelines
   pipeline = input_context.input_pipeline_id
   per_replica = input_context.get_per_replica_batch_size(config.batch_size)
@@ -407,6 +415,10 @@ def eval_dataset(data: Data, config: ml_collections.ConfigDict,
     Per-replica batches of (images, labels, mask); mask is 0 on padding, so
     that every pipeline runs the same number of fixed-shape steps.
   """
+  if isinstance(data, streaming.Data):
+    return streaming.eval_dataset(
+        data, config, input_context,
+        num_eval_steps(data, config.eval_batch_size, split))
   num_pipelines = input_context.num_input_pipelines
   pipeline = input_context.input_pipeline_id
   per_replica = input_context.get_per_replica_batch_size(

@@ -257,3 +257,35 @@ def test_two_workers_looksam_matches_one_process(tmp_path):
   _finish([reference], [tmp_path / 'single.txt'])
   _assert_same_weights(workdir / 'checkpoints' / 'ckpt-4',
                        tmp_path / 'single' / 'checkpoints' / 'ckpt-4')
+
+
+def test_two_workers_stream_a_tfds_data_set_and_resume_mid_epoch(tmp_path):
+  """Each host streams its half of the TFDS files (tests/streaming_test.py
+  checks the halves and the evaluation split): stopped at step 6, mid-epoch,
+  and resumed to 10, the two hosts end with the weights of 10 steps in one
+  go."""
+  from tests import streaming_test  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'tfds'
+  streaming_test.TinyImages(data_dir=str(data_dir)).download_and_prepare()
+  flags = ['--config.dataset.name=tfds:tiny_images',
+           f'--config.dataset.data_dir={data_dir}',
+           '--config.dataset.image_size=8',
+           '--config.dataset.augment=inception_crop',
+           '--config.dataset.shuffle_buffer=16', '--config.batch_size=8',
+           '--config.checkpoint_every_steps=3']
+  whole_logs = [tmp_path / f'whole{i}.txt' for i in range(2)]
+  part_logs = [tmp_path / f'part{i}.txt' for i in range(2)]
+  whole = _start_workers(tmp_path / 'whole', whole_logs, *flags,
+                         '--config.num_train_steps=10')
+  parts = _start_workers(tmp_path / 'parts', part_logs, *flags,
+                         '--config.num_train_steps=6')
+  _finish(parts, part_logs)
+  _finish(whole, whole_logs)
+  logs = [tmp_path / f'restart{i}.txt' for i in range(2)]
+  outputs = _finish(_start_workers(tmp_path / 'parts', logs, *flags,
+                                   '--config.num_train_steps=10'), logs)
+  for out in outputs:
+    assert f'Resumed from {tmp_path}/parts/checkpoints/ckpt-6 at step 6' in (
+        out), out[-3000:]
+  _assert_same_weights(tmp_path / 'whole' / 'checkpoints' / 'ckpt-10',
+                       tmp_path / 'parts' / 'checkpoints' / 'ckpt-10')

@@ -1,0 +1,233 @@
+"""Streamed TFDS data sets ('tfds:NAME'): read from real files on disk."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sam import config_checks
+from sam import input_pipeline
+from sam import streaming
+from sam import train
+from sam import versions
+from tests.conftest import tiny_config
+from tests.train_test import _train
+
+tfds = versions.import_tfds()
+
+TRAIN_SIZE, TEST_SIZE = 37, 11
+
+
+def _pixel(index: int) -> int:
+  """Each example's images are flat in this grey value (JPEG keeps it)."""
+  return 5 * index + 10
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+  """JPEG images of several sizes; example i is flat in _pixel(i)."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3),
+                                         encoding_format='jpeg'),
+            'label': tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(range(TRAIN_SIZE)),
+            'test': self._generate_examples(
+                range(TRAIN_SIZE, TRAIN_SIZE + TEST_SIZE))}
+
+  def _generate_examples(self, indices):
+    for i in indices:
+      image = np.full((20 + i % 7, 24 + i % 5, 3), _pixel(i), np.uint8)
+      yield i, {'image': image, 'label': i % 3}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  TinyImages(data_dir=path).download_and_prepare()
+  return path
+
+
+def _config(data_dir, **overrides):
+  return tiny_config(**{
+      'dataset.name': 'tfds:tiny_images', 'dataset.data_dir': data_dir,
+      'dataset.image_size': 8, 'dataset.augment': 'none',
+      'dataset.shuffle_buffer': 16, 'batch_size': 8, **overrides})
+
+
+def _context(num_pipelines, pipeline):
+  return tf.distribute.InputContext(num_pipelines, pipeline, num_pipelines)
+
+
+def _indices(images, data):
+  """The example index behind each (flat) image of an 'none' stream."""
+  pixels = (np.asarray(images) * data.std + data.mean) * 255
+  return np.rint((pixels.mean(axis=(1, 2, 3)) - 10) / 5).astype(int)
+
+
+def test_load_reads_the_splits_and_features(data_dir):
+  data = input_pipeline.load(_config(data_dir))
+  assert (len(data.train), len(data.test)) == (TRAIN_SIZE, TEST_SIZE)
+  assert (data.num_classes, data.image_shape) == (3, (8, 8, 3))
+  assert input_pipeline.steps_per_epoch(data, 8) == 4
+
+
+def test_two_pipelines_read_each_example_once_per_epoch(data_dir):
+  config = _config(data_dir)
+  data = input_pipeline.load(config)
+  epochs = {0: [], 1: []}
+  for pipeline in range(2):
+    ds = input_pipeline.train_dataset(data, config, _context(2, pipeline))
+    batches = [_indices(images, data) for images, _ in ds.take(8)]
+    parts = streaming.part_size(data, 'train', _context(2, pipeline))
+    assert parts == (19, 18)[pipeline]
+    for epoch in range(2):  # 4 batches of 4 per epoch and pipeline.
+      epochs[epoch].append(np.concatenate(batches[4 * epoch:4 * epoch + 4]))
+  # The parts of the split that the two pipelines read (in file order).
+  parts = [{int(e['image'][0, 0, 0] - 10) // 5 for e in tfds.as_numpy(
+      data.builder.as_dataset(split=split))}
+           for split in tfds.even_splits('train', 2)]
+  assert not parts[0] & parts[1]
+  assert parts[0] | parts[1] == set(range(TRAIN_SIZE))
+  for seen in epochs.values():
+    # 16 examples of each part per epoch (4 steps of the global batch of
+    # 8; 5 of the 37 are dropped), each once.
+    for part, indices in zip(parts, seen):
+      assert len(set(indices)) == len(indices) == 16
+      assert set(indices) <= part
+  assert list(epochs[0][0]) != list(epochs[1][0])  # Reshuffled.
+
+
+def test_labels_come_with_their_images(data_dir):
+  config = _config(data_dir)
+  data = input_pipeline.load(config)
+  ds = input_pipeline.train_dataset(data, config, _context(1, 0))
+  for images, labels in ds.take(3):
+    np.testing.assert_array_equal(labels, _indices(images, data) % 3)
+
+
+@pytest.mark.parametrize('start', [2, 5])
+def test_a_stream_started_at_a_step_is_the_uninterrupted_one(data_dir, start):
+  config = _config(data_dir, **{'dataset.augment': 'inception_crop'})
+  data = input_pipeline.load(config)
+  whole = list(input_pipeline.train_dataset(
+      data, config, _context(1, 0)).take(start + 3))
+  resumed = list(input_pipeline.train_dataset(
+      data, config, _context(1, 0), start).take(3))
+  for (x, y), (rx, ry) in zip(whole[start:], resumed):
+    np.testing.assert_array_equal(x, rx)
+    np.testing.assert_array_equal(y, ry)
+
+
+def test_two_pipelines_evaluate_each_example_once(data_dir):
+  config = _config(data_dir, eval_batch_size=6)
+  data = input_pipeline.load(config)
+  steps = input_pipeline.num_eval_steps(data, 6)
+  seen = []
+  for pipeline in range(2):
+    batches = list(input_pipeline.eval_dataset(data, config,
+                                               _context(2, pipeline)))
+    assert len(batches) == steps == 2
+    for images, labels, mask in batches:
+      kept = np.asarray(mask) == 1
+      indices = _indices(images, data)[kept]
+      np.testing.assert_array_equal(np.asarray(labels)[kept], indices % 3)
+      seen.extend(indices)
+  assert sorted(seen) == list(range(TRAIN_SIZE, TRAIN_SIZE + TEST_SIZE))
+
+
+def _png(image):
+  return tf.io.encode_png(tf.constant(image))
+
+
+def test_evaluation_takes_the_central_crop():
+  """40 x 48 image at image_size 8: the central 35 (of the shorter 40 side:
+  8 / (8 + 32)) rows and columns, resized to 8 x 8."""
+  data = streaming.Data(None, None, None, 10, (8, 8, 3),
+                        np.zeros(3, np.float32), np.ones(3, np.float32))
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+  got = streaming.preprocess(_png(image), None, data, 'none')
+  side = 40 * 8 // 40
+  top, left = (40 - side + 1) // 2, (48 - side + 1) // 2
+  want = tf.image.resize(image[top:top + side, left:left + side], [8, 8])
+  np.testing.assert_allclose(got * 255, want, atol=1e-3)
+  # A JPEG decodes only the window, to the pixels of a whole decode but in
+  # the last column: libjpeg upsamples its colour there without the right
+  # neighbour (up to 16 of 255 on this noise).
+  jpeg = tf.io.encode_jpeg(tf.constant(image), quality=95)
+  decoded = tf.io.decode_jpeg(jpeg).numpy()
+  want = tf.image.resize(decoded[top:top + side, left:left + side], [8, 8])
+  got = streaming.preprocess(jpeg, None, data, 'none') * 255
+  np.testing.assert_allclose(got[:, :-1], want[:, :-1], atol=1e-3)
+
+
+def test_inception_crop_is_seeded_and_varies():
+  data = streaming.Data(None, None, None, 10, (16, 16, 3),
+                        np.zeros(3, np.float32), np.ones(3, np.float32))
+  image = np.random.default_rng(1).integers(0, 256, (64, 80, 3)).astype(
+      np.uint8)
+  crops = [streaming.preprocess(_png(image), tf.constant([0, s], tf.int64),
+                                data, 'inception_crop').numpy()
+           for s in (0, 0, 1, 2)]
+  assert crops[0].shape == (16, 16, 3)
+  np.testing.assert_array_equal(crops[0], crops[1])
+  assert not np.allclose(crops[1], crops[2])
+  assert not np.allclose(crops[2], crops[3])
+
+
+def test_sam_trains_on_a_stream(data_dir):
+  config = _config(data_dir, **{'dataset.augment': 'inception_crop',
+                                'sam.rho': 0.05})
+  trainer = _train(config, tf.distribute.get_strategy(), 3)
+  assert int(trainer.state.optimizer.iterations) == 3
+
+
+def _checkpoint_weights(workdir, step):
+  reader = tf.train.load_checkpoint(f'{workdir}/checkpoints/ckpt-{step}')
+  return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+          if 'trainable' in n and 'VARIABLE_VALUE' in n}
+
+
+def test_a_run_resumed_mid_epoch_is_the_uninterrupted_run(data_dir, tmp_path,
+                                                          mirrored, caplog):
+  """Stopped at step 6 (mid-epoch 1 of 4 steps) and resumed to 10, on 2
+  replicas: the same weights as 10 steps in one go."""
+  def config(steps):
+    return _config(data_dir, **{
+        'dataset.augment': 'inception_crop', 'sam.rho': 0.05,
+        'num_train_steps': steps, 'checkpoint_every_steps': 3})
+  whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+  train.train_and_evaluate(config(10), whole, mirrored(2))
+  train.train_and_evaluate(config(6), parts, mirrored(2))
+  caplog.set_level('INFO')
+  results = train.train_and_evaluate(config(10), parts, mirrored(2))
+  assert results['step'] == 10
+  assert f'Resumed from {parts}/checkpoints/ckpt-6 at step 6' in caplog.text
+  want = _checkpoint_weights(whole, 10)
+  got = _checkpoint_weights(parts, 10)
+  assert sorted(got) == sorted(want) and want
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('dataset.augment', 'basic', "dataset.augment='basic' is invalid"),
+    ('dataset.label_noise', 0.4, 'do not support it yet: set it to 0.0'),
+    ('dataset.validation_size', 10, 'do not support it yet: set it to 0'),
+    ('dataset.name', 'tfds:', "name the TFDS data set after 'tfds:'"),
+    ('probe.every_steps', 5, 'set it to 0 for streams')])
+def test_what_streams_do_not_support_is_one_line(data_dir, field, value,
+                                                 message):
+  with pytest.raises(ValueError, match=message):
+    config_checks.validate_config(_config(data_dir, **{field: value}), 1)
+
+
+def test_a_data_set_that_is_not_prepared_says_how(tmp_path):
+  with pytest.raises(input_pipeline.DataNotFoundError,
+                     match='tfds build tiny_images --data_dir=DIR'):
+    input_pipeline.load(_config(str(tmp_path)))
