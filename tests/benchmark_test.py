@@ -50,6 +50,7 @@ def test_table_has_every_custom_loop_row(results):
   ]
   assert all('skipped' not in r for r in rows)
   assert any(row.startswith('| input pipeline alone') for row in lines)
+  assert any(row.startswith('| streamed TFDS JPEGs alone') for row in lines)
   assert not any('tf_keras' in row for row in lines)
 
 
@@ -70,7 +71,8 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
     if figures[f'{key}_images_per_sec'] is not None:
       assert figures[f'{key}_images_per_sec'] == (
           rows[row]['images_per_sec_best']), key
-  assert len(rows) == 17  # Input, 15 custom loop rows, Keras 3 SAMModel.
+  # Input, streamed input, 15 custom loop rows, Keras 3 SAMModel.
+  assert len(rows) == 18
   for name, row in rows.items():
     for key in ROW_KEYS:
       assert _positive(row[key]), (name, key)
@@ -81,6 +83,7 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
   assert (context['batch_size'], context['steps'], context['repeats']) == (
       8, 2, 1)
   assert _positive(context['num_cpus'])
+  assert _positive(context['stream_record_bytes'])
   assert 'cpu_model' in context
   assert isinstance(context['gpus'], list)
 
@@ -88,6 +91,7 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
 def test_loop_and_precision_rows_off_and_the_profile(tmp_path):
   results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
                               rho=0.05, keras2=False, loop_rows=False,
+                              stream_row=False,
                               precision_rows=False, profile_dir=str(tmp_path))
   names = list(results['rows'])
   assert len(names) == 12  # Input, 10 custom loop rows, Keras 3 SAMModel.
@@ -120,6 +124,7 @@ def test_float16_rows_on_request():
   # On a CPU the float16 rows are off unless asked for (GPU-only format).
   results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
                               rho=0.05, keras2=False, loop_rows=False,
+                              stream_row=False,
                               precisions=['mixed_float16'])
   names = [n for n in results['rows'] if 'float16' in n]
   assert names == ['cnn: custom loop, plain, mixed_float16',
@@ -131,6 +136,7 @@ def test_float16_rows_on_request():
 def test_xla_rows():
   results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
                               rho=0.05, keras2=False, loop_rows=False,
+                              stream_row=False,
                               precision_rows=False, xla=True)
   names = list(results['rows'])
   assert names[1:3] == [

@@ -44,6 +44,11 @@ goes).
 A first row times the input pipeline alone (with augmentation) for 20 times
 `--steps` batches, from a fresh iterator each time, to show it is no
 bottleneck.
+With `--stream_row` (default), a second times `--steps` batches of the
+streamed input of `dataset.name='tfds:...'` over ImageNet-sized JPEGs that
+it writes first (sam/benchmark/stream.py): decoding, Inception crop, resize
+to 224 x 224, flip; its images/s over the CPU count is the rate per core a
+host needs to feed its accelerators.
 
 Every row is set up and warmed up first (one untimed loop); then each of
 `--repeats` rounds times every row once, in table order. A slow spell of a

@@ -18,7 +18,8 @@ def main(argv):
                            f.rho, xla=f.xla, keras2=f.keras2,
                            loop_rows=f.loop_rows,
                            precision_rows=f.precision_rows,
-                           profile_dir=f.profile_dir)
+                           profile_dir=f.profile_dir,
+                           stream_row=f.stream_row)
   print('\n'.join(runner.table(results)))
   if f.json:
     runner.write_json(results, f.json)
@@ -36,6 +37,8 @@ def _define_flags():
   flags.DEFINE_float('rho', 0.05, 'SAM radius.')
   flags.DEFINE_bool('xla', False, 'Also time XLA-compiled steps.')
   flags.DEFINE_bool('keras2', True, 'Time the tf_keras rows.')
+  flags.DEFINE_bool('stream_row', True, 'Time the streamed ImageNet-style '
+                    'input (sam/benchmark/stream.py).')
   flags.DEFINE_bool('loop_rows', True, 'Time the plain custom loop with '
                     'steps_per_loop 1, 10 and 100 (the host loop\'s cost).')
   flags.DEFINE_bool('precision_rows', True, 'Time the custom loop with '

@@ -6,6 +6,7 @@ runs one untimed loop first (the warm-up: tracing, first-call costs).
 
 from collections.abc import Callable, Iterator, Sequence
 import math
+import tempfile
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from configs import default
 from sam import input_pipeline
 from sam import keras as sam_keras
 from sam import models
+from sam.benchmark import stream
 from sam.trainer import Trainer
 
 # steps_per_loop of the host-loop rows; each row times their least common
@@ -146,6 +148,31 @@ def input_only(batch_size: int, steps: int) -> Timer:
       next(iterator)[0].numpy()
 
   return _timer(run)
+
+
+def stream_input(batch_size: int, steps: int) -> tuple[Timer, float]:
+  """Times `steps` batches of a streamed TFDS data set of ImageNet-sized
+  JPEGs (sam/benchmark/stream.py), Inception crop and flip at 224.
+
+  Returns:
+    (the timer, the mean size of a record in bytes).
+  """
+  data_dir = tempfile.mkdtemp(prefix='sam_benchmark_')
+  stream.prepare(data_dir, 4 * batch_size)
+  config = default.get_config()
+  config.dataset.update(name=f'tfds:{stream.NAME}', data_dir=data_dir,
+                        augment='inception_crop', image_size=224,
+                        shuffle_buffer=1024)
+  config.batch_size = batch_size
+  dataset = input_pipeline.train_dataset(
+      input_pipeline.load(config), config, tf.distribute.InputContext())
+
+  def run():
+    iterator = iter(dataset)  # Fresh, as input_only's.
+    for _ in range(steps):
+      next(iterator)[0].numpy()
+
+  return _timer(run), stream.mean_jpeg_bytes(data_dir)
 
 
 def conv_only(batch_size: int, steps: int, jit_compile: bool) -> Timer:

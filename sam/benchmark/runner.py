@@ -18,6 +18,9 @@ from sam import perturbations
 from sam.benchmark import profile as profile_lib
 from sam.benchmark import rows
 
+STREAM_ROW = ('streamed TFDS JPEGs alone (500x375, Inception crop + flip to '
+              '224x224)')
+
 
 def _figures(seconds: list[float] | None, batch_size: int,
              steps: int) -> dict[str, float] | None:
@@ -61,7 +64,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
             loop_rows: bool = True, precision_rows: bool = True,
             steps_per_loop: Sequence[int] = rows.STEPS_PER_LOOP,
             precisions: Sequence[str] | None = None,
-            profile_dir: str | None = None) -> dict[str, Any]:
+            profile_dir: str | None = None,
+            stream_row: bool = True) -> dict[str, Any]:
   """Times every row (see the module docstring).
 
   Args:
@@ -83,6 +87,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
       plain and SAM custom loop rows and of its Keras 2 SAM row (if timed)
       with tf.profiler into its `plain`, `sam` and `keras2_sam`
       subdirectories (see `profile_row`).
+    stream_row: time the streamed ImageNet-style input alone
+      (`rows.stream_input`, `--steps` batches).
 
   Returns:
     The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
@@ -101,6 +107,10 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
   # Enough batches that the start of a fresh pipeline costs little.
   timers = {'input pipeline alone (basic augmentation)':
                 (rows.input_only(batch_size, 20 * steps), 20 * steps)}
+  record_bytes = None
+  if stream_row:
+    timer, record_bytes = rows.stream_input(batch_size, steps)
+    timers[STREAM_ROW] = timer, steps
   if xla:
     for label, jit in (('graph', False), ('XLA', True)):
       timers[f'one 3x3 conv (32x32, 16 channels), forward and backward, '
@@ -135,6 +145,7 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
   results.update(rows=figures, profile=profiles, context=_context(
       model_names, batch_size, steps, repeats, rho, xla,
       steps_per_loop if loop_rows else []))
+  results['context']['stream_record_bytes'] = record_bytes
   return results
 
 
