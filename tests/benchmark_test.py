@@ -158,3 +158,15 @@ def test_keras2_rows():
       results['rows'][keras2_sam]['images_per_sec_best'])
   assert _positive(results['rows']['cnn: tf_keras (Keras 2) fit, plain'][
       'images_per_sec_best'])
+
+
+def test_plain_and_sam_rows_only_at_another_image_size():
+  results = benchmark.run_all(['cnn'], batch_size=8, steps=1, repeats=1,
+                              rho=0.05, keras2=False, loop_rows=False,
+                              stream_row=False, precision_rows=False,
+                              variant_rows=False, image_size=16)
+  assert list(results['rows']) == [
+      'input pipeline alone (basic augmentation)',
+      'cnn: custom loop, plain (rho=0)', 'cnn: custom loop, SAM',
+      'cnn: Keras 3 fit, sam.keras.SAMModel']
+  assert results['context']['image_size'] == 16

@@ -19,7 +19,9 @@ def main(argv):
                            loop_rows=f.loop_rows,
                            precision_rows=f.precision_rows,
                            profile_dir=f.profile_dir,
-                           stream_row=f.stream_row)
+                           stream_row=f.stream_row,
+                           variant_rows=f.variant_rows,
+                           image_size=f.image_size)
   print('\n'.join(runner.table(results)))
   if f.json:
     runner.write_json(results, f.json)
@@ -39,6 +41,10 @@ def _define_flags():
   flags.DEFINE_bool('keras2', True, 'Time the tf_keras rows.')
   flags.DEFINE_bool('stream_row', True, 'Time the streamed ImageNet-style '
                     'input (sam/benchmark/stream.py).')
+  flags.DEFINE_bool('variant_rows', True, 'Time the SAM variants and '
+                    'options (ASAM, ESAM, ..., LookSAM) beside plain and SAM.')
+  flags.DEFINE_integer('image_size', 32, "Side of the models' synthetic "
+                       'images (224 for the ImageNet models).')
   flags.DEFINE_bool('loop_rows', True, 'Time the plain custom loop with '
                     'steps_per_loop 1, 10 and 100 (the host loop\'s cost).')
   flags.DEFINE_bool('precision_rows', True, 'Time the custom loop with '

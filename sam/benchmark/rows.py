@@ -29,10 +29,10 @@ STEPS_PER_LOOP = (1, 10, 100)
 _TOP_LEVEL = ('jit_compile', 'dtype_policy')
 
 
-def _config(model: str, batch_size: int, **overrides):
+def _config(model: str, batch_size: int, image_size: int = 32, **overrides):
   config = default.get_config()
   config.dataset.name = 'synthetic'
-  config.dataset.synthetic_image_shape = (32, 32, 3)
+  config.dataset.synthetic_image_shape = (image_size, image_size, 3)
   config.dataset.synthetic_train_size = 4 * batch_size
   config.model.name = model
   config.batch_size = batch_size
@@ -82,7 +82,8 @@ def custom_loop(model: str, batch_size: int, steps: int,
     model: the model name.
     batch_size: the batch size.
     steps: steps per timed loop.
-    **overrides: config.sam fields, and `jit_compile` or `dtype_policy`.
+    **overrides: config.sam fields, `jit_compile`, `dtype_policy`, and
+      `image_size` (the synthetic images' side, 32 by default).
 
   Returns:
     The row's timer, warmed up.
@@ -98,8 +99,8 @@ def custom_loop(model: str, batch_size: int, steps: int,
 
 
 def host_loop(model: str, batch_size: int,
-              steps_per_loop: Sequence[int] = STEPS_PER_LOOP
-              ) -> dict[int, Timer]:
+              steps_per_loop: Sequence[int] = STEPS_PER_LOOP,
+              image_size: int = 32) -> dict[int, Timer]:
   """Times lcm(steps_per_loop) plain steps, by steps per call.
 
   One Trainer serves every size: `train_loop` takes the step count as a
@@ -109,11 +110,13 @@ def host_loop(model: str, batch_size: int,
     model: the model name.
     batch_size: the batch size.
     steps_per_loop: steps per call of `train_loop`.
+    image_size: the synthetic images' side.
 
   Returns:
     steps per call -> its timer, warmed up.
   """
-  trainer, iterator = _trainer(model, batch_size, rho=0.0)
+  trainer, iterator = _trainer(model, batch_size, rho=0.0,
+                               image_size=image_size)
   total = math.lcm(*steps_per_loop)
   timers = {}
   for size in steps_per_loop:
@@ -129,9 +132,9 @@ def host_loop(model: str, batch_size: int,
   return timers
 
 
-def train_data(batch_size: int) -> tf.data.Dataset:
+def train_data(batch_size: int, image_size: int = 32) -> tf.data.Dataset:
   """The synthetic training batches every row reads (basic augmentation)."""
-  config = _config('cnn', batch_size)
+  config = _config('cnn', batch_size, image_size)
   return input_pipeline.train_dataset(input_pipeline.load(config), config,
                                       tf.distribute.InputContext())
 
@@ -196,7 +199,8 @@ def conv_only(batch_size: int, steps: int, jit_compile: bool) -> Timer:
   return _timer(run)
 
 
-def _fit_timer(model, callbacks, batch_size: int, steps: int) -> Timer:
+def _fit_timer(model, callbacks, batch_size: int, steps: int,
+               image_size: int) -> Timer:
   """Times a `steps`-step epoch of model.fit on synthetic data.
 
   Args:
@@ -204,6 +208,7 @@ def _fit_timer(model, callbacks, batch_size: int, steps: int) -> Timer:
     callbacks: that Keras's callbacks module.
     batch_size: the batch size.
     steps: steps per epoch.
+    image_size: the synthetic images' side.
 
   Returns:
     The row's timer, warmed up: it runs `fit` for one epoch and returns
@@ -211,7 +216,7 @@ def _fit_timer(model, callbacks, batch_size: int, steps: int) -> Timer:
   """
   # The custom loop's data and augmentation: an input pipeline of its own
   # costs every row the same CPU time.
-  ds = train_data(batch_size)
+  ds = train_data(batch_size, image_size)
   epochs = []
 
   class Clock(callbacks.Callback):
@@ -232,14 +237,14 @@ def _fit_timer(model, callbacks, batch_size: int, steps: int) -> Timer:
 
 
 def keras2_fit(model_name: str, batch_size: int, steps: int,
-               rho: float) -> Timer | None:
+               rho: float, image_size: int = 32) -> Timer | None:
   """tf_keras fit, with its SharpnessAwareMinimization model if rho > 0."""
   try:
     import tf_keras  # pylint: disable=g-import-not-at-top
   except ImportError:
     logging.warning('tf_keras is not installed: skipping Keras 2 rows.')
     return None
-  model = models.get_model(model_name, 10, (32, 32, 3),
+  model = models.get_model(model_name, 10, (image_size, image_size, 3),
                            keras_module=tf_keras)
   if rho:
     model = tf_keras.models.experimental.SharpnessAwareMinimization(
@@ -247,15 +252,16 @@ def keras2_fit(model_name: str, batch_size: int, steps: int,
   model.compile(
       optimizer=tf_keras.optimizers.SGD(0.01, momentum=0.9),
       loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  return _fit_timer(model, tf_keras.callbacks, batch_size, steps)
+  return _fit_timer(model, tf_keras.callbacks, batch_size, steps,
+                    image_size)
 
 
 def keras3_sam_fit(model_name: str, batch_size: int, steps: int,
-                   rho: float) -> Timer:
+                   rho: float, image_size: int = 32) -> Timer:
   """Keras 3 fit with sam.keras.SAMModel."""
-  model = sam_keras.SAMModel(models.get_model(model_name, 10, (32, 32, 3)),
-                             rho=rho)
+  model = sam_keras.SAMModel(
+      models.get_model(model_name, 10, (image_size, image_size, 3)), rho=rho)
   model.compile(
       optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  return _fit_timer(model, keras.callbacks, batch_size, steps)
+  return _fit_timer(model, keras.callbacks, batch_size, steps, image_size)

@@ -1,6 +1,7 @@
 """Times every row side by side and reports the figures (table, JSON)."""
 
 from collections.abc import Sequence
+import functools
 import importlib.util
 import json
 import math
@@ -65,7 +66,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
             steps_per_loop: Sequence[int] = rows.STEPS_PER_LOOP,
             precisions: Sequence[str] | None = None,
             profile_dir: str | None = None,
-            stream_row: bool = True) -> dict[str, Any]:
+            stream_row: bool = True, variant_rows: bool = True,
+            image_size: int = 32) -> dict[str, Any]:
   """Times every row (see the module docstring).
 
   Args:
@@ -89,6 +91,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
       subdirectories (see `profile_row`).
     stream_row: time the streamed ImageNet-style input alone
       (`rows.stream_input`, `--steps` batches).
+    variant_rows: time the SAM variants and options beside plain and SAM.
+    image_size: the side of the models' synthetic images.
 
   Returns:
     The JSON-serializable figures: the headline keys (`sgd_images_per_sec`,
@@ -119,7 +123,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     timers.update(_model_rows(
         name, batch_size, steps, rho, xla=xla, keras2=keras2,
         steps_per_loop=steps_per_loop if loop_rows else (),
-        precisions=precisions if precision_rows else ()))
+        precisions=precisions if precision_rows else (),
+        variant_rows=variant_rows, image_size=image_size))
 
   seconds = {name: [] for name, (timer, _) in timers.items() if timer}
   for round_ in range(repeats):
@@ -145,7 +150,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
   results.update(rows=figures, profile=profiles, context=_context(
       model_names, batch_size, steps, repeats, rho, xla,
       steps_per_loop if loop_rows else []))
-  results['context']['stream_record_bytes'] = record_bytes
+  results['context'].update(stream_record_bytes=record_bytes,
+                            image_size=image_size)
   return results
 
 
@@ -182,10 +188,12 @@ def _profiles(timers: dict[str, tuple], headline: dict[str, str],
 
 def _model_rows(name: str, batch_size: int, steps: int, rho: float,
                 xla: bool, keras2: bool, steps_per_loop: Sequence[int],
-                precisions: Sequence[str]) -> dict[str, tuple]:
+                precisions: Sequence[str], variant_rows: bool = True,
+                image_size: int = 32) -> dict[str, tuple]:
   """One model's rows, set up and warmed up: name -> (timer, steps)."""
   headline = headline_rows(name)
   timers = {}
+  custom_loop = functools.partial(rows.custom_loop, image_size=image_size)
 
   def add(row, timer, row_steps=steps):
     timers[row] = timer, row_steps
@@ -194,50 +202,58 @@ def _model_rows(name: str, batch_size: int, steps: int, rho: float,
   def add_plain_and_sam(label, **overrides):
     for kind, value in (('plain', 0.0), ('SAM', rho)):
       add(f'{name}: custom loop, {kind}, {label}',
-          rows.custom_loop(name, batch_size, steps, rho=value, **overrides))
+          custom_loop(name, batch_size, steps, rho=value, **overrides))
 
-  add(headline['sgd'], rows.custom_loop(name, batch_size, steps, rho=0.0))
-  add(headline['sam'], rows.custom_loop(name, batch_size, steps, rho=rho))
-  for variant in sorted(perturbations.REGISTRY):
-    if variant != 'sam':
-      add(f'{name}: custom loop, SAM variant={variant}',
-          rows.custom_loop(name, batch_size, steps, rho=rho, variant=variant))
-  try:
-    add(f'{name}: custom loop, SAM-ON (perturb_only=normalization)',
-        rows.custom_loop(name, batch_size, steps, rho=rho,
-                         perturb_only='normalization'))
-  except ValueError as e:
-    logging.info('No SAM-ON row: %s', e)  # A model without normalization.
-  add(f'{name}: custom loop, SAM, 2 ascent steps',
-      rows.custom_loop(name, batch_size, steps, rho=rho, ascent_steps=2))
-  add(f'{name}: custom loop, SAM, 2 accumulated micro-batches',
-      rows.custom_loop(name, batch_size, steps, rho=rho,
-                       micro_batch_size=batch_size // 2,
-                       accumulate_micro_batches=True))
-  add(f'{name}: custom loop, SAM every 2nd step',
-      rows.custom_loop(name, batch_size, steps, rho=rho, every_k_steps=2))
-  # LookSAM's own setting; time a multiple of 5 steps per loop.
-  add(f'{name}: custom loop, LookSAM (k=5, alpha=0.7)',
-      rows.custom_loop(name, batch_size, steps, rho=rho, every_k_steps=5,
-                       looksam_alpha=0.7))
+  add(headline['sgd'], custom_loop(name, batch_size, steps, rho=0.0))
+  add(headline['sam'], custom_loop(name, batch_size, steps, rho=rho))
+  if variant_rows:
+    _variant_rows(name, batch_size, steps, rho, add, custom_loop)
   if xla:
     add_plain_and_sam('XLA', jit_compile='true')
   if steps_per_loop:
     total = math.lcm(*steps_per_loop)
-    for size, timer in rows.host_loop(name, batch_size,
-                                      steps_per_loop).items():
+    for size, timer in rows.host_loop(name, batch_size, steps_per_loop,
+                                      image_size).items():
       calls = total // size
       add(f'{name}: custom loop, plain, steps_per_loop={size} '
           f'({calls} call{"s" if calls > 1 else ""} of {size})', timer, total)
   for policy in precisions:
     add_plain_and_sam(policy, dtype_policy=policy)
   add(headline['keras3_sam'],
-      rows.keras3_sam_fit(name, batch_size, steps, rho))
+      rows.keras3_sam_fit(name, batch_size, steps, rho, image_size))
   if keras2:
     add(f'{name}: tf_keras (Keras 2) fit, plain',
-        rows.keras2_fit(name, batch_size, steps, 0.0))
-    add(headline['keras_sam'], rows.keras2_fit(name, batch_size, steps, rho))
+        rows.keras2_fit(name, batch_size, steps, 0.0, image_size))
+    add(headline['keras_sam'],
+        rows.keras2_fit(name, batch_size, steps, rho, image_size))
   return timers
+
+
+def _variant_rows(name: str, batch_size: int, steps: int, rho: float, add,
+                  custom_loop) -> None:
+  """Adds the SAM variants' and options' rows of a model."""
+  for variant in sorted(perturbations.REGISTRY):
+    if variant != 'sam':
+      add(f'{name}: custom loop, SAM variant={variant}',
+          custom_loop(name, batch_size, steps, rho=rho, variant=variant))
+  try:
+    add(f'{name}: custom loop, SAM-ON (perturb_only=normalization)',
+        custom_loop(name, batch_size, steps, rho=rho,
+                    perturb_only='normalization'))
+  except ValueError as e:
+    logging.info('No SAM-ON row: %s', e)  # A model without normalization.
+  add(f'{name}: custom loop, SAM, 2 ascent steps',
+      custom_loop(name, batch_size, steps, rho=rho, ascent_steps=2))
+  add(f'{name}: custom loop, SAM, 2 accumulated micro-batches',
+      custom_loop(name, batch_size, steps, rho=rho,
+                  micro_batch_size=batch_size // 2,
+                  accumulate_micro_batches=True))
+  add(f'{name}: custom loop, SAM every 2nd step',
+      custom_loop(name, batch_size, steps, rho=rho, every_k_steps=2))
+  # LookSAM's own setting; time a multiple of 5 steps per loop.
+  add(f'{name}: custom loop, LookSAM (k=5, alpha=0.7)',
+      custom_loop(name, batch_size, steps, rho=rho, every_k_steps=5,
+                  looksam_alpha=0.7))
 
 
 def _context(model_names, batch_size, steps, repeats, rho, xla,
