@@ -138,14 +138,19 @@ def load(config: ml_collections.ConfigDict) -> Data:
       mean=IMAGENET_MEAN[:channels], std=IMAGENET_STD[:channels])
 
 
+def _part(split: str, input_context: tf.distribute.InputContext):
+  """The TFDS sub-split that this input pipeline reads."""
+  return versions.import_tfds().even_splits(
+      split, input_context.num_input_pipelines)[
+          input_context.input_pipeline_id]
+
+
 def _records(data: Data, split: str,
              input_context: tf.distribute.InputContext) -> tf.data.Dataset:
   """This pipeline's part of a split: (encoded image, label), in file order."""
   tfds = versions.import_tfds()
-  part = tfds.even_splits(split, input_context.num_input_pipelines)[
-      input_context.input_pipeline_id]
   ds = data.builder.as_dataset(
-      split=part, shuffle_files=False,
+      split=_part(split, input_context), shuffle_files=False,
       decoders={'image': tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False))
   return ds.map(lambda e: (e['image'], tf.cast(e['label'], tf.int32)))
@@ -154,10 +159,7 @@ def _records(data: Data, split: str,
 def part_size(data: Data, split: str,
               input_context: tf.distribute.InputContext) -> int:
   """Examples of a split that this input pipeline reads."""
-  tfds = versions.import_tfds()
-  part = tfds.even_splits(split, input_context.num_input_pipelines)[
-      input_context.input_pipeline_id]
-  return data.builder.info.splits[part].num_examples
+  return data.builder.info.splits[_part(split, input_context)].num_examples
 
 
 def _decode(encoded: tf.Tensor, window_fn, channels: int) -> tf.Tensor:

@@ -233,6 +233,13 @@ def test_what_streams_do_not_support_is_one_line(data_dir, field, value,
     config_checks.validate_config(_config(data_dir, **{field: value}), 1)
 
 
+def test_an_unknown_data_set_is_one_line(tmp_path):
+  with pytest.raises(input_pipeline.DataNotFoundError,
+                     match="tfds knows no data set 'no_such_images'"):
+    input_pipeline.load(_config(str(tmp_path), **{
+        'dataset.name': 'tfds:no_such_images'}))
+
+
 def test_a_data_set_that_is_not_prepared_says_how(tmp_path):
   with pytest.raises(input_pipeline.DataNotFoundError,
                      match='tfds build tiny_images --data_dir=DIR'):
