@@ -13,8 +13,12 @@ import sys
 def _stop_while_loading(signum, frame):
   del signum, frame
   print('Stopped by SIGTERM while loading, before training started; nothing '
-        'was trained. Run the same command to start again.', file=sys.stderr)
-  sys.exit(0)
+        'was trained. Run the same command to start again.', file=sys.stderr,
+        flush=True)
+  # Not sys.exit: its SystemExit, raised inside the initialization of one of
+  # TensorFlow's C++ modules, becomes 'ImportError: initialization failed'
+  # and exit code 1 (seen on the tensorflow-tpu wheel). Nothing is open yet.
+  os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':
