@@ -108,17 +108,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
                     'go to %s, but no op summary of them.', profile_dir)
   if precisions is None:
     precisions = ['mixed_bfloat16'] + ['mixed_float16'] * bool(_gpu_names())
-  # Enough batches that the start of a fresh pipeline costs little.
-  timers = {'input pipeline alone (basic augmentation)':
-                (rows.input_only(batch_size, 20 * steps), 20 * steps)}
-  record_bytes = None
-  if stream_row:
-    timer, record_bytes = rows.stream_input(batch_size, steps)
-    timers[STREAM_ROW] = timer, steps
-  if xla:
-    for label, jit in (('graph', False), ('XLA', True)):
-      timers[f'one 3x3 conv (32x32, 16 channels), forward and backward, '
-             f'{label}'] = rows.conv_only(batch_size, steps, jit), steps
+  timers, record_bytes = _input_and_conv_rows(batch_size, steps, stream_row,
+                                              xla)
   for name in model_names:
     timers.update(_model_rows(
         name, batch_size, steps, rho, xla=xla, keras2=keras2,
@@ -138,15 +129,8 @@ def run_all(model_names: Sequence[str], batch_size: int, steps: int,
     logging.info('%s: %s', name, row)
   headline = headline_rows(model_names[0]) if model_names else {}
   profiles = _profiles(timers, headline, profile_dir) if profile_dir else {}
-  results = {'model': model_names[0] if model_names else None}
-  for key, row_name in headline.items():
-    row = figures.get(row_name)
-    results[f'{key}_images_per_sec'] = (
-        row['images_per_sec_best'] if row else None)
-  sgd, sam = figures.get(headline.get('sgd')), figures.get(headline.get('sam'))
-  results['sam_over_sgd_step_time'] = (
-      sam['ms_per_step_best'] / sgd['ms_per_step_best'] if sam and sgd
-      else None)
+  results = {'model': model_names[0] if model_names else None,
+             **_headline_figures(figures, headline)}
   results.update(rows=figures, profile=profiles, context=_context(
       model_names, batch_size, steps, repeats, rho, xla,
       steps_per_loop if loop_rows else []))
@@ -184,6 +168,38 @@ def _profiles(timers: dict[str, tuple], headline: dict[str, str],
       if profile:
         profiles[headline[key]] = profile
   return profiles
+
+
+def _headline_figures(figures: dict[str, Any],
+                      headline: dict[str, str]) -> dict[str, float | None]:
+  """X_images_per_sec (row X's best) and sam_over_sgd_step_time."""
+  results = {}
+  for key, row_name in headline.items():
+    row = figures.get(row_name)
+    results[f'{key}_images_per_sec'] = (
+        row['images_per_sec_best'] if row else None)
+  sgd, sam = figures.get(headline.get('sgd')), figures.get(headline.get('sam'))
+  results['sam_over_sgd_step_time'] = (
+      sam['ms_per_step_best'] / sgd['ms_per_step_best'] if sam and sgd
+      else None)
+  return results
+
+
+def _input_and_conv_rows(batch_size: int, steps: int, stream_row: bool,
+                         xla: bool) -> tuple[dict[str, tuple], float | None]:
+  """The rows without a model: (name -> (timer, steps), record bytes)."""
+  # Enough batches that the start of a fresh pipeline costs little.
+  timers = {'input pipeline alone (basic augmentation)':
+                (rows.input_only(batch_size, 20 * steps), 20 * steps)}
+  record_bytes = None
+  if stream_row:
+    timer, record_bytes = rows.stream_input(batch_size, steps)
+    timers[STREAM_ROW] = timer, steps
+  if xla:
+    for label, jit in (('graph', False), ('XLA', True)):
+      timers[f'one 3x3 conv (32x32, 16 channels), forward and backward, '
+             f'{label}'] = rows.conv_only(batch_size, steps, jit), steps
+  return timers, record_bytes
 
 
 def _model_rows(name: str, batch_size: int, steps: int, rho: float,
