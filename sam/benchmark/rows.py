@@ -139,9 +139,8 @@ def train_data(batch_size: int, image_size: int = 32) -> tf.data.Dataset:
                                       tf.distribute.InputContext())
 
 
-def input_only(batch_size: int, steps: int) -> Timer:
-  dataset = train_data(batch_size)
-
+def _input_timer(dataset: tf.data.Dataset, steps: int) -> Timer:
+  """Times reading `steps` batches of a data set."""
   def run():
     # A fresh iterator each time: a kept one would refill its prefetch
     # buffer (autotuned to a fast reader: many batches) while the next rows
@@ -151,6 +150,10 @@ def input_only(batch_size: int, steps: int) -> Timer:
       next(iterator)[0].numpy()
 
   return _timer(run)
+
+
+def input_only(batch_size: int, steps: int) -> Timer:
+  return _input_timer(train_data(batch_size), steps)
 
 
 def stream_input(batch_size: int, steps: int) -> tuple[Timer, float]:
@@ -169,13 +172,7 @@ def stream_input(batch_size: int, steps: int) -> tuple[Timer, float]:
   config.batch_size = batch_size
   dataset = input_pipeline.train_dataset(
       input_pipeline.load(config), config, tf.distribute.InputContext())
-
-  def run():
-    iterator = iter(dataset)  # Fresh, as input_only's.
-    for _ in range(steps):
-      next(iterator)[0].numpy()
-
-  return _timer(run), stream.mean_jpeg_bytes(data_dir)
+  return _input_timer(dataset, steps), stream.mean_jpeg_bytes(data_dir)
 
 
 def conv_only(batch_size: int, steps: int, jit_compile: bool) -> Timer:
