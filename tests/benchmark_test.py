@@ -38,6 +38,7 @@ def test_table_has_every_custom_loop_row(results):
       'cnn: custom loop, SAM variant=esam',
       'cnn: custom loop, SAM variant=fsam',
       'cnn: custom loop, SAM variant=msam',
+      'cnn: custom loop, SAM, ascent pass in inference mode',
       'cnn: custom loop, SAM, 2 ascent steps',
       'cnn: custom loop, SAM, 2 accumulated micro-batches',
       'cnn: custom loop, SAM every 2nd step',
@@ -71,8 +72,8 @@ def test_json_has_the_required_positive_figures(results, tmp_path):
     if figures[f'{key}_images_per_sec'] is not None:
       assert figures[f'{key}_images_per_sec'] == (
           rows[row]['images_per_sec_best']), key
-  # Input, streamed input, 15 custom loop rows, Keras 3 SAMModel.
-  assert len(rows) == 18
+  # Input, streamed input, 16 custom loop rows, Keras 3 SAMModel.
+  assert len(rows) == 19
   for name, row in rows.items():
     for key in ROW_KEYS:
       assert _positive(row[key]), (name, key)
@@ -94,7 +95,7 @@ def test_loop_and_precision_rows_off_and_the_profile(tmp_path):
                               stream_row=False,
                               precision_rows=False, profile_dir=str(tmp_path))
   names = list(results['rows'])
-  assert len(names) == 12  # Input, 10 custom loop rows, Keras 3 SAMModel.
+  assert len(names) == 13  # Input, 11 custom loop rows, Keras 3 SAMModel.
   assert not any('steps_per_loop' in n or 'bfloat16' in n for n in names)
   # A trace for TensorBoard's profile plugin per profiled row.
   for subdir in ('plain', 'sam'):

@@ -258,6 +258,8 @@ def _variant_rows(name: str, batch_size: int, steps: int, rho: float, add,
                     perturb_only='normalization'))
   except ValueError as e:
     logging.info('No SAM-ON row: %s', e)  # A model without normalization.
+  add(f'{name}: custom loop, SAM, ascent pass in inference mode',
+      custom_loop(name, batch_size, steps, rho=rho, ascent_mode='inference'))
   add(f'{name}: custom loop, SAM, 2 ascent steps',
       custom_loop(name, batch_size, steps, rho=rho, ascent_steps=2))
   add(f'{name}: custom loop, SAM, 2 accumulated micro-batches',
