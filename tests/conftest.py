@@ -152,14 +152,16 @@ TRAINABLE_PARAMS = {
     'shake_shake_26_2x32d': 2_923_162,
     'shake_shake_26_2x64d': 11_653_978,
     'shake_shake_26_2x96d': 26_192_922,
-    # Hand counts in models_imagenet_test.py (at 32 x 32: ViTs of 4 or 1
-    # patches).
+    # Hand counts in models_imagenet_test.py (at 32 x 32: ViTs and Mixers
+    # of 4 or 1 patches).
     'resnet50': 23_528_522,
     'vit_ti16': 5_489_482,
     'vit_s16': 21_595_786,
     'vit_b16': 85_658_890,
     'vit_s32': 22_479_370,
     'vit_b32': 87_426_058,
+    'mixer_s16': 17_232_426,
+    'mixer_b16': 57_347_386,
 }
 
 

@@ -43,12 +43,27 @@ def _vit_params(width: int, patch: int, side: int, classes: int) -> int:
   return embedding + 12 * block + 2 * width + width * classes + classes
 
 
+def _mixer_params(channels: int, blocks: int, token_width: int,
+                  channel_width: int, side: int, classes: int) -> int:
+  """Trainable parameters of a /16 MLP-Mixer on RGB inputs, by hand."""
+  tokens = (side // 16)**2
+  block = (2 * 2 * channels +  # Two LayerNorms.
+           tokens * token_width + token_width +  # Token MLP.
+           token_width * tokens + tokens +
+           channels * channel_width + channel_width +  # Channel MLP.
+           channel_width * channels + channels)
+  return (16 * 16 * 3 * channels + channels + blocks * block + 2 * channels +
+          channels * classes + classes)
+
+
 # name -> hand_count(side, classes), at side x side RGB images.
 HAND_COUNTS = {
     'resnet50': lambda side, classes: _resnet50_params(classes),
     **{f'vit_{size}{patch}': functools.partial(_vit_params, width, patch)
        for size, width in (('ti', 192), ('s', 384), ('b', 768))
        for patch in (16, 32) if (size, patch) != ('ti', 32)},
+    'mixer_s16': functools.partial(_mixer_params, 512, 8, 256, 2048),
+    'mixer_b16': functools.partial(_mixer_params, 768, 12, 384, 3072),
 }
 
 
@@ -61,7 +76,9 @@ def test_zoo_table_is_the_hand_count(name):
     # torchvision's resnet50 and timm's vit_*_224 count the same.
     ('resnet50', 25_557_032), ('vit_ti16', 5_717_416),
     ('vit_s16', 22_050_664), ('vit_b16', 86_567_656),
-    ('vit_b32', 88_224_232)])
+    ('vit_b32', 88_224_232),
+    # Mixer-B/16's published 59.9M.
+    ('mixer_s16', 18_528_264), ('mixer_b16', 59_880_472)])
 def test_parameter_counts_are_the_published_ones(name, count):
   model = models.get_model(name, 1000, (224, 224, 3))
   assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == (
@@ -71,13 +88,20 @@ def test_parameter_counts_are_the_published_ones(name, count):
     conftest.assert_layer_conventions(model)
 
 
-def test_vit_needs_sides_that_are_multiples_of_the_patch():
+@pytest.mark.parametrize('name', ['vit_s16', 'mixer_s16'])
+def test_patch_models_need_sides_that_are_multiples_of_the_patch(name):
   with pytest.raises(ValueError, match=r'multiples of 16, got \(40, 48\)'):
-    models.get_model('vit_s16', 10, (40, 48, 3))
+    models.get_model(name, 10, (40, 48, 3))
 
 
 def test_vit_sam_steps_on_two_replicas_match_one_device(mirrored):
   config = tiny_config(**{'model.name': 'vit_ti16', 'sam.rho': 0.1,
+                          'dataset.synthetic_image_shape': (32, 32, 3)})
+  _assert_same_as_one_device(config, mirrored, 2, 2)
+
+
+def test_mixer_sam_steps_on_two_replicas_match_one_device(mirrored):
+  config = tiny_config(**{'model.name': 'mixer_s16', 'sam.rho': 0.1,
                           'dataset.synthetic_image_shape': (32, 32, 3)})
   _assert_same_as_one_device(config, mirrored, 2, 2)
 

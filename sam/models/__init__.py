@@ -37,6 +37,8 @@ coefficients, and the state returned by the first advances them.
   vit_ti16, vit_s16, vit_b16, Vision Transformers Ti/16, S/16, B/16, S/32,
   vit_s32, vit_b32            B/32 (Dosovitskiy et al., 2021; 22.1M for S/16,
                               86.6M for B/16)
+  mixer_s16, mixer_b16        MLP-Mixers S/16 and B/16 (Tolstikhin et al.,
+                              2021; 18.5M and 59.9M)
 """
 
 from collections.abc import Callable
@@ -48,6 +50,7 @@ import keras
 # Modules, not their builder functions: a package attribute named `resnet`
 # must stay the submodule. Importing `resnet` also registers its custom layer
 # for `keras.saving.load_model`, as do `pyramidnet` and `shake_shake`.
+from sam.models import mixer
 from sam.models import pyramidnet
 from sam.models import resnet
 from sam.models import resnet50
@@ -85,6 +88,8 @@ _REGISTRY: dict[str, _Builder] = {
     **{f'vit_{size}{patch}': functools.partial(vit.vit, size, patch)
        for size, patch in (('ti', 16), ('s', 16), ('b', 16), ('s', 32),
                            ('b', 32))},
+    'mixer_s16': functools.partial(mixer.mixer, 's', 16),
+    'mixer_b16': functools.partial(mixer.mixer, 'b', 16),
 }
 
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
