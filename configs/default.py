@@ -59,6 +59,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.shuffle_buffer = 10_000
   # Side of the cutout square in pixels (16 for CIFAR in DeVries & Taylor).
   config.dataset.cutout_size = 16
+  # RandAugment (Cubuk et al. 2020): after the crop and flip of 'basic',
+  # 'basic_cutout' and 'inception_crop', randaugment_layers operations drawn
+  # from its 14, each at randaugment_magnitude (0..10, sam/autoaugment.py's
+  # scale). 0 layers turn it off.
+  config.dataset.randaugment_layers = 0
+  config.dataset.randaugment_magnitude = 9
+  # Mixup (Zhang et al. 2018), in the train step on top of `augment`: each
+  # replica mixes its batch with itself rolled by one, with one weight
+  # lambda ~ Beta(alpha, alpha) per replica and step, folded to >= 1/2
+  # (sam/mixup.py, as big_vision's). 0 turns it off.
+  config.dataset.mixup_alpha = 0.0
   # Fraction of training labels replaced by a uniformly drawn wrong class
   # (symmetric label noise, fixed by config.seed; test labels stay clean).
   config.dataset.label_noise = 0.0

@@ -322,10 +322,7 @@ def autoaugment(image: tf.Tensor, seed: tf.Tensor,
     ValueError: if the image is not uint8 with a static 1- or 3-channel
       shape.
   """
-  if (image.dtype != tf.uint8 or not image.shape.is_fully_defined() or
-      image.shape.rank != 3 or image.shape[-1] not in (1, 3)):
-    raise ValueError('autoaugment needs a uint8 [H, W, 1 or 3] image of '
-                     f'static shape, not {image.dtype.name} {image.shape}.')
+  _check_image(image, 'autoaugment')
   choice_seed, *step_seeds = tf.unstack(tf.random.experimental.stateless_split(
       seed, 1 + max(len(s) for s in policy)))
   index = tf.random.stateless_uniform([], choice_seed, 0, len(policy),
@@ -343,3 +340,55 @@ def autoaugment(image: tf.Tensor, seed: tf.Tensor,
 
   augmented = tf.switch_case(index, [branch(s) for s in policy])
   return tf.ensure_shape(augmented, image.shape)
+
+
+def _check_image(image: tf.Tensor, what: str) -> None:
+  if (image.dtype != tf.uint8 or not image.shape.is_fully_defined() or
+      image.shape.rank != 3 or image.shape[-1] not in (1, 3)):
+    raise ValueError(f'{what} needs a uint8 [H, W, 1 or 3] image of '
+                     f'static shape, not {image.dtype.name} {image.shape}.')
+
+
+# RandAugment's 14 operations: Cubuk et al., "RandAugment: Practical
+# automated data augmentation with a reduced search space", NeurIPS 2020,
+# Figure 2 (its list of transformations and its sampling code).
+RANDAUGMENT_OPS = ('Identity', 'AutoContrast', 'Equalize', 'Rotate',
+                   'Solarize', 'Color', 'Posterize', 'Contrast',
+                   'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+                   'TranslateX', 'TranslateY')
+
+
+def randaugment(image: tf.Tensor, seed: tf.Tensor, num_layers: int,
+                magnitude: int) -> tf.Tensor:
+  """RandAugment: `num_layers` operations, each drawn uniformly from
+  RANDAUGMENT_OPS (with replacement), all at one `magnitude`.
+
+  The operations and magnitude scale are this module's (AutoAugment's PIL
+  code, 0..MAX_MAGNITUDE; signed ones take a random sign). The
+  tensorflow/tpu RandAugment (EfficientNet's autoaugment.py) differs: it
+  adds Invert, Cutout and SolarizeAdd, has no Identity, and maps its
+  magnitudes to other ranges (e.g. translations of up to 100 pixels).
+
+  Args:
+    image: uint8 [H, W, C] with C = 1 or 3 and a static shape.
+    seed: int32 or int64 [2]; the result is a pure function of (image, seed).
+    num_layers: N, the number of operations applied one after the other.
+    magnitude: M, in 0..MAX_MAGNITUDE.
+
+  Returns:
+    The augmented image, uint8 of the same shape.
+  """
+  _check_image(image, 'randaugment')
+  shape = image.shape
+  seeds = tf.unstack(tf.random.experimental.stateless_split(
+      seed, 2 * num_layers)) if num_layers else []
+  for choice_seed, op_seed in zip(seeds[::2], seeds[1::2]):
+    index = tf.random.stateless_uniform([], choice_seed, 0,
+                                        len(RANDAUGMENT_OPS), tf.int32)
+    branches = [
+        (lambda x=image: x) if name == 'Identity' else
+        (lambda x=image, name=name, s=op_seed: _apply_op(
+            x, name, 1.0, magnitude, s))
+        for name in RANDAUGMENT_OPS]
+    image = tf.ensure_shape(tf.switch_case(index, branches), shape)
+  return image

@@ -10,6 +10,7 @@ from typing import Any
 
 import ml_collections
 
+from sam import autoaugment
 from sam import distribute
 from sam import input_pipeline
 from sam import models
@@ -93,6 +94,19 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
         f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
 
 
+def _check_randaugment(dc: ml_collections.ConfigDict) -> None:
+  _check(dc.randaugment_layers >= 0, 'dataset.randaugment_layers',
+         dc.randaugment_layers, 'it must be >= 0 (0 turns RandAugment off)')
+  _check(0 <= dc.randaugment_magnitude <= autoaugment.MAX_MAGNITUDE,
+         'dataset.randaugment_magnitude', dc.randaugment_magnitude,
+         f'it must be in 0..{autoaugment.MAX_MAGNITUDE}')
+  _check(not dc.randaugment_layers or dc.augment in (
+      'basic', 'basic_cutout', 'inception_crop'),
+         'dataset.randaugment_layers', dc.randaugment_layers,
+         "RandAugment follows the crop and flip of dataset.augment 'basic', "
+         "'basic_cutout' or 'inception_crop': set one, or 0 layers")
+
+
 def _check_probe(pc: ml_collections.ConfigDict, num_replicas: int) -> None:
   _check(pc.every_steps >= -1, 'probe.every_steps', pc.every_steps,
          'it must be >= 1, -1 for once per epoch, or 0 (off)')
@@ -152,7 +166,7 @@ def validate_config(config: ml_collections.ConfigDict,
   _one_of('strategy', config.strategy, distribute.STRATEGIES)
   _one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
   _one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
-  for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha',
+  for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha', 'dataset.mixup_alpha',
                 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
@@ -202,6 +216,7 @@ def validate_config(config: ml_collections.ConfigDict,
         config.dataset.validation_size, 'it must be >= 0')
   _check(config.dataset.cutout_size >= 1, 'dataset.cutout_size',
         config.dataset.cutout_size, 'it must be >= 1')
+  _check_randaugment(config.dataset)
   _check(config.dataset.train_subset == -1 or
         config.dataset.train_subset >= config.batch_size,
         'dataset.train_subset', config.dataset.train_subset,
@@ -215,6 +230,8 @@ def validate_config(config: ml_collections.ConfigDict,
 STRUCTURAL_FIELDS = (
     'seed', 'batch_size', 'model', 'dataset.name', 'dataset.augment',
     'dataset.image_size', 'dataset.shuffle_buffer', 'dataset.cutout_size',
+    'dataset.mixup_alpha', 'dataset.randaugment_layers',
+    'dataset.randaugment_magnitude',
     'dataset.label_noise', 'dataset.validation_size',
     'dataset.train_subset', 'dataset.synthetic_image_shape',
     'dataset.synthetic_num_classes', 'dataset.synthetic_train_size',

@@ -291,8 +291,13 @@ def _normalize(images: tf.Tensor, data: Data) -> tf.Tensor:
 
 
 def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str,
-             data: Data, cutout_size: int) -> tf.Tensor:
-  """Seeded (stateless) augmentation of one uint8 image, then normalization."""
+             data: Data, cutout_size: int,
+             randaugment: tuple[int, int] = (0, 0)) -> tf.Tensor:
+  """Seeded (stateless) augmentation of one uint8 image, then normalization.
+
+  `randaugment`: (N, M) of RandAugment after the crop and flip of 'basic'
+  and 'basic_cutout' (N = 0: off).
+  """
   if kind == 'none':
     return _normalize(image, data)
   crop_seed, flip_seed, other_seed = tf.unstack(
@@ -310,6 +315,10 @@ def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str,
     policy_seed, other_seed = tf.unstack(
         tf.random.experimental.stateless_split(other_seed, 2))
     image = autoaugment.autoaugment(image, policy_seed)
+  if randaugment[0]:
+    image = autoaugment.randaugment(
+        image, tf.random.experimental.stateless_fold_in(seed, 1),
+        *randaugment)
   image = _normalize(image, data)
   if kind in ('basic_cutout', 'autoaugment'):
     image = _cutout(image, cutout_size, other_seed)
@@ -388,7 +397,9 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
   def example(epoch, index):
     aug_seed = tf.stack([seed, epoch * n + index])
     image = _augment(tf.gather(images, index), aug_seed,
-                     config.dataset.augment, data, config.dataset.cutout_size)
+                     config.dataset.augment, data, config.dataset.cutout_size,
+                     (config.dataset.randaugment_layers,
+                      config.dataset.randaugment_magnitude))
     if flipped is None:
       return image, tf.gather(labels, index)
     return image, tf.gather(labels, index), tf.gather(flipped, index)

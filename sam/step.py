@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from sam import looksam
 from sam import loss_scaling
+from sam import mixup
 from sam import optim
 from sam import sam as sam_lib
 from sam.models import true_gradient
@@ -41,18 +42,25 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   params = [v.value for v in model.trainable_variables]
   model_state = [v.value for v in model.non_trainable_variables]
   share = 1 / ctx.num_replicas_in_sync  # Of the global batch's loss.
+  targets = labels  # The loss's; the metrics count the labels.
+  if config.dataset.mixup_alpha:
+    images, targets = mixup.mix(images, labels, state.num_classes,
+                                mixup.replica_weight(
+                                    config.dataset.mixup_alpha, config.seed,
+                                    state.optimizer.iterations))
   loss_fn, ascent_loss_fn = (
-      make_loss_fn(state, config, images, labels, model_state, share, ascent)
+      make_loss_fn(state, config, images, targets, model_state, share, ascent)
       for ascent in (False, True))
   scale = loss_scaling.scale(state)
   if sam_now and sc.micro_batch_size:
-    out = _micro_batch_sam(state, config, images, labels, model_state, params)
+    out = _micro_batch_sam(state, config, images, targets, model_state,
+                           params)
   elif sam_now:
     # The SAM rule: the gradient at w, its norm across replicas, eps, the
     # gradient at w + eps (one pass at w if rho is 0).
     select = None
     if sc.variant == 'esam' and sc.esam_gamma < 1:
-      select = esam_selection(state, config, images, labels, model_state,
+      select = esam_selection(state, config, images, targets, model_state,
                               share)
     out = sam_lib.sam_step(
         loss_fn, params, _rho(state, config),
@@ -127,9 +135,13 @@ def make_loss_fn(state: TrainState, config: ml_collections.ConfigDict, images,
 
 
 def _per_example_loss(state, config, labels, logits):
-  """The cross-entropy of each example, with the config's label smoothing."""
+  """The cross-entropy of each example, with the config's label smoothing.
+
+  `labels`: integer labels, or soft targets [b, classes] (mixup's).
+  """
   smoothing = config.optimizer.label_smoothing
-  targets = tf.one_hot(labels, state.num_classes)
+  targets = (labels if labels.dtype.is_floating else
+             tf.one_hot(labels, state.num_classes))
   targets = targets * (1 - smoothing) + smoothing / state.num_classes
   return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
 

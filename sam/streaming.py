@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from sam import autoaugment
 from sam import versions
 
 PREFIX = 'tfds:'
@@ -200,7 +201,8 @@ def _central_window(image_size: int):
 
 
 def preprocess(encoded: tf.Tensor, seed: tf.Tensor | None, data: Data,
-               augment: str) -> tf.Tensor:
+               augment: str,
+               randaugment: tuple[int, int] = (0, 0)) -> tf.Tensor:
   """One encoded image to a normalized float32 [size, size, C] tensor.
 
   Args:
@@ -208,6 +210,8 @@ def preprocess(encoded: tf.Tensor, seed: tf.Tensor | None, data: Data,
     seed: int64 [2], the example's augmentation seed; unused for 'none'.
     data: the data set (output shape and channel statistics).
     augment: 'inception_crop', or 'none' for the evaluation preprocessing.
+    randaugment: (N, M) of RandAugment after the Inception crop and flip, on
+      the resized image rounded to uint8 (N = 0: off).
   """
   size, _, channels = data.image_shape
   if augment == 'inception_crop':
@@ -221,6 +225,11 @@ def preprocess(encoded: tf.Tensor, seed: tf.Tensor | None, data: Data,
   if augment == 'inception_crop':
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   image = tf.ensure_shape(image, data.image_shape)
+  if augment == 'inception_crop' and randaugment[0]:
+    image = tf.cast(autoaugment.randaugment(
+        tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
+        tf.random.experimental.stateless_fold_in(seed, 1), *randaugment),
+        tf.float32)
   return (image / 255.0 - data.mean) / data.std
 
 
@@ -255,7 +264,9 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
 
   def example(position, encoded, label):
     aug_seed = tf.stack([seed, position])
-    return (preprocess(encoded, aug_seed, data, config.dataset.augment),
+    return (preprocess(encoded, aug_seed, data, config.dataset.augment,
+                       (config.dataset.randaugment_layers,
+                        config.dataset.randaugment_magnitude)),
             label)
 
   start_epoch, offset = divmod(start_step, epoch_steps)

@@ -229,3 +229,58 @@ def test_train_dataset_with_autoaugment():
                            'dataset.cutout_size': 4}), context)))[0]
   assert not np.allclose(images, cutout)
   assert np.all(np.any(np.all(images.numpy() == 0, axis=-1), axis=(1, 2)))
+
+
+def _candidates(image, magnitude):
+  """RandAugment's operations at `magnitude`, both signs: name -> images."""
+  shape = image.shape
+  out = {'Identity': [image]}
+  for name in autoaugment.RANDAUGMENT_OPS[1:]:
+    function, argument_of, signed = autoaugment.OPS[name]
+    argument = argument_of(magnitude, shape)
+    out[name] = [function(tf.constant(image), a).numpy()
+                 for a in ((argument, -argument) if signed else (argument,))]
+  return out
+
+
+def test_randaugment_layer_is_one_of_its_operations_at_the_magnitude():
+  """Each draw of one layer is one of the 14 operations, applied always."""
+  image = np.random.default_rng(3).integers(40, 200, (16, 16, 3), np.uint8)
+  candidates = _candidates(image, 7)
+  draw = tf.function(lambda seed: autoaugment.randaugment(
+      tf.constant(image), seed, 1, 7))
+  seen = []
+  for i in range(112):
+    got = draw(tf.constant([5, i], tf.int64)).numpy()
+    names = [n for n, images in candidates.items()
+             if any(np.array_equal(got, x) for x in images)]
+    assert names, f'seed {i}: not one of the operations'
+    seen.append(names[0])
+  # 112 draws of 14 (8 each on average): every operation comes up.
+  assert set(seen) == set(autoaugment.RANDAUGMENT_OPS)
+
+
+def test_randaugment_layers_compose_and_follow_the_seed():
+  image = np.random.default_rng(4).integers(0, 256, (8, 8, 3), np.uint8)
+  seed = tf.constant([1, 2], tf.int64)
+  np.testing.assert_array_equal(
+      autoaugment.randaugment(tf.constant(image), seed, 0, 9), image)
+  two = autoaugment.randaugment(tf.constant(image), seed, 2, 9)
+  np.testing.assert_array_equal(
+      two, autoaugment.randaugment(tf.constant(image), seed, 2, 9))
+  assert two.dtype == tf.uint8 and two.shape == image.shape
+  with pytest.raises(ValueError, match='randaugment needs a uint8'):
+    autoaugment.randaugment(tf.zeros([8, 8, 3]), seed, 2, 9)
+
+
+def test_train_dataset_with_randaugment():
+  config = tiny_config(**{'dataset.augment': 'basic',
+                          'dataset.randaugment_layers': 2})
+  context = tf.distribute.InputContext(1, 0, 1)
+  data = input_pipeline.load(config)
+  ds = input_pipeline.train_dataset(data, config, context)
+  images = next(iter(ds))[0]
+  np.testing.assert_array_equal(images, next(iter(ds))[0])
+  config.dataset.randaugment_layers = 0
+  basic = next(iter(input_pipeline.train_dataset(data, config, context)))[0]
+  assert not np.allclose(images, basic)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import autoaugment
 from sam import config_checks
 from sam import input_pipeline
 from sam import streaming
@@ -184,6 +185,27 @@ def test_inception_crop_is_seeded_and_varies():
   np.testing.assert_array_equal(crops[0], crops[1])
   assert not np.allclose(crops[1], crops[2])
   assert not np.allclose(crops[2], crops[3])
+
+
+def test_randaugment_follows_the_inception_crop():
+  """On the crop rounded to uint8: the same as RandAugment applied there by
+  hand with the example's seed folded with 1."""
+  data = streaming.Data(None, None, None, 10, (16, 16, 3),
+                        np.zeros(3, np.float32), np.full(3, 1 / 255,
+                                                          np.float32))
+  image = np.random.default_rng(2).integers(0, 256, (64, 80, 3)).astype(
+      np.uint8)
+  seed = tf.constant([0, 3], tf.int64)
+  crop = streaming.preprocess(_png(image), seed, data, 'inception_crop')
+  got = streaming.preprocess(_png(image), seed, data, 'inception_crop',
+                             (2, 9))
+  want = autoaugment.randaugment(
+      tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8),
+      tf.random.experimental.stateless_fold_in(seed, 1), 2, 9)
+  # (Rounding the normalized crop back can move a pixel at .5 by one.)
+  assert np.mean(np.abs(got - tf.cast(want, tf.float32)) > 0.5) < 0.02
+  np.testing.assert_allclose(got, np.round(got), atol=1e-3)  # Integers.
+  assert np.mean(np.abs(got - crop) > 0.5) > 0.5
 
 
 def test_sam_trains_on_a_stream(data_dir):

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from sam import config_checks
 from sam import input_pipeline
+from sam import mixup
 from sam import optim
 from sam import state as state_lib
 from sam import step as step_lib
@@ -137,7 +138,8 @@ def test_perturb_only_that_selects_nothing_is_one_line(tmp_path):
 
 
 def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
-                    ascent_training=True, variables=None, esam_shards=0):
+                    ascent_training=True, variables=None, esam_shards=0,
+                    mixup_shards=1):
   """SAM + SGD computed another way: perturb Keras variables in place.
 
   `sam_steps` lists the steps that use SAM (default: all); with
@@ -145,8 +147,9 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
   on flattened NumPy vectors. `ascent_training=False` runs the pass at w in
   inference mode. `esam_shards`: ESAM's data selection (config.sam.
   esam_gamma) within each of that many equal parts of the batch (the
-  replicas'). Returns the values of the trainable variables (or of
-  `variables(model)`).
+  replicas'). Under config.dataset.mixup_alpha each of `mixup_shards`
+  equal parts of the batch is mixed as replica i mixes its part. Returns the
+  values of the trainable variables (or of `variables(model)`).
   """
   data = input_pipeline.load(config)
   keras.utils.set_random_seed(config.seed)
@@ -161,6 +164,8 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
   def loss_of(images, labels, training=True):
     logits = model(images, training=training)
     loss = tf.reduce_mean(
+        tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+        if labels.dtype.is_floating else
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
     return loss + 0.5 * wd * sum(
         tf.reduce_sum(v**2) for v in model.trainable_variables
@@ -177,6 +182,9 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
   direction = None
   for step in range(steps):
     images, labels = next(batches)
+    if config.dataset.mixup_alpha:
+      images, labels = _mixed(images, labels, data.num_classes, config, step,
+                              mixup_shards)
     sam_step = rho and (sam_steps is None or step in sam_steps)
     with tf.GradientTape() as tape:
       loss = loss_of(images, labels, ascent_training or not sam_step)
@@ -212,6 +220,15 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
       lambda m: m.trainable_variables))(model)]
 
 
+def _mixed(images, labels, num_classes, config, step, shards):
+  """The batch as `shards` replicas mix their parts at `step`."""
+  parts = [mixup.mix(x, y, num_classes, mixup.draw_weight(
+      config.dataset.mixup_alpha, config.seed, step, i, shards))
+           for i, (x, y) in enumerate(zip(tf.split(images, shards),
+                                          tf.split(labels, shards)))]
+  return tuple(tf.concat(p, 0) for p in zip(*parts))
+
+
 def _example_losses(model, images, labels):
   return tf.nn.sparse_softmax_cross_entropy_with_logits(
       labels, model(images, training=True)).numpy()
@@ -232,6 +249,22 @@ def test_esam_data_selection_matches_manual_reference(mirrored, num_replicas):
       _values(trainer.state.model.trainable_variables, 0, strategy), want):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
   # Not SAM on the whole batch.
+  assert not all(np.allclose(a, b, atol=1e-4)
+                 for a, b in zip(want, _manual_sam_sgd(config, 3)))
+
+
+@pytest.mark.parametrize('num_replicas', [1, 2])
+def test_mixup_matches_manual_reference(mirrored, num_replicas):
+  """Both SAM passes on each replica's mixed part, against soft targets."""
+  config = tiny_config(**{'sam.rho': 0.5, 'optimizer.momentum': 0.0,
+                          'dataset.mixup_alpha': 0.4})
+  strategy = mirrored(num_replicas)
+  trainer = _train(config, strategy, 3)
+  want = _manual_sam_sgd(config, 3, mixup_shards=num_replicas)
+  for got, ref in zip(
+      _values(trainer.state.model.trainable_variables, 0, strategy), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  config.dataset.mixup_alpha = 0.0
   assert not all(np.allclose(a, b, atol=1e-4)
                  for a, b in zip(want, _manual_sam_sgd(config, 3)))
 
@@ -450,6 +483,11 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('sam.rho_schedule', 'learning_rate', 'a learning rate that decays'),
     ('sam.rho_min', 0.1, 'config.sam.rho_min=0.1 is invalid: it must be in'),
     ('sam.esam_gamma', 1.5, 'config.sam.esam_gamma=1.5 is invalid'),
+    ('dataset.mixup_alpha', -0.2, 'config.dataset.mixup_alpha=-0.2'),
+    ('dataset.randaugment_layers', 2, "RandAugment follows the crop and flip "
+     "of dataset.augment 'basic'"),
+    ('dataset.randaugment_magnitude', 11,
+     'config.dataset.randaugment_magnitude=11'),
     ('schedule.learning_rate', float('inf'), 'config.schedule.learning_rate'),
     ('num_train_steps', 0, 'config.num_train_steps=0'),
     ('seed', -1, 'config.seed=-1'),
@@ -596,7 +634,8 @@ _SLOW_XLA_BEFORE_2_20 = pytest.mark.skipif(
     # few weights differ by up to 2e-4 (of the zero-initialized gammas,
     # which two steps move by about 5e-4): it compiles, and runs alike.
     pytest.param('resnet50', 32, 1e-3, marks=_SLOW_XLA_BEFORE_2_20),
-    pytest.param('vit_ti16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20)])
+    pytest.param('vit_ti16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20),
+    pytest.param('mixer_s16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20)])
 def test_xla_step_matches_graph_step(model, side, atol):
   """The whole replica step (two SAM passes, update, metrics) compiles."""
   results = {}

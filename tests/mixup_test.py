@@ -1,0 +1,59 @@
+"""Mixup's batch: pairs of rolled examples, lambda from a folded Beta."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sam import mixup
+from tests.conftest import requires_xla_cpu
+
+
+def test_mix_is_a_convex_combination_with_the_rolled_batch():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(6, 4, 4, 3)).astype(np.float32)
+  labels = np.array([0, 3, 5, 1, 2, 4])
+  mixed, targets = mixup.mix(tf.constant(images), tf.constant(labels), 7,
+                             tf.constant(0.7))
+  want = np.zeros((6, 7))
+  want[np.arange(6), labels] += 0.7
+  want[np.arange(6), np.roll(labels, 1)] += 0.3
+  np.testing.assert_allclose(targets, want, rtol=1e-6)
+  np.testing.assert_allclose(
+      mixed, 0.7 * images + 0.3 * np.roll(images, 1, 0), rtol=1e-5,
+      atol=1e-6)
+
+
+def _weights(alpha, steps, replica=0, num_replicas=1):
+  draw = tf.function(lambda step: mixup.draw_weight(
+      alpha, 7, step, replica, num_replicas))
+  return np.array([draw(tf.constant(i, tf.int64)) for i in range(steps)])
+
+
+@pytest.mark.parametrize('alpha', [0.05, 0.2, 1.0, 4.0])
+def test_lambda_is_a_folded_beta_draw(alpha):
+  """3,000 steps' lambdas against NumPy's Beta sampler: the mean and the
+  fractions below its quartiles, within 4 standard errors."""
+  got = _weights(alpha, 3000)
+  beta = np.random.default_rng(0).beta(alpha, alpha, 10**6)
+  folded = np.maximum(beta, 1 - beta)
+  assert got.min() >= 0.5 and got.max() <= 1 and np.isfinite(got).all()
+  assert abs(got.mean() - folded.mean()) < 4 * folded.std() / np.sqrt(3000)
+  # (For a small alpha most draws are within float32's 6e-8 of 1.)
+  for q in np.quantile(folded, [0.25, 0.5, 0.75]):
+    if q > 0.999:
+      continue
+    p = np.mean(folded < q)
+    assert abs(np.mean(got < q) - p) < 4 * np.sqrt(p * (1 - p) / 3000)
+
+
+def test_replicas_draw_apart_and_steps_repeat():
+  first, again = _weights(0.4, 5, 1, 2), _weights(0.4, 5, 1, 2)
+  np.testing.assert_array_equal(first, again)
+  assert not np.allclose(first, _weights(0.4, 5, 0, 2))
+
+
+@requires_xla_cpu
+def test_xla_draws_the_same_lambda():
+  draw = lambda: mixup.draw_weight(0.4, 3, tf.constant(5, tf.int64), 1, 2)
+  np.testing.assert_allclose(tf.function(draw, jit_compile=True)(), draw(),
+                             rtol=1e-5)
