@@ -193,9 +193,9 @@ def _random_window(seed: tf.Tensor):
 
 def _central_window(image_size: int):
   def window(shape):
-    side = tf.cast(
+    side = tf.maximum(tf.cast(
         tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * image_size /
-        (image_size + _EVAL_CROP_PADDING), tf.int32)
+        (image_size + _EVAL_CROP_PADDING), tf.int32), 1)  # A tiny image.
     return (shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side
   return window
 

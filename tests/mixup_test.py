@@ -54,6 +54,7 @@ def test_replicas_draw_apart_and_steps_repeat():
 
 @requires_xla_cpu
 def test_xla_draws_the_same_lambda():
-  draw = lambda: mixup.draw_weight(0.4, 3, tf.constant(5, tf.int64), 1, 2)
+  def draw():
+    return mixup.draw_weight(0.4, 3, tf.constant(5, tf.int64), 1, 2)
   np.testing.assert_allclose(tf.function(draw, jit_compile=True)(), draw(),
                              rtol=1e-5)

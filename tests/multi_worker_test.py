@@ -266,7 +266,7 @@ def test_two_workers_stream_a_tfds_data_set_and_resume_mid_epoch(tmp_path):
   go."""
   from tests import streaming_test  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path / 'tfds'
-  streaming_test.TinyImages(data_dir=str(data_dir)).download_and_prepare()
+  streaming_test.prepare_tiny_images(str(data_dir))
   flags = ['--config.dataset.name=tfds:tiny_images',
            f'--config.dataset.data_dir={data_dir}',
            '--config.dataset.image_size=8',

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from sam import autoaugment
 from sam import config_checks
+from sam import image_folder
 from sam import input_pipeline
 from sam import streaming
 from sam import train
@@ -29,33 +30,25 @@ def _pixel(index: int) -> int:
   return 5 * index + 10
 
 
-class TinyImages(tfds.core.GeneratorBasedBuilder):
-  """JPEG images of several sizes; example i is flat in _pixel(i)."""
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(num_classes=3)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(range(TRAIN_SIZE)),
-            'test': self._generate_examples(
-                range(TRAIN_SIZE, TRAIN_SIZE + TEST_SIZE))}
-
-  def _generate_examples(self, indices):
-    for i in indices:
-      image = np.full((20 + i % 7, 24 + i % 5, 3), _pixel(i), np.uint8)
-      yield i, {'image': image, 'label': i % 3}
+def prepare_tiny_images(data_dir: str) -> None:
+  """The data set 'tiny_images', through a user's path: JPEG files of
+  several sizes in FOLDER/SPLIT/CLASS/ (example i flat in _pixel(i), of
+  class i % 3) prepared by sam.image_folder."""
+  folder = os.path.join(data_dir, 'folder')
+  for i in range(TRAIN_SIZE + TEST_SIZE):
+    split = 'train' if i < TRAIN_SIZE else 'test'
+    os.makedirs(os.path.join(folder, split, f'c{i % 3}'), exist_ok=True)
+    image = np.full((20 + i % 7, 24 + i % 5, 3), _pixel(i), np.uint8)
+    tf.io.write_file(os.path.join(folder, split, f'c{i % 3}', f'{i}.jpg'),
+                     tf.io.encode_jpeg(image))
+  assert image_folder.prepare(folder, 'tiny_images', data_dir) == {
+      'train': TRAIN_SIZE, 'test': TEST_SIZE}
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
-  TinyImages(data_dir=path).download_and_prepare()
+  prepare_tiny_images(path)
   return path
 
 
@@ -264,8 +257,9 @@ def test_an_unknown_data_set_is_one_line(tmp_path):
 
 def test_a_data_set_that_is_not_prepared_says_how(tmp_path):
   with pytest.raises(input_pipeline.DataNotFoundError,
-                     match='tfds build tiny_images --data_dir=DIR'):
-    input_pipeline.load(_config(str(tmp_path)))
+                     match='tfds build mnist --data_dir=DIR'):
+    input_pipeline.load(_config(str(tmp_path), **{
+        'dataset.name': 'tfds:mnist'}))
 
 
 class NoiseImages(tfds.core.GeneratorBasedBuilder):

@@ -1,9 +1,10 @@
 """The streamed-input row: ImageNet-sized JPEGs through sam/streaming.py.
 
-It writes a small TFDS data set of JPEGs of ImageNet's typical size
-(500 x 375; smooth random images, so that they compress about as photos
-do) and times the training stream of `dataset.name='tfds:...'` over it:
-reading the records, decoding the Inception crop, resizing it to 224 x 224,
+It writes JPEG files of ImageNet's typical size (500 x 375; smooth random
+images, so that they compress about as photos do), prepares them as a TFDS
+data set with sam.image_folder, as a user would their own images, and times
+the training stream of `dataset.name='tfds:...'` over it: reading the
+records, decoding the Inception crop, resizing it to 224 x 224,
 flipping and normalizing, with tf.data's parallelism, as a run would.
 """
 
@@ -12,6 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from sam import image_folder
 from sam import versions
 
 NAME = 'sam_benchmark_jpegs'
@@ -27,31 +29,16 @@ def _image(rng: np.random.Generator) -> np.ndarray:
 
 
 def prepare(data_dir: str, num_images: int) -> None:
-  """Writes `num_images` JPEGs as the prepared TFDS data set NAME."""
-  tfds = versions.import_tfds()
-
-  class SamBenchmarkJpegs(tfds.core.GeneratorBasedBuilder,
-                          skip_registration=True):
-    VERSION = tfds.core.Version('1.0.0')
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(None, None, 3),
-                                           encoding_format='jpeg'),
-              'label': tfds.features.ClassLabel(num_classes=1000)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {'train': self._generate_examples(num_images, 0),
-              'test': self._generate_examples(8, 1)}
-
-    def _generate_examples(self, n, seed):
-      rng = np.random.default_rng(seed)
-      for i in range(n):
-        yield i, {'image': _image(rng), 'label': i % 1000}
-
-  SamBenchmarkJpegs(data_dir=data_dir).download_and_prepare()
+  """Writes `num_images` JPEGs as the TFDS data set NAME, by the user's path:
+  files in DATA_DIR/images/SPLIT/CLASS/, prepared by sam.image_folder."""
+  folder = os.path.join(data_dir, 'images')
+  for split, count, seed in (('train', num_images, 0), ('test', 8, 1)):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+      tf.io.write_file(os.path.join(folder, split, f'class{i % 10}',
+                                    f'{i}.jpg'),
+                       tf.io.encode_jpeg(_image(rng)))
+  image_folder.prepare(folder, NAME, data_dir)
 
 
 def mean_jpeg_bytes(data_dir: str) -> float:
