@@ -12,13 +12,13 @@ The promises of sam/input_pipeline.py hold here too:
 * Each input pipeline (host) p of P reads only its own part of each split,
   `tfds.even_splits(split, P)[p]`: contiguous ranges of examples that together
   cover the split once, without overlap.
-* The training stream is a pure function of (seed, step). Epoch e reads the
-  pipeline's part in file order, in blocks of `shuffle_buffer` records, and
+* The training stream is a pure function of (seed, step). The pipeline's
+  part is cut into blocks of `shuffle_buffer` consecutive records (in file
+  order); epoch e reads the blocks in an order drawn from (seed, e, p) and
   shuffles each block by a seed of (seed, e, p, block); each example's
   augmentation is seeded by its position in that stream. TFDS shuffles the
   examples across files when it prepares a data set, so a block is a random
-  sample; but the blocks come in file order in every epoch (shuffling only
-  within them). A pipeline started at step s reads its epoch from the start
+  sample. A pipeline started at step s reads its epoch from the start
   and skips the records before s, undecoded; no iterator state is saved. The
   cost of a resume is reading (not decoding) up to one epoch of this host's
   part.
@@ -146,15 +146,28 @@ def _part(split: str, input_context: tf.distribute.InputContext):
           input_context.input_pipeline_id]
 
 
-def _records(data: Data, split: str,
-             input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-  """This pipeline's part of a split: (encoded image, label), in file order."""
+def _records(data: Data, split) -> tf.data.Dataset:
+  """A (sub-)split's (encoded image, label) records, in file order."""
   tfds = versions.import_tfds()
   ds = data.builder.as_dataset(
-      split=_part(split, input_context), shuffle_files=False,
+      split=split, shuffle_files=False,
       decoders={'image': tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False))
   return ds.map(lambda e: (e['image'], tf.cast(e['label'], tf.int32)))
+
+
+def _blocks(data: Data, split: str, input_context: tf.distribute.InputContext,
+            size: int) -> list[tf.data.Dataset]:
+  """This pipeline's part of a split as blocks of `size` consecutive records
+  (the last one shorter), each a dataset of one element: the whole block."""
+  tfds = versions.import_tfds()
+  parts = tfds.even_splits(split, input_context.num_input_pipelines)
+  pipeline = input_context.input_pipeline_id
+  start = sum(data.builder.info.splits[p].num_examples
+              for p in parts[:pipeline])
+  end = start + data.builder.info.splits[parts[pipeline]].num_examples
+  return [_records(data, f'{split}[{a}:{min(a + size, end)}]').batch(size)
+          for a in range(start, end, size)]
 
 
 def part_size(data: Data, split: str,
@@ -242,7 +255,8 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
   per_replica = input_context.get_per_replica_batch_size(config.batch_size)
   epoch_steps = len(data.train) // config.batch_size
   per_epoch = epoch_steps * (config.batch_size // num_pipelines)
-  records = _records(data, data.train.name, input_context)
+  blocks = _blocks(data, data.train.name, input_context,
+                   config.dataset.shuffle_buffer)
   seed = tf.constant(config.seed, tf.int64)
 
   def shuffled(block, record):
@@ -252,12 +266,17 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
     return tf.gather(encoded, order), tf.gather(label, order)
 
   def epoch(e):
-    # Blocks of shuffle_buffer records, each in an order of its own, fixed
-    # by (seed, epoch, pipeline, block). tf.data's shuffle cannot take a
-    # seed computed from the epoch when a global seed is set.
-    first = (e * num_pipelines + pipeline) * 2**20
-    ds = records.batch(config.dataset.shuffle_buffer).enumerate(first)
-    ds = ds.map(shuffled).unbatch().take(per_epoch)
+    # The blocks of shuffle_buffer records in an order of the epoch's, each
+    # block in an order of its own: fixed by (seed, epoch, pipeline, block).
+    # tf.data's shuffle cannot take a seed computed from the epoch when a
+    # global seed is set.
+    stream = e * num_pipelines + pipeline
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(blocks), dtype=tf.int64),
+        seed=tf.stack([seed, -1 - stream]))
+    ds = tf.data.Dataset.choose_from_datasets(
+        blocks, tf.data.Dataset.from_tensor_slices(order))
+    ds = ds.enumerate(stream * 2**20).map(shuffled).unbatch().take(per_epoch)
     return ds.enumerate().map(
         lambda i, record: ((e * num_pipelines + pipeline) * per_epoch + i,)
         + record)
@@ -290,7 +309,7 @@ def eval_dataset(data: Data, config: ml_collections.ConfigDict,
   padded_size = (num_steps * config.eval_batch_size //
                  input_context.num_input_pipelines)
   pad = padded_size - part_size(data, data.test.name, input_context)
-  ds = _records(data, data.test.name, input_context).map(
+  ds = _records(data, _part(data.test.name, input_context)).map(
       lambda encoded, label: (preprocess(encoded, None, data, 'none'), label,
                               tf.constant(1.0)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -102,6 +102,26 @@ def test_two_pipelines_read_each_example_once_per_epoch(data_dir):
   assert list(epochs[0][0]) != list(epochs[1][0])  # Reshuffled.
 
 
+def test_each_epoch_reads_the_blocks_in_an_order_of_its_own(data_dir):
+  """Blocks of 4 consecutive records (in file order): each read whole,
+  one after another, in another order in the next epoch."""
+  config = _config(data_dir, **{'dataset.shuffle_buffer': 4})
+  data = input_pipeline.load(config)
+  file_order = [int(e['image'][0, 0, 0] - 10) // 5 for e in tfds.as_numpy(
+      data.builder.as_dataset(split='train', shuffle_files=False))]
+  block_of = {index: position // 4
+              for position, index in enumerate(file_order)}
+  ds = input_pipeline.train_dataset(data, config, _context(1, 0))
+  seen = np.concatenate([_indices(images, data) for images, _ in ds.take(8)])
+  orders = []
+  for epoch in (seen[:32], seen[32:]):  # 4 steps of 8 per epoch.
+    blocks = [block_of[i] for i in epoch]
+    runs = [b for k, b in enumerate(blocks) if k == 0 or b != blocks[k - 1]]
+    assert len(runs) == len(set(runs)) >= 8  # Each block in one run.
+    orders.append(runs)
+  assert orders[0] != orders[1]
+
+
 def test_labels_come_with_their_images(data_dir):
   config = _config(data_dir)
   data = input_pipeline.load(config)
