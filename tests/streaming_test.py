@@ -221,6 +221,31 @@ def test_randaugment_follows_the_inception_crop():
   assert np.mean(np.abs(got - crop) > 0.5) > 0.5
 
 
+def test_imagenet2012_records_decode_through_the_preprocessing():
+  """tfds.testing.mock_data's imagenet2012 (random JPEGs from the builder's
+  code): the features streaming reads, and its records preprocessed for
+  training and evaluation at 224. (The mock ignores sub-splits and has no
+  split sizes, so the parts and resume are tested on tiny_images.)"""
+  with tfds.testing.mock_data(num_examples=4,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    builder = tfds.builder('imagenet2012')
+    features = builder.info.features
+    assert features['label'].num_classes == 1000
+    assert features['image'].shape == (None, None, 3)
+    records = builder.as_dataset(
+        split='train', decoders={'image': tfds.decode.SkipDecoding()})
+    data = streaming.Data(builder, None, None, 1000, (224, 224, 3),
+                          streaming.IMAGENET_MEAN, streaming.IMAGENET_STD)
+    for i, record in enumerate(records.take(4)):
+      assert tf.io.is_jpeg(record['image'])
+      for augment, seed in (('inception_crop', [0, i]), ('none', None)):
+        image = streaming.preprocess(
+            record['image'], seed and tf.constant(seed, tf.int64), data,
+            augment)
+        assert image.shape == (224, 224, 3)
+        assert np.isfinite(image.numpy()).all()
+
+
 def test_sam_trains_on_a_stream(data_dir):
   config = _config(data_dir, **{'dataset.augment': 'inception_crop',
                                 'sam.rho': 0.05})
