@@ -67,8 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.randaugment_magnitude = 9
   # Mixup (Zhang et al. 2018), in the train step on top of `augment`: each
   # replica mixes its batch with itself rolled by one, with one weight
-  # lambda ~ Beta(alpha, alpha) per replica and step, folded to >= 1/2
-  # (sam/mixup.py, as big_vision's). 0 turns it off.
+  # lambda ~ Beta(alpha, alpha) per step, folded to >= 1/2 (sam/mixup.py,
+  # as big_vision's). 0 turns it off.
   config.dataset.mixup_alpha = 0.0
   # Fraction of training labels replaced by a uniformly drawn wrong class
   # (symmetric label noise, fixed by config.seed; test labels stay clean).

@@ -2,13 +2,14 @@
 
 Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018: train
 on convex combinations of pairs of examples and of their one-hot labels.
-As big_vision's `utils.mixup` (the ViT recipes' option): each replica mixes
-its batch with the same batch rolled by one example, with one weight
-lambda ~ Beta(alpha, alpha) per replica and step, folded to lambda >= 1/2 so
-that each example's own label dominates (train/accuracy counts it). Both
-SAM passes see the same mixed batch. The weight is a function of (seed,
-step, replica), so a resumed run mixes as an uninterrupted one; replicas
-draw apart, so runs on 1 and 2 replicas differ (as in big_vision).
+As big_vision's `utils.mixup` by default (the ViT recipes' option): each
+replica mixes its batch with the same batch rolled by one example, with one
+weight lambda ~ Beta(alpha, alpha) per step for all replicas, the larger of
+lambda and 1 - lambda (big_vision sorts its Dirichlet draw) so that each
+example's own label dominates (train/accuracy counts it). Both SAM passes
+see the same mixed batch. The weight is a function of (seed, step), so a
+resumed run mixes as an uninterrupted one; which examples pair up depends
+on how the batch is split over replicas.
 """
 
 import tensorflow as tf
@@ -49,20 +50,17 @@ def _log_gamma(alpha: float, uniforms: tf.Tensor) -> tf.Tensor:
   return tf.math.log(d) + log_v + tf.math.log(boost) / alpha
 
 
-def draw_weight(alpha: float, seed: int, step: tf.Tensor,
-                replica: tf.Tensor | int = 0,
-                num_replicas: int = 1) -> tf.Tensor:
-  """lambda of `replica` at `step`: Beta(alpha, alpha) folded to >= 1/2.
+def draw_weight(alpha: float, seed: int, step: tf.Tensor) -> tf.Tensor:
+  """lambda at `step`: Beta(alpha, alpha) folded to >= 1/2, a float32 scalar.
 
-  Every replica draws the same Philox uniforms, a row per replica, from
-  (seed, step) and takes its own row: XLA gives the same draws, and no
-  fold-in of seeds is needed.
+  Philox uniforms from (seed, step): XLA draws the same, and every replica
+  the same.
   """
   uniforms = tf.random.stateless_uniform(
-      [num_replicas, 2, 2 * _CANDIDATES + 1],
+      [2, 2 * _CANDIDATES + 1],
       tf.stack([tf.constant(seed, tf.int64),
                 tf.cast(step, tf.int64) + _SEED_OFFSET]), alg='philox')
-  log_g = _log_gamma(alpha, tf.gather(uniforms, replica))
+  log_g = _log_gamma(alpha, uniforms)
   # Beta(a, a) = G1 / (G1 + G2) = sigmoid(log G1 - log G2).
   weight = tf.sigmoid(log_g[0] - log_g[1])
   return tf.maximum(weight, 1 - weight)
@@ -86,10 +84,3 @@ def mix(images: tf.Tensor, labels: tf.Tensor, num_classes: int,
   image_weight = tf.cast(weight, images.dtype)
   mixed = image_weight * images + (1 - image_weight) * tf.roll(images, 1, 0)
   return mixed, mixed_targets
-
-
-def replica_weight(alpha: float, seed: int, step: tf.Tensor) -> tf.Tensor:
-  """This replica's lambda at `step` (in replica context)."""
-  ctx = tf.distribute.get_replica_context()
-  return draw_weight(alpha, seed, step, ctx.replica_id_in_sync_group,
-                     ctx.num_replicas_in_sync)

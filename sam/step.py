@@ -45,7 +45,7 @@ def train_step(state: TrainState, config: ml_collections.ConfigDict, batch,
   targets = labels  # The loss's; the metrics count the labels.
   if config.dataset.mixup_alpha:
     images, targets = mixup.mix(images, labels, state.num_classes,
-                                mixup.replica_weight(
+                                mixup.draw_weight(
                                     config.dataset.mixup_alpha, config.seed,
                                     state.optimizer.iterations))
   loss_fn, ascent_loss_fn = (

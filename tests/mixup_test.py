@@ -23,9 +23,8 @@ def test_mix_is_a_convex_combination_with_the_rolled_batch():
       atol=1e-6)
 
 
-def _weights(alpha, steps, replica=0, num_replicas=1):
-  draw = tf.function(lambda step: mixup.draw_weight(
-      alpha, 7, step, replica, num_replicas))
+def _weights(alpha, steps, seed=7):
+  draw = tf.function(lambda step: mixup.draw_weight(alpha, seed, step))
   return np.array([draw(tf.constant(i, tf.int64)) for i in range(steps)])
 
 
@@ -46,15 +45,16 @@ def test_lambda_is_a_folded_beta_draw(alpha):
     assert abs(np.mean(got < q) - p) < 4 * np.sqrt(p * (1 - p) / 3000)
 
 
-def test_replicas_draw_apart_and_steps_repeat():
-  first, again = _weights(0.4, 5, 1, 2), _weights(0.4, 5, 1, 2)
+def test_lambda_is_a_function_of_seed_and_step():
+  first, again = _weights(0.4, 5), _weights(0.4, 5)
   np.testing.assert_array_equal(first, again)
-  assert not np.allclose(first, _weights(0.4, 5, 0, 2))
+  assert len(set(first)) == 5
+  assert not np.allclose(first, _weights(0.4, 5, seed=8))
 
 
 @requires_xla_cpu
 def test_xla_draws_the_same_lambda():
   def draw():
-    return mixup.draw_weight(0.4, 3, tf.constant(5, tf.int64), 1, 2)
+    return mixup.draw_weight(0.4, 3, tf.constant(5, tf.int64))
   np.testing.assert_allclose(tf.function(draw, jit_compile=True)(), draw(),
                              rtol=1e-5)

@@ -221,11 +221,11 @@ def _manual_sam_sgd(config, steps, sam_steps=None, looksam_alpha=0.0,
 
 
 def _mixed(images, labels, num_classes, config, step, shards):
-  """The batch as `shards` replicas mix their parts at `step`."""
-  parts = [mixup.mix(x, y, num_classes, mixup.draw_weight(
-      config.dataset.mixup_alpha, config.seed, step, i, shards))
-           for i, (x, y) in enumerate(zip(tf.split(images, shards),
-                                          tf.split(labels, shards)))]
+  """The batch as `shards` replicas mix their parts at `step`: each rolled
+  within itself, with the step's one lambda."""
+  weight = mixup.draw_weight(config.dataset.mixup_alpha, config.seed, step)
+  parts = [mixup.mix(x, y, num_classes, weight)
+           for x, y in zip(tf.split(images, shards), tf.split(labels, shards))]
   return tuple(tf.concat(p, 0) for p in zip(*parts))
 
 
