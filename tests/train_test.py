@@ -234,6 +234,17 @@ def _example_losses(model, images, labels):
       labels, model(images, training=True)).numpy()
 
 
+def _three_steps_match_manual(config, strategy, **manual):
+  """The trainer's weights after 3 steps equal _manual_sam_sgd(config, 3,
+  **manual)'s, which are returned."""
+  trainer = _train(config, strategy, 3)
+  want = _manual_sam_sgd(config, 3, **manual)
+  for got, ref in zip(
+      _values(trainer.state.model.trainable_variables, 0, strategy), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  return want
+
+
 @pytest.mark.parametrize('num_replicas', [1, 2])
 def test_esam_data_selection_matches_manual_reference(mirrored, num_replicas):
   """ESAM's SDS: the pass at w + eps on each replica's half whose loss rose
@@ -242,12 +253,8 @@ def test_esam_data_selection_matches_manual_reference(mirrored, num_replicas):
   config = tiny_config(**{'sam.rho': 0.5, 'optimizer.momentum': 0.0,
                           'sam.variant': 'esam', 'sam.esam_beta': 1.0,
                           'sam.esam_gamma': 0.5})
-  strategy = mirrored(num_replicas)
-  trainer = _train(config, strategy, 3)
-  want = _manual_sam_sgd(config, 3, esam_shards=num_replicas)
-  for got, ref in zip(
-      _values(trainer.state.model.trainable_variables, 0, strategy), want):
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  want = _three_steps_match_manual(config, mirrored(num_replicas),
+                                   esam_shards=num_replicas)
   # Not SAM on the whole batch.
   assert not all(np.allclose(a, b, atol=1e-4)
                  for a, b in zip(want, _manual_sam_sgd(config, 3)))
@@ -258,12 +265,8 @@ def test_mixup_matches_manual_reference(mirrored, num_replicas):
   """Both SAM passes on each replica's mixed part, against soft targets."""
   config = tiny_config(**{'sam.rho': 0.5, 'optimizer.momentum': 0.0,
                           'dataset.mixup_alpha': 0.4})
-  strategy = mirrored(num_replicas)
-  trainer = _train(config, strategy, 3)
-  want = _manual_sam_sgd(config, 3, mixup_shards=num_replicas)
-  for got, ref in zip(
-      _values(trainer.state.model.trainable_variables, 0, strategy), want):
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+  want = _three_steps_match_manual(config, mirrored(num_replicas),
+                                   mixup_shards=num_replicas)
   config.dataset.mixup_alpha = 0.0
   assert not all(np.allclose(a, b, atol=1e-4)
                  for a, b in zip(want, _manual_sam_sgd(config, 3)))

@@ -20,6 +20,8 @@ count): the 59.9M published for Mixer-B/16.
 
 import keras
 
+from sam.models import vit
+
 # name -> (channels C, blocks, token MLP width D_S, channel MLP width D_C).
 SIZES = {'s': (512, 8, 256, 2048), 'b': (768, 12, 384, 3072)}
 LN_EPSILON = 1e-6
@@ -65,20 +67,11 @@ def mixer(size: str, patch: int, num_classes: int,
   Raises:
     ValueError: if the image does not divide into patches.
   """
-  height, width_px, _ = input_shape
-  if height % patch or width_px % patch:
-    raise ValueError(f'Mixer with {patch}x{patch} patches needs image sides '
-                     f'that are multiples of {patch}, got {input_shape[:2]}.')
   channels, depth, token_width, channel_width = SIZES[size]
-  inputs = keras.Input(shape=input_shape, name='images')
-  x = keras.layers.Conv2D(channels, patch, strides=patch,
-                          kernel_initializer=_INIT, name='patches')(inputs)
-  x = keras.layers.Reshape((-1, channels), name='tokens')(x)
+  inputs, x = vit.patch_tokens(input_shape, patch, channels, 'Mixer', _INIT)
   for i in range(depth):
     x = _block(x, token_width, channel_width, f'block{i + 1}')
   x = keras.layers.LayerNormalization(epsilon=LN_EPSILON, name='final_ln')(x)
   x = keras.layers.GlobalAveragePooling1D(name='token_mean')(x)
-  # float32 logits under a mixed policy, as resnet.logits_layer.
-  outputs = keras.layers.Dense(num_classes, kernel_initializer='zeros',
-                               dtype='float32', name='logits')(x)
-  return keras.Model(inputs, outputs, name=f'mixer_{size}{patch}')
+  return keras.Model(inputs, vit.zero_logits(x, num_classes),
+                     name=f'mixer_{size}{patch}')

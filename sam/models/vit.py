@@ -67,6 +67,31 @@ def _block(x, width: int, heads: int, name: str):
   return keras.layers.Add(name=f'{name}_add2')([x, y])
 
 
+def patch_tokens(input_shape: tuple[int, int, int], patch: int, width: int,
+                 model: str, kernel_initializer: str = 'glorot_uniform'):
+  """The images' input and its p x p patches embedded: (batch, tokens, width).
+
+  Raises:
+    ValueError: naming `model`, if the image does not divide into patches.
+  """
+  height, width_px, _ = input_shape
+  if height % patch or width_px % patch:
+    raise ValueError(f'{model} with {patch}x{patch} patches needs image sides '
+                     f'that are multiples of {patch}, got {input_shape[:2]}.')
+  inputs = keras.Input(shape=input_shape, name='images')
+  x = keras.layers.Conv2D(width, patch, strides=patch,
+                          kernel_initializer=kernel_initializer,
+                          name='patches')(inputs)
+  return inputs, keras.layers.Reshape((-1, width), name='tokens')(x)
+
+
+def zero_logits(x, num_classes: int):
+  """The head, zero-initialized; float32 logits under a mixed policy, as
+  resnet.logits_layer."""
+  return keras.layers.Dense(num_classes, kernel_initializer='zeros',
+                            dtype='float32', name='logits')(x)
+
+
 def vit(size: str, patch: int, num_classes: int,
         input_shape: tuple[int, int, int]) -> keras.Model:
   """ViT-{size}/{patch} from (batch, *input_shape) images to logits.
@@ -83,20 +108,12 @@ def vit(size: str, patch: int, num_classes: int,
   Raises:
     ValueError: if the image does not divide into patches.
   """
-  height, width_px, _ = input_shape
-  if height % patch or width_px % patch:
-    raise ValueError(f'ViT with {patch}x{patch} patches needs image sides '
-                     f'that are multiples of {patch}, got {input_shape[:2]}.')
   width, heads = SIZES[size]
-  inputs = keras.Input(shape=input_shape, name='images')
-  x = keras.layers.Conv2D(width, patch, strides=patch, name='patches')(inputs)
-  x = keras.layers.Reshape((-1, width), name='tokens')(x)
+  inputs, x = patch_tokens(input_shape, patch, width, 'ViT')
   x = ClassTokenAndPositions(name='embedding')(x)
   for i in range(DEPTH):
     x = _block(x, width, heads, f'block{i + 1}')
   x = keras.layers.LayerNormalization(epsilon=LN_EPSILON, name='final_ln')(x)
   x = FirstToken(name='class_output')(x)
-  # float32 logits under a mixed policy, as resnet.logits_layer.
-  outputs = keras.layers.Dense(num_classes, kernel_initializer='zeros',
-                               dtype='float32', name='logits')(x)
-  return keras.Model(inputs, outputs, name=f'vit_{size}{patch}')
+  return keras.Model(inputs, zero_logits(x, num_classes),
+                     name=f'vit_{size}{patch}')
