@@ -122,6 +122,15 @@ def test_each_epoch_reads_the_blocks_in_an_order_of_its_own(data_dir):
   assert orders[0] != orders[1]
 
 
+def test_too_many_blocks_is_one_line(data_dir, monkeypatch):
+  monkeypatch.setattr(streaming, 'MAX_BLOCKS', 5)
+  config = _config(data_dir, **{'dataset.shuffle_buffer': 4})
+  data = input_pipeline.load(config)
+  with pytest.raises(ValueError, match=r'shuffle_buffer=4 cuts the 37 '
+                     r'examples .* over 5 blocks.*use at least 8\.'):
+    input_pipeline.train_dataset(data, config, _context(1, 0))
+
+
 def test_labels_come_with_their_images(data_dir):
   config = _config(data_dir)
   data = input_pipeline.load(config)
