@@ -4,8 +4,10 @@ A timer runs one timed loop of its row and returns its seconds; building it
 runs one untimed loop first (the warm-up: tracing, first-call costs).
 """
 
+import atexit
 from collections.abc import Callable, Iterator, Sequence
 import math
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -164,6 +166,8 @@ def stream_input(batch_size: int, steps: int) -> tuple[Timer, float]:
     (the timer, the mean size of a record in bytes).
   """
   data_dir = tempfile.mkdtemp(prefix='sam_benchmark_')
+  # The timer reads it until the benchmark ends.
+  atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
   stream.prepare(data_dir, 4 * batch_size)
   config = default.get_config()
   config.dataset.update(name=f'tfds:{stream.NAME}', data_dir=data_dir,
