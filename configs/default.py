@@ -190,7 +190,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.label_smoothing = 0.0
 
   config.schedule = ml_collections.ConfigDict()
-  # 'constant', 'step' or 'cosine' (each after a linear warm-up).
+  # 'constant', 'step', 'cosine' or 'linear' (each after a linear warm-up).
   config.schedule.name = 'cosine'
   # Peak learning rate, reached after the warm-up.
   config.schedule.learning_rate = 0.1
@@ -199,6 +199,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'step': multiply by decay_factor at each of these epochs.
   config.schedule.decay_epochs = (60, 120, 160)
   config.schedule.decay_factor = 0.2
+  # 'linear': falls from the peak to linear_end times the peak at the last
+  # step (big_vision's linear_end; GSAM's ImageNet runs: 0.01).
+  config.schedule.linear_end = 0.0
 
   # Decay of an exponential moving average of the weights (and batch-norm
   # statistics), evaluated beside them as ema_eval/*; 0 keeps none.

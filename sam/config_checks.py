@@ -21,7 +21,7 @@ from sam import streaming
 OPTIMIZERS = ('sgd', 'adam')
 ASCENT_MODES = ('train', 'inference')
 RHO_SCHEDULES = ('constant', 'learning_rate')
-SCHEDULES = ('constant', 'step', 'cosine', 'plateau')
+SCHEDULES = ('constant', 'step', 'cosine', 'linear', 'plateau')
 WEIGHT_DECAY_TYPES = ('l2', 'decoupled')
 # Keras dtype policies of the model; mixed_float16 turns on loss scaling.
 DTYPE_POLICIES = ('float32', 'mixed_bfloat16', 'mixed_float16')
@@ -160,9 +160,13 @@ def validate_config(config: ml_collections.ConfigDict,
          WEIGHT_DECAY_TYPES)
   _one_of('schedule.name', config.schedule.name, SCHEDULES)
   _check(config.sam.rho_schedule == 'constant' or
-         config.schedule.name in ('cosine', 'step'), 'sam.rho_schedule',
-         config.sam.rho_schedule, 'it follows a learning rate that decays: '
-         "use schedule.name 'cosine' or 'step', or rho_schedule 'constant'")
+         config.schedule.name in ('cosine', 'linear', 'step'),
+         'sam.rho_schedule', config.sam.rho_schedule,
+         'it follows a learning rate that decays: use schedule.name '
+         "'cosine', 'linear' or 'step', or rho_schedule 'constant'")
+  _check(0 <= config.schedule.linear_end <= 1, 'schedule.linear_end',
+         config.schedule.linear_end,
+         'it is a fraction of the peak rate, in [0, 1] (0.01 in GSAM)')
   _one_of('strategy', config.strategy, distribute.STRATEGIES)
   _one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
   _one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)

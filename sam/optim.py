@@ -9,15 +9,18 @@ import tensorflow as tf
 
 
 class Schedule(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up to the peak, then constant, step or cosine decay.
+  """Linear warm-up to the peak, then constant, step, cosine or linear decay.
 
-  With `scale` (a variable of the plateau logic), the rate is also multiplied
-  by it: 'plateau' is a constant rate that `sam.plateau` scales down.
+  'linear' falls from the peak to `linear_end` times the peak at the last
+  step (big_vision's linear decay and its `linear_end`). With `scale` (a
+  variable of the plateau logic), the rate is also multiplied by it:
+  'plateau' is a constant rate that `sam.plateau` scales down.
   """
 
   def __init__(self, name: str, learning_rate: float, warmup_steps: int,
                total_steps: int, boundaries: tuple[int, ...] = (),
-               decay_factor: float = 1.0, scale: tf.Variable | None = None):
+               decay_factor: float = 1.0, linear_end: float = 0.0,
+               scale: tf.Variable | None = None):
     self.name = name
     self.scale = scale
     self.learning_rate = learning_rate
@@ -25,6 +28,7 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
     self.total_steps = total_steps
     self.boundaries = tuple(boundaries)
     self.decay_factor = decay_factor
+    self.linear_end = linear_end
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
@@ -32,10 +36,13 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
     if self.warmup_steps:
       # Step 0 already gets a nonzero rate, so no step is wasted.
       lr *= tf.minimum(1.0, (step + 1) / self.warmup_steps)
+    # The fraction of the decay done: 0 until the warm-up ends, 1 at the end.
+    progress = tf.clip_by_value((step - self.warmup_steps) / max(
+        1, self.total_steps - self.warmup_steps), 0, 1)
     if self.name == 'cosine':
-      progress = (step - self.warmup_steps) / max(
-          1, self.total_steps - self.warmup_steps)
-      lr *= 0.5 * (1 + tf.cos(math.pi * tf.clip_by_value(progress, 0, 1)))
+      lr *= 0.5 * (1 + tf.cos(math.pi * progress))
+    elif self.name == 'linear':
+      lr *= 1 - (1 - self.linear_end) * progress
     elif self.name == 'step' and self.boundaries:
       passed = tf.reduce_sum(
           tf.cast(step >= tf.constant(self.boundaries, tf.float32), tf.float32))
@@ -44,10 +51,25 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
       lr *= self.scale[0]
     return lr
 
+  @classmethod
+  def from_run(cls, config: ml_collections.ConfigDict, steps_per_epoch: int,
+               total_steps: int, scale: tf.Variable | None = None):
+    """The schedule of config.schedule, its epochs counted in steps."""
+    sc = config.schedule
+    return cls(sc.name, sc.learning_rate,
+               warmup_steps=round(sc.warmup_epochs * steps_per_epoch),
+               total_steps=total_steps,
+               boundaries=tuple(round(e * steps_per_epoch)
+                                for e in sc.decay_epochs),
+               decay_factor=sc.decay_factor, linear_end=sc.linear_end,
+               scale=scale)
+
   def final_rate(self) -> float:
     """The rate the schedule decays to (before any plateau scaling)."""
     if self.name == 'cosine':
       return 0.0
+    if self.name == 'linear':
+      return self.learning_rate * self.linear_end
     if self.name == 'step':
       return self.learning_rate * self.decay_factor**len(self.boundaries)
     return self.learning_rate
@@ -55,7 +77,8 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
   def get_config(self) -> dict[str, Any]:
     return dict(name=self.name, learning_rate=self.learning_rate,
                 warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-                boundaries=self.boundaries, decay_factor=self.decay_factor)
+                boundaries=self.boundaries, decay_factor=self.decay_factor,
+                linear_end=self.linear_end)
 
 
 def sam_rho(config: ml_collections.ConfigDict, schedule: Schedule, step):

@@ -143,13 +143,8 @@ def create_train_state(config: ml_collections.ConfigDict,
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
     plateau_state = tf.Variable(plateau.initial_state(), trainable=False)
-    schedule = optim.Schedule(
-        config.schedule.name, config.schedule.learning_rate,
-        warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
-        total_steps=total_steps,
-        boundaries=tuple(round(e * steps_per_epoch)
-                         for e in config.schedule.decay_epochs),
-        decay_factor=config.schedule.decay_factor, scale=plateau_state)
+    schedule = optim.Schedule.from_run(config, steps_per_epoch, total_steps,
+                                       scale=plateau_state)
     model = _build_model(config, num_classes, image_shape)
     trainable = model.trainable_variables
     optimizer = optim.create_optimizer(config, schedule)

@@ -492,6 +492,7 @@ def test_end_to_end_learns_and_writes_workdir(tmp_path):
     ('dataset.randaugment_magnitude', 11,
      'config.dataset.randaugment_magnitude=11'),
     ('schedule.learning_rate', float('inf'), 'config.schedule.learning_rate'),
+    ('schedule.linear_end', 1.5, 'config.schedule.linear_end=1.5'),
     ('num_train_steps', 0, 'config.num_train_steps=0'),
     ('seed', -1, 'config.seed=-1'),
     ('keep_checkpoints', 0, 'config.keep_checkpoints=0'),
@@ -572,11 +573,15 @@ def test_decoupled_weight_decay_shrinks_kernels_only(all_params):
     ('constant', 0, 0.01), ('constant', 4, 0.05), ('constant', 99, 0.1),
     ('cosine', 9, 0.1), ('cosine', 55, 0.05), ('cosine', 100, 0.0),
     ('step', 9, 0.1), ('step', 30, 0.02), ('step', 60, 0.004),
+    # Linear from 0.1 at step 10 to 0.1 * linear_end = 0.01 at step 100.
+    ('linear', 4, 0.05), ('linear', 9, 0.1), ('linear', 55, 0.055),
+    ('linear', 100, 0.01),
 ])
 def test_schedules(name, step, want):
   # 10 warm-up steps: step s < 10 gets (s + 1) / 10 of the peak.
   schedule = optim.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
-                            boundaries=(30, 60), decay_factor=0.2)
+                            boundaries=(30, 60), decay_factor=0.2,
+                            linear_end=0.1)
   np.testing.assert_allclose(float(schedule(step)), want, atol=1e-7)
 
 
@@ -588,12 +593,15 @@ def test_schedules(name, step, want):
     # Steps 0.1, 0.02, 0.004: lr_min is 0.004.
     ('step', 0, 0.02 + 0.18 * 0.006 / 0.096), ('step', 9, 0.2),
     ('step', 30, 0.02 + 0.18 * 0.016 / 0.096), ('step', 60, 0.02),
+    # Linear from 0.1 to 0.01: halfway at step 55.
+    ('linear', 9, 0.2), ('linear', 55, 0.11), ('linear', 100, 0.02),
 ])
 def test_rho_follows_the_learning_rate(name, step, want):
   config = tiny_config(**{'sam.rho': 0.2, 'sam.rho_min': 0.02,
                           'sam.rho_schedule': 'learning_rate'})
   schedule = optim.Schedule(name, 0.1, warmup_steps=10, total_steps=100,
-                            boundaries=(30, 60), decay_factor=0.2)
+                            boundaries=(30, 60), decay_factor=0.2,
+                            linear_end=0.1)
   np.testing.assert_allclose(float(optim.sam_rho(config, schedule, step)),
                              want, rtol=1e-5)
   # A warm-up below lr_min leaves rho at rho_min; 'constant' is sam.rho.
