@@ -1,15 +1,21 @@
-"""Every config builds its model and trains two steps on synthetic data."""
+"""Every config builds its model and trains two steps on tiny data; the
+ImageNet configs follow their papers' tables."""
 
 import glob
 import importlib
+import math
 import os
 
+import numpy as np
 import pytest
 
+from configs import imagenet_resnet50_sam
+from configs import imagenet_vit_sam
 from sam import config_checks
+from sam import optim
+from sam import streaming
 from sam import train
-
-pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
+from tests import streaming_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -17,29 +23,96 @@ CONFIGS = sorted(
     for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
     if not p.endswith('__init__.py'))
 # Configs with variants (`--config=configs/paper.py:cifar100`).
-VARIANTS = {'paper': ('cifar10', 'cifar100', 'fashion_mnist')}
+# (The ImageNet configs' other variants differ in numbers only, which
+# the tests below check.)
+VARIANTS = {'paper': ('cifar10', 'cifar100', 'fashion_mnist'),
+            'imagenet_resnet50_sam': ('gsam',),
+            'imagenet_vit_sam': ('s16,adamw', 'b16,gsam')}
 
 
+@pytest.fixture(scope='module')
+def tiny_images(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tfds'))
+  streaming_test.prepare_tiny_images(path)
+  return path
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('name,arg', [
     (name, arg) for name in CONFIGS for arg in VARIANTS.get(name, (None,))])
-def test_config_runs_two_steps(name, arg, tmp_path):
+def test_config_runs_two_steps(name, arg, tmp_path, request):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg) if arg else module.get_config()
   if 'base' in config:  # A grid of experiments/compare.py: its run config.
     config = config.base
   config_checks.validate_config(config, 1)
   # The recipe's model, optimizer, schedule and augmentation, on tiny data.
-  config.dataset.name = 'synthetic'
-  config.dataset.synthetic_image_shape = (16, 16, 3)
+  if streaming.is_streamed(config.dataset.name):
+    # Its stream and preprocessing too, on JPEGs of 20-26 pixels.
+    config.dataset.update(name='tfds:tiny_images', image_size=32,
+                          data_dir=request.getfixturevalue('tiny_images'),
+                          shuffle_buffer=16)
+  else:
+    config.dataset.name = 'synthetic'
+    config.dataset.synthetic_image_shape = (16, 16, 3)
+    config.dataset.synthetic_train_size = 64
+    config.dataset.synthetic_test_size = 16
+    config.dataset.train_subset = -1
+    config.dataset.validation_size = min(config.dataset.validation_size, 16)
   if config.model.name == 'wrn28_10':
     config.model.name = 'wrn16_4'  # The same family, small enough for a CPU.
-  config.dataset.synthetic_train_size = 64
-  config.dataset.synthetic_test_size = 16
-  config.dataset.train_subset = -1
-  config.dataset.validation_size = min(config.dataset.validation_size, 16)
   config.batch_size = 16
   config.eval_batch_size = 16
   config.num_train_steps = 2
   config.steps_per_loop = 1
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results['step'] == 2
+
+
+def _schedule(config):
+  steps_per_epoch = imagenet_resnet50_sam.TRAIN_EXAMPLES // config.batch_size
+  total = math.ceil(config.num_epochs * steps_per_epoch)
+  return optim.Schedule.from_run(config, steps_per_epoch, total), total
+
+
+@pytest.mark.parametrize('arg,rho_max,rho_min', [
+    ('sgd', 0, 0), ('sam', 0.04, 0.04), ('gsam', 0.04, 0.02)])
+def test_resnet50_config_is_gsams_table_4_row(arg, rho_max, rho_min):
+  """5k warm-up steps, then lr 1.6 falling linearly to 1.6e-2 over 90
+  epochs, rho from 0.04 to 0.02 with it (GSAM)."""
+  config = imagenet_resnet50_sam.get_config(arg)
+  schedule, total = _schedule(config)
+  assert (schedule.warmup_steps, total) == (5000, 90 * 312)
+  rates = [float(schedule(s)) for s in (4999, total)]
+  np.testing.assert_allclose(rates, [1.6, 1.6e-2], rtol=1e-3)
+  rhos = [float(optim.sam_rho(config, schedule, s)) for s in (4999, total)]
+  np.testing.assert_allclose(rhos, [rho_max, rho_min], rtol=1e-5)
+  assert config.sam.gsam_alpha == (0.01 if arg == 'gsam' else 0)
+
+
+@pytest.mark.parametrize('model,alpha', [
+    ('s32', 0.4), ('s16', 1.0), ('b32', 0.6), ('b16', 0.4)])
+def test_vit_config_is_gsams_table_4_row(model, alpha):
+  """AdamW, 10k warm-up steps, then 3e-3 falling linearly to 3e-5 over 300
+  epochs; GSAM's rho from 0.6 to its row's rho_min; SAM at rho_max."""
+  rho_min = {'s32': 0.0, 's16': 0.0, 'b32': 0.1, 'b16': 0.2}[model]
+  for method in imagenet_vit_sam.METHODS:
+    config = imagenet_vit_sam.get_config(f'{model},{method}')
+    config_checks.validate_config(config, 32)
+    assert config.model.name == f'vit_{model}'
+    schedule, total = _schedule(config)
+    assert (schedule.warmup_steps, total) == (10_000, 300 * 312)
+    rates = [float(schedule(s)) for s in (9_999, total)]
+    np.testing.assert_allclose(rates, [3e-3, 3e-5], rtol=1e-3)
+    rhos = [float(optim.sam_rho(config, schedule, s))
+            for s in (9_999, total)]
+    want = {'adamw': [0, 0], 'sam': [0.6, 0.6], 'gsam': [0.6, rho_min]}
+    np.testing.assert_allclose(rhos, want[method], atol=1e-6)
+    assert config.sam.gsam_alpha == (alpha if method == 'gsam' else 0)
+
+
+def test_an_unknown_imagenet_variant_is_one_line():
+  with pytest.raises(ValueError, match='use one of'):
+    imagenet_resnet50_sam.get_config('adam')
+  with pytest.raises(ValueError, match='e.g. b16,gsam'):
+    imagenet_vit_sam.get_config('b8,gsam')
