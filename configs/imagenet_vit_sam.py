@@ -21,8 +21,9 @@ img/gsam_hyperparam2.png.) From big_vision's GSAM config
 (configs/proj/gsam/vit_i1k_gsam_no_aug.py, the authors' code): batch 4096,
 Adam's betas 0.9 and 0.999 (optax's scale_by_adam, epsilon 1e-8), gradient
 clipping at global norm 1.0, Inception crop and flip at 224, evaluation on
-the central 224 of 256; its decay multiplies by the learning rate as Keras'
-decoupled weight decay does here, on kernels only; each replica perturbs
+the central 224 of 256; the paper's weight decay 0.3 times the learning
+rate ("effective wd=0.3*lr" there), as Keras' decoupled weight decay does
+here, on kernels only (big_vision's default wd_mults); each replica perturbs
 with its own gradient (gsam_gradient's "per-worker perturbation").
 
 How this differs from that code: softmax cross-entropy (big_vision: sigmoid,
