@@ -30,8 +30,10 @@ def test_readme_has_examples():
 def test_python_block_runs(block, tmp_path):
   script = tmp_path / 'example.py'
   script.write_text(block)
+  # TMPDIR: what an example writes to a temporary directory goes with
+  # tmp_path (docs/api.md saves a model there).
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2',
-             JAX_PLATFORMS='cpu')
+             JAX_PLATFORMS='cpu', TMPDIR=str(tmp_path))
   run = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
