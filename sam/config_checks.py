@@ -141,6 +141,28 @@ def _check_stream(config: ml_collections.ConfigDict) -> None:
          'the probe needs a data set in memory: set it to 0 for streams')
 
 
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  """The learning-rate schedule, the rho that may follow it, and plateau."""
+  sc, pc = config.schedule, config.plateau
+  _one_of('schedule.name', sc.name, SCHEDULES)
+  _check(config.sam.rho_schedule == 'constant' or
+         sc.name in ('cosine', 'linear', 'step'),
+         'sam.rho_schedule', config.sam.rho_schedule,
+         'it follows a learning rate that decays: use schedule.name '
+         "'cosine', 'linear' or 'step', or rho_schedule 'constant'")
+  _check(0 <= sc.linear_end <= 1, 'schedule.linear_end', sc.linear_end,
+         'it is a fraction of the peak rate, in [0, 1] (0.01 in GSAM)')
+  _check(0 < sc.learning_rate < math.inf, 'schedule.learning_rate',
+         sc.learning_rate, 'it must be finite and > 0')
+  _one_of('plateau.monitor', pc.monitor, plateau.MONITORS)
+  if sc.name == 'plateau' or pc.early_stopping_patience:
+    _check(config.dataset.validation_size > 0, 'dataset.validation_size',
+           config.dataset.validation_size,
+           f'schedule.name=plateau and early stopping watch {pc.monitor}, '
+           'so hold out a validation split (> 0)')
+  _check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_replicas: int) -> None:
   """Checks the config before any data is loaded or model built.
@@ -158,15 +180,7 @@ def validate_config(config: ml_collections.ConfigDict,
   _one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   _one_of('optimizer.weight_decay_type', config.optimizer.weight_decay_type,
          WEIGHT_DECAY_TYPES)
-  _one_of('schedule.name', config.schedule.name, SCHEDULES)
-  _check(config.sam.rho_schedule == 'constant' or
-         config.schedule.name in ('cosine', 'linear', 'step'),
-         'sam.rho_schedule', config.sam.rho_schedule,
-         'it follows a learning rate that decays: use schedule.name '
-         "'cosine', 'linear' or 'step', or rho_schedule 'constant'")
-  _check(0 <= config.schedule.linear_end <= 1, 'schedule.linear_end',
-         config.schedule.linear_end,
-         'it is a fraction of the peak rate, in [0, 1] (0.01 in GSAM)')
+  _check_schedule(config)
   _one_of('strategy', config.strategy, distribute.STRATEGIES)
   _one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
   _one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
@@ -183,17 +197,6 @@ def validate_config(config: ml_collections.ConfigDict,
         config.loss_scale.growth_steps, 'it must be >= 1')
   _check(0 <= config.ema_decay < 1, 'ema_decay', config.ema_decay,
         'it must be in [0, 1); 0 turns the moving average off')
-  pc = config.plateau
-  _one_of('plateau.monitor', pc.monitor, plateau.MONITORS)
-  if config.schedule.name == 'plateau' or pc.early_stopping_patience:
-    _check(config.dataset.validation_size > 0, 'dataset.validation_size',
-          config.dataset.validation_size,
-          f'schedule.name=plateau and early stopping watch {pc.monitor}, '
-          'so hold out a validation split (> 0)')
-  _check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
-  _check(0 < config.schedule.learning_rate < math.inf,
-        'schedule.learning_rate', config.schedule.learning_rate,
-        'it must be finite and > 0')
   _check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
         config.optimizer.label_smoothing, 'it must be in [0, 1)')
   for field in ('batch_size', 'eval_batch_size'):
