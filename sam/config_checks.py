@@ -110,7 +110,8 @@ def _check_randaugment(dc: ml_collections.ConfigDict) -> None:
 def _check_probe(pc: ml_collections.ConfigDict, num_replicas: int) -> None:
   _check(pc.every_steps >= -1, 'probe.every_steps', pc.every_steps,
          'it must be >= 1, -1 for once per epoch, or 0 (off)')
-  _check(pc.batch_size > 0 and pc.batch_size % num_replicas == 0,
+  _check(pc.batch_size > 0 and (
+      not pc.every_steps or pc.batch_size % num_replicas == 0),
          'probe.batch_size', pc.batch_size,
          f'it must be a positive multiple of the {num_replicas} replicas')
   _check(pc.num_batches >= 1, 'probe.num_batches', pc.num_batches,
@@ -164,8 +165,13 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict,
-                    num_replicas: int) -> None:
+                    num_replicas: int, tpu: bool = False) -> None:
   """Checks the config before any data is loaded or model built.
+
+  Args:
+    config: the run's config.
+    num_replicas: the replicas that will share each batch.
+    tpu: whether they are TPU cores (TPUStrategy).
 
   Raises:
     ValueError: naming the offending field, its value and what is allowed.
@@ -184,6 +190,11 @@ def validate_config(config: ml_collections.ConfigDict,
   _one_of('strategy', config.strategy, distribute.STRATEGIES)
   _one_of('jit_compile', config.jit_compile, ('auto', 'true', 'false'))
   _one_of('dtype_policy', config.dtype_policy, DTYPE_POLICIES)
+  # float16 needs loss scaling, whose tf.cond and cross-replica merge in the
+  # step a TPU program should not carry; TPUs compute in bfloat16 natively.
+  _check(not tpu or config.dtype_policy != 'mixed_float16', 'dtype_policy',
+         config.dtype_policy, 'TPUs compute in bfloat16, without loss '
+         'scaling: use --config.dtype_policy=mixed_bfloat16 on a TPU')
   for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha', 'dataset.mixup_alpha',
                 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
@@ -199,10 +210,18 @@ def validate_config(config: ml_collections.ConfigDict,
         'it must be in [0, 1); 0 turns the moving average off')
   _check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
         config.optimizer.label_smoothing, 'it must be in [0, 1)')
-  for field in ('batch_size', 'eval_batch_size'):
-    value = config[field]
-    _check(value > 0 and value % num_replicas == 0, field, value,
-          f'it must be a positive multiple of the {num_replicas} replicas')
+  # The training batch is a hyperparameter: never changed behind the user's
+  # back. The eval batch is rounded up to the replicas (the padding is
+  # masked), so it works on any slice.
+  _check(config.batch_size > 0 and config.batch_size % num_replicas == 0,
+         'batch_size', config.batch_size,
+         f'it must be a positive multiple of the {num_replicas} replicas '
+         'that share it: set --config.batch_size='
+         f'{-(-max(config.batch_size, 1) // num_replicas) * num_replicas} '
+         '(and scale learning_rate with it), or run on fewer cores')
+  _check(config.eval_batch_size > 0, 'eval_batch_size',
+         config.eval_batch_size, 'it must be > 0 (it is rounded up to a '
+         'multiple of the replicas)')
   _check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
         'it must be >= 1')
   _check(config.num_train_steps > 0 or (

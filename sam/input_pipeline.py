@@ -417,6 +417,14 @@ def num_eval_steps(data: Data, global_batch_size: int,
   return -(-len(getattr(data, split)) // global_batch_size)
 
 
+def eval_batch_size(config: ml_collections.ConfigDict,
+                    num_replicas: int) -> int:
+  """The global eval batch: config.eval_batch_size, rounded up to a multiple
+  of the replicas, so that a shipped config evaluates on any slice (the
+  padding is masked, every example counts once)."""
+  return -(-config.eval_batch_size // num_replicas) * num_replicas
+
+
 def eval_dataset(data: Data, config: ml_collections.ConfigDict,
                  input_context: tf.distribute.InputContext,
                  split: str = 'test') -> tf.data.Dataset:
@@ -426,16 +434,15 @@ def eval_dataset(data: Data, config: ml_collections.ConfigDict,
     Per-replica batches of (images, labels, mask); mask is 0 on padding, so
     that every pipeline runs the same number of fixed-shape steps.
   """
+  batch_size = eval_batch_size(config, input_context.num_replicas_in_sync)
   if isinstance(data, streaming.Data):
-    return streaming.eval_dataset(
-        data, config, input_context,
-        num_eval_steps(data, config.eval_batch_size, split))
+    return streaming.eval_dataset(data, batch_size, input_context,
+                                  num_eval_steps(data, batch_size, split))
   num_pipelines = input_context.num_input_pipelines
   pipeline = input_context.input_pipeline_id
-  per_replica = input_context.get_per_replica_batch_size(
-      config.eval_batch_size)
-  steps = num_eval_steps(data, config.eval_batch_size, split)
-  padded_size = steps * config.eval_batch_size // num_pipelines
+  per_replica = input_context.get_per_replica_batch_size(batch_size)
+  steps = num_eval_steps(data, batch_size, split)
+  padded_size = steps * batch_size // num_pipelines
   images = getattr(data, split).images[pipeline::num_pipelines]
   labels = getattr(data, split).labels[pipeline::num_pipelines]
   pad = padded_size - len(labels)

@@ -307,18 +307,22 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(data: Data, config: ml_collections.ConfigDict,
+def eval_dataset(data: Data, batch_size: int,
                  input_context: tf.distribute.InputContext,
                  num_steps: int) -> tf.data.Dataset:
   """The test split, each example once across pipelines, `num_steps` batches.
 
+  Args:
+    data: the streamed data set.
+    batch_size: the global eval batch, a multiple of the replicas.
+    input_context: this pipeline's place among the replicas and hosts.
+    num_steps: batches per replica, padding included.
+
   Returns:
     Per-replica batches of (images, labels, mask); mask is 0 on padding.
   """
-  per_replica = input_context.get_per_replica_batch_size(
-      config.eval_batch_size)
-  padded_size = (num_steps * config.eval_batch_size //
-                 input_context.num_input_pipelines)
+  per_replica = input_context.get_per_replica_batch_size(batch_size)
+  padded_size = (num_steps * batch_size // input_context.num_input_pipelines)
   pad = padded_size - part_size(data, data.test.name, input_context)
   ds = _records(data, _part(data.test.name, input_context)).map(
       lambda encoded, label: (preprocess(encoded, None, data, 'none'), label,

@@ -98,13 +98,15 @@ class _Run:
     self.train_iter = iter(strategy.distribute_datasets_from_function(
         lambda ctx: input_pipeline.train_dataset(data, config, ctx, start)))
     # (summary prefix, split): the test set, and the validation split if any.
+    eval_batch = input_pipeline.eval_batch_size(
+        config, strategy.num_replicas_in_sync)
     splits = [('eval', 'test')] + (
         [('val', 'validation')] if data.validation else [])
     self.eval_sets = [
         (prefix, strategy.distribute_datasets_from_function(
             lambda ctx, split=split: input_pipeline.eval_dataset(
                 data, config, ctx, split)),
-         input_pipeline.num_eval_steps(data, config.eval_batch_size, split))
+         input_pipeline.num_eval_steps(data, eval_batch, split))
         for prefix, split in splits]
     self.probe = None
     if config.probe.every_steps:
@@ -227,7 +229,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if signals is None:
     with stopping.StopFlag() as signals:
       return train_and_evaluate(config, workdir, strategy, signals)
-  config_checks.validate_config(config, strategy.num_replicas_in_sync)
+  config_checks.validate_config(
+      config, strategy.num_replicas_in_sync,
+      tpu=isinstance(strategy, tf.distribute.TPUStrategy))
   run = _Run(config, workdir, strategy)
   trainer, total = run.trainer, run.total_steps
   log_every, eval_every, ckpt_every = (run.every(config.log_every_steps),

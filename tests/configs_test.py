@@ -6,12 +6,14 @@ import importlib
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import imagenet_resnet50_sam
 from configs import imagenet_vit_sam
 from sam import config_checks
+from sam import input_pipeline
 from sam import optim
 from sam import streaming
 from sam import train
@@ -116,3 +118,34 @@ def test_an_unknown_imagenet_variant_is_one_line():
     imagenet_resnet50_sam.get_config('adam')
   with pytest.raises(ValueError, match='e.g. b16,gsam'):
     imagenet_vit_sam.get_config('b8,gsam')
+
+
+# Every TPU slice's replica count: v2-8 to v5p-4096's 2048 chips.
+SLICE_REPLICAS = [2**k for k in range(12)]
+
+
+@pytest.mark.parametrize('name,arg', [
+    (name, arg) for name in CONFIGS for arg in VARIANTS.get(name, (None,))])
+def test_config_validates_on_every_slice_its_batch_splits_over(name, arg):
+  """A shipped config runs on any slice that can split its batch; beyond
+  that (e.g. batch 128 on 256 cores), one line names batch_size and the fix.
+  The eval batch never stands in the way: it is rounded up."""
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config(arg) if arg else module.get_config()
+  config = config.base if 'base' in config else config
+  for replicas in SLICE_REPLICAS:
+    if config.batch_size % replicas == 0:
+      config_checks.validate_config(config, replicas)
+    else:
+      with pytest.raises(ValueError, match=(
+          r'^config\.batch_size=\d+ is invalid: .* set '
+          r'--config\.batch_size=\d+ ')):
+        config_checks.validate_config(config, replicas)
+  # Every single-host TPU (up to 8 cores) and a 32-core pod slice, at least.
+  assert config.batch_size % 32 == 0
+
+
+def test_eval_batch_is_rounded_up_to_the_replicas():
+  config = ml_collections.ConfigDict({'eval_batch_size': 500})
+  assert [input_pipeline.eval_batch_size(config, r)
+          for r in (1, 4, 8, 16, 1024)] == [500, 500, 504, 512, 1024]
