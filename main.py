@@ -31,6 +31,12 @@ if __name__ == '__main__':
 # 2.21 prints its import notices, oneDNN and CUDA, before it reads it.)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# jax off the accelerator, and a TPU's runtime (a named pod slice, PJRT):
+# all read once, when TensorFlow or jax loads.
+from sam import environment  # noqa: E402  (no TensorFlow in it)
+
+_ENVIRONMENT_SET = environment.prepare(sys.argv)
+
 import contextlib
 
 from absl import app
@@ -96,6 +102,9 @@ def main(argv):
       logging.warning('Stopped by %s', e)
       return
     try:
+      if _ENVIRONMENT_SET:
+        logging.info('Set before TensorFlow loaded: %s', ' '.join(
+            f'{k}={v}' for k, v in sorted(_ENVIRONMENT_SET.items())))
       logging.info('TensorFlow %s; devices: %s', tf.__version__,
                    tf.config.list_logical_devices())
       logging.info('Config:\n%s', config)

@@ -20,10 +20,14 @@ from sam import step as step_lib
 _TOP5_FROM_CLASSES = 100
 
 
-def use_xla(setting: str, strategy: tf.distribute.Strategy) -> bool:
-  """Whether to compile the replica steps with XLA (config.jit_compile)."""
+def use_xla(setting: str, strategy: tf.distribute.Strategy) -> bool | None:
+  """Whether to compile the replica steps with XLA (config.jit_compile).
+
+  None under TPUStrategy: the replica step is left to TPU replication, which
+  compiles the whole loop with XLA (an explicit False there would ask for
+  the step not to be compiled inside the TPU program)."""
   if isinstance(strategy, tf.distribute.TPUStrategy):
-    return False  # The TPU compiles the whole loop anyway.
+    return None
   if setting == 'auto':
     # A cross-replica all-reduce inside a jit-compiled function fails under
     # MirroredStrategy (seen on CPU), so 'auto' only compiles one replica.

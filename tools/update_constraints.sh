@@ -44,4 +44,5 @@ tensorflow==2.16.1
 keras==3.10.0
 tensorflow-metadata<1.18
 EOF
-compile tf2.16.txt "$tmp/tf216.in" pyproject.toml --extra test
+compile tf2.16.txt "$tmp/tf216.in" requirements-tpu-client.txt pyproject.toml \
+  --extra test
