@@ -164,6 +164,26 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
   _check(0 < pc.factor < 1, 'plateau.factor', pc.factor, 'it must be in (0, 1)')
 
 
+def _check_batches_and_loops(config: ml_collections.ConfigDict,
+                             num_replicas: int) -> None:
+  # The training batch is a hyperparameter: never changed behind the user's
+  # back. The eval batch is rounded up to the replicas (the padding is
+  # masked), so it works on any slice.
+  _check(config.batch_size > 0 and config.batch_size % num_replicas == 0,
+         'batch_size', config.batch_size,
+         f'it must be a positive multiple of the {num_replicas} replicas '
+         'that share it: set --config.batch_size='
+         f'{-(-max(config.batch_size, 1) // num_replicas) * num_replicas} '
+         '(and scale learning_rate with it), or run on fewer cores')
+  _check(config.eval_batch_size > 0, 'eval_batch_size',
+         config.eval_batch_size, 'it must be > 0 (it is rounded up to a '
+         'multiple of the replicas)')
+  _check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
+        'it must be >= 1')
+  _check(0 <= config.stop_within_secs < math.inf, 'stop_within_secs',
+         config.stop_within_secs, 'it must be finite and >= 0 (0: off)')
+
+
 def validate_config(config: ml_collections.ConfigDict,
                     num_replicas: int, tpu: bool = False) -> None:
   """Checks the config before any data is loaded or model built.
@@ -210,20 +230,7 @@ def validate_config(config: ml_collections.ConfigDict,
         'it must be in [0, 1); 0 turns the moving average off')
   _check(0 <= config.optimizer.label_smoothing < 1, 'optimizer.label_smoothing',
         config.optimizer.label_smoothing, 'it must be in [0, 1)')
-  # The training batch is a hyperparameter: never changed behind the user's
-  # back. The eval batch is rounded up to the replicas (the padding is
-  # masked), so it works on any slice.
-  _check(config.batch_size > 0 and config.batch_size % num_replicas == 0,
-         'batch_size', config.batch_size,
-         f'it must be a positive multiple of the {num_replicas} replicas '
-         'that share it: set --config.batch_size='
-         f'{-(-max(config.batch_size, 1) // num_replicas) * num_replicas} '
-         '(and scale learning_rate with it), or run on fewer cores')
-  _check(config.eval_batch_size > 0, 'eval_batch_size',
-         config.eval_batch_size, 'it must be > 0 (it is rounded up to a '
-         'multiple of the replicas)')
-  _check(config.steps_per_loop >= 1, 'steps_per_loop', config.steps_per_loop,
-        'it must be >= 1')
+  _check_batches_and_loops(config, num_replicas)
   _check(config.num_train_steps > 0 or (
       config.num_train_steps == -1 and config.num_epochs > 0),
         'num_train_steps', config.num_train_steps,
@@ -284,7 +291,7 @@ RESUMABLE_FIELDS = (
     'optimizer.weight_decay', 'optimizer.decay_all_params',
     'optimizer.grad_clip_norm', 'optimizer.label_smoothing', 'schedule',
     'plateau', 'eval_batch_size', 'num_epochs', 'num_train_steps',
-    'steps_per_loop', 'log_every_steps', 'eval_every_steps',
+    'steps_per_loop', 'stop_within_secs', 'log_every_steps', 'eval_every_steps',
     'checkpoint_every_steps', 'progress_every_secs', 'keep_checkpoints',
     'probe',
     'allow_structural_changes')

@@ -13,13 +13,11 @@ relies on:
 * Batches never straddle epochs: each epoch uses its first
   `steps_per_epoch * global_batch` examples of the permutation.
 
-With several hosts (input pipelines), pipeline p takes every P-th example of
-each epoch's permutation and of the test set, and its replicas take
-consecutive per-replica batches, as `distribute_datasets_from_function`
-expects.
-
-Data sets too large for memory (ImageNet) stream from their TFDS files:
-`dataset.name='tfds:NAME'`, sam/streaming.py, behind the same functions.
+With several hosts, pipeline p takes every P-th example of each epoch's
+permutation and of the test set; its replicas take consecutive per-replica
+batches (`distribute_datasets_from_function`). Data sets too large for
+memory (ImageNet, `dataset.name='tfds:NAME'`) stream from their TFDS files
+(sam/streaming.py) behind the same functions.
 """
 
 import dataclasses
@@ -417,12 +415,9 @@ def num_eval_steps(data: Data, global_batch_size: int,
   return -(-len(getattr(data, split)) // global_batch_size)
 
 
-def eval_batch_size(config: ml_collections.ConfigDict,
-                    num_replicas: int) -> int:
-  """The global eval batch: config.eval_batch_size, rounded up to a multiple
-  of the replicas, so that a shipped config evaluates on any slice (the
-  padding is masked, every example counts once)."""
-  return -(-config.eval_batch_size // num_replicas) * num_replicas
+def eval_batch_size(config: ml_collections.ConfigDict, replicas: int) -> int:
+  """config.eval_batch_size rounded up to the replicas: any slice works."""
+  return -(-config.eval_batch_size // replicas) * replicas
 
 
 def eval_dataset(data: Data, config: ml_collections.ConfigDict,
@@ -440,18 +435,16 @@ def eval_dataset(data: Data, config: ml_collections.ConfigDict,
                                   num_eval_steps(data, batch_size, split))
   num_pipelines = input_context.num_input_pipelines
   pipeline = input_context.input_pipeline_id
-  per_replica = input_context.get_per_replica_batch_size(batch_size)
-  steps = num_eval_steps(data, batch_size, split)
-  padded_size = steps * batch_size // num_pipelines
   images = getattr(data, split).images[pipeline::num_pipelines]
   labels = getattr(data, split).labels[pipeline::num_pipelines]
-  pad = padded_size - len(labels)
-  mask = np.concatenate([np.ones(len(labels)), np.zeros(pad)]).astype(
-      np.float32)
+  pad = num_eval_steps(data, batch_size, split) * batch_size // (
+      num_pipelines) - len(labels)
+  mask = np.concatenate([np.ones(len(labels)), np.zeros(pad)], dtype='f4')
   images = np.concatenate(
       [images, np.zeros((pad,) + images.shape[1:], images.dtype)])
   labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
   ds = tf.data.Dataset.from_tensor_slices((images, labels, mask))
   ds = ds.map(lambda x, y, m: (_normalize(x, data), y, m),
               num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.batch(input_context.get_per_replica_batch_size(batch_size),
+                  drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -2,6 +2,7 @@
 
 import signal
 import threading
+import time
 
 from absl import logging
 
@@ -65,3 +66,37 @@ class StopFlag:
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
+
+
+class LoopLength:
+  """Caps the steps of the next loop so that, after SIGTERM, the loop in
+  flight and the checkpoint after it end within `within_secs`.
+
+  A spot TPU VM gets about 30 s between SIGTERM and the stop, and the
+  compiled loop cannot be interrupted between its steps; so loops are kept
+  short enough: their length comes from the step and save times the run
+  measured itself (the first loop, whose time includes the compilation,
+  runs one step). A loop ends where it would anyway; only its length
+  changes, not what it computes.
+  """
+
+  def __init__(self, within_secs: float):
+    self.within_secs = within_secs
+    self._step_secs: float | None = None
+    self._save_secs = 0.0
+
+  def cap(self, steps_per_loop: int) -> int:
+    """The most steps the next loop may run."""
+    if self.within_secs <= 0:
+      return steps_per_loop
+    if self._step_secs is None:
+      return 1
+    fit = int((self.within_secs - self._save_secs) / self._step_secs)
+    return max(1, min(steps_per_loop, fit))
+
+  def timed(self, steps: int, start: float) -> None:
+    """Records a loop of `steps` steps that began at `start` (monotonic)."""
+    self._step_secs = (time.monotonic() - start) / steps
+
+  def timed_save(self, start: float) -> None:
+    self._save_secs = time.monotonic() - start

@@ -108,6 +108,9 @@ class _Run:
                 data, config, ctx, split)),
          input_pipeline.num_eval_steps(data, eval_batch, split))
         for prefix, split in splits]
+    # Several hosts must run loops of one length: theirs stay steps_per_loop.
+    self.loop_length = stopping.LoopLength(
+        0 if self.multi_worker else config.stop_within_secs)
     self.probe = None
     if config.probe.every_steps:
       self.probe = probe.SharpnessProbe(config, data, strategy, self.trainer)
@@ -153,9 +156,18 @@ class _Run:
       logging.info('Step %d: %s.', self.step, note)
     return metrics
 
+  def train_until(self, stop: int) -> None:
+    """Runs the steps up to `stop` in one loop, and checks them."""
+    first, start = self.step + 1, time.monotonic()
+    self.trainer.train_loop(self.train_iter, tf.constant(stop - self.step))
+    self.step = stop
+    self.check_finite(first)  # Waits for the loop's end.
+    self.loop_length.timed(stop - first + 1, start)
+
   def save(self) -> None:
     if self.saved_step == self.step:
       return
+    start = time.monotonic()
     if self.chief:
       try:
         self.manager.save(checkpoint_number=self.step)
@@ -168,6 +180,7 @@ class _Run:
     elif self.multi_worker:
       workdir_lib.take_part_in_save(self.trainer.state.checkpoint)
     self.saved_step = self.step
+    self.loop_length.timed_save(start)
 
   def stop_requested(self, stop: stopping.StopFlag) -> bool:
     if not self.multi_worker:
@@ -262,11 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  'num_train_steps gives %d; evaluating it.', run.step, total)
   run.report_progress(run.step)
   while run.step < total and not trainer.plateau.stopped:
-    stop = _next_stop(run.step, total, [config.steps_per_loop, log_every,
-                                        eval_every, ckpt_every, probe_every])
-    trainer.train_loop(run.train_iter, tf.constant(stop - run.step))
-    first, run.step = run.step + 1, stop
-    run.check_finite(first)
+    run.train_until(_next_stop(run.step, total, [
+        run.loop_length.cap(config.steps_per_loop), log_every, eval_every,
+        ckpt_every, probe_every]))
     run.report_progress(run.step)
     stop_requested = run.stop_requested(signals)
     if itstime(run.step, log_every, total):

@@ -1,6 +1,7 @@
 """Nothing lost on faults: preemption, exact resume, NaN, bad checkpoints."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -357,3 +358,39 @@ def test_a_failed_save_stops_in_one_line_and_keeps_the_last_checkpoint(
   assert workdir_lib.checkpoints(str(tmp_path / 'checkpoints'))[-1].endswith(
       'ckpt-2')
   assert train.train_and_evaluate(config, str(tmp_path))['step'] == 4
+
+
+def test_sigterm_ends_in_a_checkpoint_within_stop_within_secs(tmp_path):
+  """A loop of a million steps (an hour here) is cut to what fits in
+  stop_within_secs, so that SIGTERM (a spot VM's 30 s notice) ends in a
+  checkpoint in time; with stop_within_secs=0 this run would not stop for
+  an hour."""
+  bound = 3
+  run = _run_main(tmp_path, '--config.num_train_steps=1000000',
+                  '--config.steps_per_loop=1000000',
+                  '--config.log_every_steps=1000000',
+                  '--config.eval_every_steps=1000000',
+                  '--config.checkpoint_every_steps=1000000',
+                  f'--config.stop_within_secs={bound}')
+  log = tmp_path / 'log.txt'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (
+      log.exists() and 'Training from step 0' in log.read_text()):
+    time.sleep(0.05)
+  time.sleep(2 * bound)  # Past the first, measured loops.
+  sent = time.time()
+  run.send_signal(signal.SIGTERM)
+  out, _ = run.communicate(timeout=240)
+  assert run.returncode == 0, out[-3000:]
+  step = int(tf.train.latest_checkpoint(
+      str(tmp_path / 'checkpoints')).rsplit('-', 1)[1])
+  assert 1 < step < 1000000
+  # When the run said it had saved (absl's time of the line): within the
+  # bound, and a second for the noise of a shared machine.
+  stamp = re.search(r'^W\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*Stopped by '
+                    f'SIGTERM at step {step}, saved', log.read_text(), re.M)
+  assert stamp, out[-3000:]
+  h, m, sec = stamp.groups()
+  saved = time.mktime(time.localtime(sent)[:3] + (int(h), int(m), 0, 0, 0,
+                                                  -1)) + float(sec)
+  assert 0 < saved - sent < bound + 1, (saved - sent, out[-2000:])
