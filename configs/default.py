@@ -16,7 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   # multi_worker, GPUs -> mirrored, else default), 'tpu', 'multi_worker',
   # 'mirrored' or 'default' (one device).
   config.strategy = 'auto'
-  # TPU name or address for TPUClusterResolver; '' means the local TPU VM.
+  # The TPU to drive (TPUClusterResolver): a pod slice's name, which makes
+  # this process the slice's one client (docs/tpu.md); '' takes TPU_NAME,
+  # and without it this TPU VM's own chips.
   config.tpu = ''
   # Seconds a multi-worker task waits for the other tasks in TF_CONFIG to
   # start before it stops (exit 1) naming the ones that never answered.
