@@ -318,3 +318,22 @@ def test_tpu_replication_compiles_the_replica_step(fake_tpu, setting):
   the replication (False would ask for a step outside XLA)."""
   del fake_tpu
   assert trainer.use_xla(setting, tf.distribute.TPUStrategy(None)) is None
+
+
+def test_the_preflight_logs_replicas_against_the_slice(machine, fake_tpu,
+                                                       monkeypatch):
+  """A v4-32 host has 16 TensorFlow devices in its slice; 8 started is
+  worth a warning (a client that opened only its own chips, say)."""
+  del fake_tpu
+  machine.append('/dev/accel0')
+  METADATA.update({'accelerator-type': 'v4-32', 'agent-worker-number': '0'})
+  monkeypatch.setenv('NEXT_PLUGGABLE_DEVICE_USE_C_API', 'true')
+  lines = []
+  monkeypatch.setattr(distribute.logging, 'info',
+                      lambda fmt, *a: lines.append(fmt % a))
+  monkeypatch.setattr(distribute.logging, 'warning',
+                      lambda fmt, *a: lines.append(fmt % a))
+  distribute.create_strategy('tpu')
+  assert ('TPU of this VM: 8 replicas on 1 hosts (v4-32 has 16); PJRT: '
+          'NEXT_PLUGGABLE_DEVICE_USE_C_API=true.') in lines
+  assert any('is the slice healthy?' in line for line in lines)
