@@ -39,16 +39,6 @@ from sam import input_pipeline  # noqa: E402
 from sam import streaming  # noqa: E402
 from sam.trainer import Trainer  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Where the test checkpoint goes (local or gs://): the '
-    "runs' workdir or bucket, to test that it is writable from here.")
-config_flags.DEFINE_config_file(
-    'config', 'configs/cifar10_sam.py', 'The config whose model, batch and '
-    'strategy to check.', lock_config=False)
-_STEPS = flags.DEFINE_integer(
-    'steps', 0, 'Steps of the timed loop; 0 takes config.steps_per_loop.')
-flags.mark_flags_as_required(['workdir'])
-
 # A spot VM's time between SIGTERM and the stop (Compute Engine).
 NOTICE_SECS = 30
 # The shapes of the config's data set, for synthetic data.
@@ -141,11 +131,25 @@ def check(config, workdir: str, steps: int = 0) -> tuple[bool, str]:
                 f'{rate:.0f} images/s; {note}')
 
 
+def _define_flags() -> None:
+  """The command's flags (here, not at import: main.py has its own)."""
+  flags.DEFINE_string(
+      'workdir', None, 'Where the test checkpoint goes (local or gs://): the '
+      "runs' workdir or bucket, to test that it is writable from here.")
+  config_flags.DEFINE_config_file(
+      'config', 'configs/cifar10_sam.py', 'The config whose model, batch and '
+      'strategy to check.', lock_config=False)
+  flags.DEFINE_integer(
+      'steps', 0, 'Steps of the timed loop; 0 takes config.steps_per_loop.')
+  flags.mark_flags_as_required(['workdir'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  fv = flags.FLAGS
   try:
-    ready, line = check(flags.FLAGS.config, _WORKDIR.value, _STEPS.value)
+    ready, line = check(fv.config, fv.workdir, fv.steps)
   except (ValueError, distribute.PeersMissingError) as e:
     ready, line = False, str(e)
   print(f'{"Ready" if ready else "Not ready"}: {line}', flush=True)
@@ -154,4 +158,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
