@@ -83,6 +83,8 @@ def main(argv):
     # From here on SIGTERM and Ctrl-C stop the run where nothing is lost.
     signals = stack.enter_context(stopping.StopFlag())
     try:
+      workdir_lib.check_path(workdir, os.path.dirname(os.path.abspath(
+          __file__)))
       versions.check_installed()
       # The strategy first: TPU and multi-worker set-up must precede other
       # ops.

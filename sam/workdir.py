@@ -17,6 +17,30 @@ class CheckpointError(RuntimeError):
   """No checkpoint could be restored, or one could not be saved."""
 
 
+def check_path(workdir: str, source: str) -> None:
+  """Refuses a --workdir that would scatter a run where it does not belong.
+
+  Args:
+    workdir: the --workdir flag.
+    source: the checkout's directory, which must not become a workdir.
+
+  Raises:
+    ValueError: for an empty workdir (an unset shell variable: the run would
+      train into the current directory), the checkout itself, or a file.
+  """
+  if not workdir.strip():
+    raise ValueError('--workdir is empty (an unset shell variable?): name a '
+                     'directory or a gs:// path for the run.')
+  if workdir.startswith('gs://'):
+    return
+  if os.path.realpath(workdir) == os.path.realpath(source):
+    raise ValueError(f'--workdir={workdir} is the checkout itself, which '
+                     'would fill the source tree with checkpoints: name a '
+                     'directory of its own (e.g. /tmp/sam/run).')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir} is a file: name a directory.')
+
+
 def makedirs(path: str) -> None:
   """tf.io.gfile.makedirs that fails fast on a missing bucket or no network.
 
@@ -65,14 +89,16 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not checkpoints(os.path.join(workdir, 'checkpoints')):
     return
   path = os.path.join(workdir, 'config.json')
+  old, problem = None, 'no config.json'
   try:
     with tf.io.gfile.GFile(path) as f:
       old = json.load(f)
+    if not isinstance(old, dict):  # Valid JSON, but no config.
+      problem = f'a config.json that holds {json.dumps(old)[:40]}, no object'
+      old = None
   except tf.errors.NotFoundError:
-    old = None
-    problem = 'no config.json'
+    pass
   except ValueError as e:
-    old = None
     problem = f'an unreadable config.json ({e})'
   if old is None:
     if config.allow_structural_changes:

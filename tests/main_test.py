@@ -49,6 +49,20 @@ def test_workdir_is_required():
   assert 'workdir' in run.stderr
 
 
+@pytest.mark.parametrize('workdir,message', [
+    ('', '--workdir is empty (an unset shell variable?)'),
+    ('.', '--workdir=. is the checkout itself'),
+    ('README.md', '--workdir=README.md is a file')])
+def test_a_workdir_that_is_no_place_for_a_run_is_one_line(workdir, message):
+  """main.py runs in the checkout (ROOT): nothing may be written there."""
+  before = sorted(os.listdir(ROOT))
+  run = _main(f'--workdir={workdir}', *TINY)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1].startswith(f'Error: {message}')
+  assert 'Traceback' not in run.stderr
+  assert sorted(os.listdir(ROOT)) == before
+
+
 def test_bad_override_names_the_field(tmp_path):
   run = _main(f'--workdir={tmp_path}', *TINY, '--config.sam.rho=-1')
   assert run.returncode != 0

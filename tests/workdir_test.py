@@ -167,6 +167,32 @@ def test_checkpoints_without_config_json_are_refused(tmp_path):
       tiny_config(**{'allow_structural_changes': True}), str(tmp_path))
 
 
+@pytest.mark.parametrize('text,shown', [
+    ('null', 'null'), ('[1, 2]', r'\[1, 2\]'), ('"x"', '"x"'), ('3', '3')])
+def test_a_config_json_that_is_no_object_is_one_line(tmp_path, text, shown):
+  _save_checkpoints(str(tmp_path / 'checkpoints'), [2])
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(ValueError, match=(
+      f'holds checkpoints but a config.json that holds {shown}, no object, '
+      'so a resume cannot be checked.*allow_structural_changes=True')):
+    workdir_lib.check_resumable(tiny_config(), str(tmp_path))
+
+
+def test_a_workdir_is_checked_as_a_path_before_anything(tmp_path):
+  source = tmp_path / 'checkout'
+  source.mkdir()
+  (tmp_path / 'file').write_text('')
+  for workdir, message in [('', 'is empty'), (' ', 'is empty'),
+                           (str(source), 'is the checkout itself'),
+                           (str(source / '.'), 'is the checkout itself'),
+                           (str(tmp_path / 'file'), 'is a file')]:
+    with pytest.raises(ValueError, match=message):
+      workdir_lib.check_path(workdir, str(source))
+  for workdir in (str(source / 'runs' / 'a'), str(tmp_path / 'new'),
+                  'gs://bucket/run'):
+    workdir_lib.check_path(workdir, str(source))
+
+
 class _FullDisk:
   """A file whose writes fail, as on a full disk, until `heal()`."""
 
