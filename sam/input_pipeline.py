@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from sam import autoaugment
+from sam import download
 from sam import streaming
 from sam import versions
 
@@ -273,7 +274,7 @@ def _tfds(dc) -> tuple[Split, Split]:
           f'(`tfds build {dc.name} --data_dir=DIR`, DIR may be gs://) and '
           'point config.dataset.data_dir at DIR, or set '
           '--config.dataset.download=True.')
-    builder.download_and_prepare()
+    download.prepare(builder, dc.name)
   splits = []
   for split in ('train', 'test'):
     ds = builder.as_dataset(split=split, shuffle_files=False)
@@ -410,8 +411,7 @@ def train_dataset(data: Data, config: ml_collections.ConfigDict,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def num_eval_steps(data: Data, global_batch_size: int,
-                   split: str = 'test') -> int:
+def num_eval_steps(data: Data, global_batch_size: int, split='test') -> int:
   return -(-len(getattr(data, split)) // global_batch_size)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import download
 from sam import input_pipeline
 from tests.conftest import tiny_config
 from tests.conftest import write_idx
@@ -95,8 +96,12 @@ def test_train_subset_is_fixed_by_seed():
 
 @pytest.mark.parametrize('name,num_classes', [('cifar10', 10),
                                               ('cifar100', 100)])
-def test_tfds_datasets_load_with_mock_data(tmp_path, name, num_classes):
+def test_tfds_datasets_load_with_mock_data(tmp_path, name, num_classes,
+                                          monkeypatch):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # mock_data stands in for the download; asking its host first (offline
+  # here) is download_test.py's.
+  monkeypatch.setattr(download, 'check_reachable', lambda *args: None)
   config = tiny_config(**{'dataset.name': name, 'dataset.download': True,
                           'dataset.data_dir': str(tmp_path)})
   with tfds.testing.mock_data(num_examples=24):
