@@ -54,7 +54,10 @@ def test_libtpu_is_found_without_being_loaded(tmp_path, monkeypatch):
   (package / '__init__.py').write_text('raise ImportError("loaded")\n')
   (package / 'libtpu.so').write_bytes(b'')
   monkeypatch.syspath_prepend(str(tmp_path))
+  # The TPU install's own libtpu, imported by tensorflow-tpu, would answer.
+  monkeypatch.delitem(sys.modules, 'libtpu', raising=False)
   assert environment.libtpu_path() == str(package / 'libtpu.so')
+  assert 'libtpu' not in sys.modules
 
 
 def test_main_sets_it_before_tensorflow_and_jax_load():
