@@ -182,6 +182,7 @@ def test_cli_sharpness_and_hessian(workdirs, tmp_path, capsys):
   assert results['sgd']['train']['eigenvalue'] > 0
 
 
+@pytest.mark.slow  # The surface itself: test_surface_line_grids_and_plots.
 def test_cli_landscape_line_and_curves(workdirs, tmp_path):
   out = str(tmp_path)
   common = [f'--workdir={workdirs["sgd"]}',

@@ -198,6 +198,7 @@ def test_sigterm_stops_the_grid_in_one_line_and_it_resumes(tmp_path):
   assert json.loads((cell / 'results.json').read_text())['step'] == 400
 
 
+@pytest.mark.slow
 def test_cells_that_wait_for_the_sweep_are_one_line(tmp_path):
   (tmp_path / 'grid.py').write_text(GRID.replace(
       "grid.seeds = (0,)", "grid.seeds = (0, 1)\n  grid.sweep_seeds = (0,)"

@@ -2,6 +2,7 @@
 
 import gzip
 import importlib.metadata
+import itertools
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -47,6 +48,29 @@ def mirrored(num_replicas: int) -> tf.distribute.Strategy:
   return tf.distribute.MirroredStrategy(
       [f'/cpu:{i}' for i in range(num_replicas)],
       cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def grid(fast, **axes):
+  """`parametrize` arguments for the cross product of `axes`.
+
+  Cases whose tuple of values is not in `fast` are marked slow: the fast
+  subset runs the cases that can catch a bug on their own, the whole suite
+  every combination. An axis value may be a `pytest.param` with marks.
+  """
+  params = []
+  for combo in itertools.product(*axes.values()):
+    values, marks = [], []
+    for value in combo:
+      if isinstance(value, type(pytest.param(None))):
+        marks += value.marks
+        value, = value.values
+      values.append(value)
+    if tuple(values) not in fast:
+      marks.append(pytest.mark.slow)
+    params.append(pytest.param(*values, marks=marks))
+  unknown = set(fast) - {tuple(p.values) for p in params}
+  assert not unknown, f'fast cases not in the grid: {unknown}'
+  return ','.join(axes), params
 
 
 @pytest.fixture(name='mirrored')

@@ -80,6 +80,7 @@ def test_a_bad_folder_or_name_is_one_line(tmp_path, layout, name, message):
     image_folder.prepare(str(tmp_path), name, str(tmp_path / 'tfds'))
 
 
+@pytest.mark.slow  # Starts a process; prepare()'s refusals are fast tests.
 def test_command_line_fails_in_one_line(tmp_path):
   out = subprocess.run(
       [sys.executable, '-m', 'sam.image_folder', f'--folder={tmp_path}',

@@ -110,6 +110,7 @@ def _fit_like_trainer(config, trainer, initial, strategy, x, y, **sam_kwargs):
   return sam_model, history
 
 
+@pytest.mark.slow  # Fast: the trainer's selection (train_test).
 @pytest.mark.parametrize('num_replicas', [1, 2])
 def test_esam_matches_custom_loop(num_replicas, mirrored):
   """ESAM's weight perturbation and data selection through `fit` equal the
@@ -321,6 +322,7 @@ def test_batch_norm_first_pass_statistics_identical_on_replicas(
     assert np.abs(clean[0] - before[n_train]).max() > 1e-2
 
 
+@pytest.mark.slow  # Fast: the trainer's, train_test.
 @pytest.mark.parametrize('num_replicas', [1, 2])
 def test_ascent_in_inference_mode_matches_reference(num_replicas, mirrored):
   """ascent_mode='inference': eps from the model in inference mode."""
@@ -575,6 +577,7 @@ def test_non_model_fails_at_construction(model):
     SAMModel(model)
 
 
+@pytest.mark.slow  # Fast: accumulation through SAMModel, perturbations_test.
 @pytest.mark.parametrize('micro_batches,num_replicas', [(2, 1), (2, 2)])
 def test_micro_batches_accumulate_as_replicas_do(micro_batches,
                                                  num_replicas, mirrored):

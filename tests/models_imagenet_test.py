@@ -75,10 +75,12 @@ def test_zoo_table_is_the_hand_count(name):
 @pytest.mark.parametrize('name,count', [
     # torchvision's resnet50 and timm's vit_*_224 count the same.
     ('resnet50', 25_557_032), ('vit_ti16', 5_717_416),
-    ('vit_s16', 22_050_664), ('vit_b16', 86_567_656),
-    ('vit_b32', 88_224_232),
+    ('vit_s16', 22_050_664),
+    pytest.param('vit_b16', 86_567_656, marks=pytest.mark.slow),
+    pytest.param('vit_b32', 88_224_232, marks=pytest.mark.slow),
     # Mixer-B/16's published 59.9M.
-    ('mixer_s16', 18_528_264), ('mixer_b16', 59_880_472)])
+    ('mixer_s16', 18_528_264),
+    pytest.param('mixer_b16', 59_880_472, marks=pytest.mark.slow)])
 def test_parameter_counts_are_the_published_ones(name, count):
   model = models.get_model(name, 1000, (224, 224, 3))
   assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == (

@@ -46,7 +46,8 @@ def _measured_again(config, workdir, strategy):
           sharpness.m_sharpness(model, dataset, strategy, rho=0.1))
 
 
-@pytest.mark.parametrize('num_replicas', [1, 2])
+@pytest.mark.parametrize('num_replicas', [
+    1, pytest.param(2, marks=pytest.mark.slow)])
 def test_probe_logs_sharpness_during_training(tmp_path, mirrored,
                                               num_replicas):
   config = tiny_config(**PROBE)
@@ -75,6 +76,7 @@ def test_probe_is_off_by_default(tmp_path):
   assert not _scalars(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_probe_under_adam_logs_the_preconditioned_sharpness(tmp_path):
   """Cohen et al. 2022: lambda_1(P^-1 H) against (2 + 2 beta_1) /
   ((1 - beta_1) eta); P from Adam's second moments, recomputed here."""

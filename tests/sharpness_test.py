@@ -9,6 +9,7 @@ from sam import hessian
 from sam import input_pipeline
 from sam import models
 from sam import sharpness
+from tests.conftest import grid
 from tests.conftest import tiny_config
 
 _DIM = 6
@@ -59,8 +60,9 @@ def test_hessian_vector_product_of_a_quadratic(method):
   np.testing.assert_allclose(np.concatenate(hv), a @ v, rtol=1e-5)
 
 
-@pytest.mark.parametrize('strategy_name', ['default', 'mirrored'])
-@pytest.mark.parametrize('method', hessian.HVP_METHODS)
+@pytest.mark.parametrize(*grid(
+    {(m, s) for m, s in zip(hessian.HVP_METHODS, ['mirrored', 'default'])},
+    method=hessian.HVP_METHODS, strategy_name=['default', 'mirrored']))
 def test_top_eigenvalue_of_a_quadratic_loss(mirrored, strategy_name, method):
   """0.5 (x.w)^2 averaged over the data: H = x^T x / n, known spectrum.
 
@@ -103,9 +105,9 @@ def test_preconditioned_top_eigenvalue_of_a_quadratic_loss(mirrored,
   assert abs(want - _EIGENVALUES[0]) > 0.1  # P changed the answer.
 
 
-@pytest.mark.parametrize('strategy_name', ['default', 'mirrored'])
-@pytest.mark.parametrize('num_steps', [1, 3])
-@pytest.mark.parametrize('adaptive', [False, True])
+@pytest.mark.parametrize(*grid(
+    {(False, 1, 'mirrored'), (True, 3, 'default')}, adaptive=[False, True],
+    num_steps=[1, 3], strategy_name=['default', 'mirrored']))
 def test_sharpness_of_a_linear_loss(mirrored, strategy_name, num_steps,
                                     adaptive):
   """L_B(w) = mean_B(x).kernel + bias: the max increase is rho ||a_B||.

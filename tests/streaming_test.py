@@ -268,6 +268,7 @@ def _checkpoint_weights(workdir, step):
           if 'trainable' in n and 'VARIABLE_VALUE' in n}
 
 
+@pytest.mark.slow  # Fast: the stream started at a step, above.
 def test_a_run_resumed_mid_epoch_is_the_uninterrupted_run(data_dir, tmp_path,
                                                           mirrored, caplog):
   """Stopped at step 6 (mid-epoch 1 of 4 steps) and resumed to 10, on 2
