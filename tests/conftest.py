@@ -78,6 +78,27 @@ def mirrored_fixture():
   return mirrored
 
 
+@pytest.fixture
+def shallow_imagenet_models(monkeypatch):
+  """ResNet-50, the ViTs and the Mixers with 1 or 2 blocks a stage.
+
+  Every kind of layer and block stays (ResNet-50's projection and identity
+  blocks, strided and not): what replicas or XLA could change is in a layer,
+  not in how many there are. Tracing and compiling the full depth took
+  about 8 minutes of the suite's time on 2 cores.
+  """
+  # pylint: disable=g-import-not-at-top
+  from sam.models import mixer
+  from sam.models import resnet50
+  from sam.models import vit
+  monkeypatch.setattr(resnet50, 'STAGES',
+                      ((64, 2), (128, 1), (256, 1), (512, 1)))
+  monkeypatch.setattr(vit, 'DEPTH', 2)
+  monkeypatch.setattr(mixer, 'SIZES', {
+      name: (channels, 2, *widths)
+      for name, (channels, _, *widths) in mixer.SIZES.items()})
+
+
 def requirement_lines(filename: str) -> list[str]:
   """Requirement lines of a requirements file, following `-r` includes."""
   lines = []

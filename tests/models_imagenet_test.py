@@ -99,14 +99,16 @@ def test_patch_models_need_sides_that_are_multiples_of_the_patch(name):
 # Slow: these two took 74 s and 44 s of the fast subset's 13 min at 97d08b5
 # (the SAM rule on 2 replicas stays in train_test.py's fast tests).
 @pytest.mark.slow
-def test_vit_sam_steps_on_two_replicas_match_one_device(mirrored):
+def test_vit_sam_steps_on_two_replicas_match_one_device(
+    mirrored, shallow_imagenet_models):
   config = tiny_config(**{'model.name': 'vit_ti16', 'sam.rho': 0.1,
                           'dataset.synthetic_image_shape': (32, 32, 3)})
   _assert_same_as_one_device(config, mirrored, 2, 2)
 
 
 @pytest.mark.slow
-def test_mixer_sam_steps_on_two_replicas_match_one_device(mirrored):
+def test_mixer_sam_steps_on_two_replicas_match_one_device(
+    mirrored, shallow_imagenet_models):
   config = tiny_config(**{'model.name': 'mixer_s16', 'sam.rho': 0.1,
                           'dataset.synthetic_image_shape': (32, 32, 3)})
   _assert_same_as_one_device(config, mirrored, 2, 2)
@@ -126,7 +128,8 @@ _ONEDNN_BEFORE_2_20 = (
 @pytest.mark.skipif(_ONEDNN_BEFORE_2_20, reason=(
     "TensorFlow < 2.20's oneDNN kernels differ on 2 replicas; run with "
     'TF_ENABLE_ONEDNN_OPTS=0'))
-def test_resnet50_sam_steps_on_two_replicas_match_one_device(mirrored):
+def test_resnet50_sam_steps_on_two_replicas_match_one_device(
+    mirrored, shallow_imagenet_models):
   """Batch norm normalizes each replica's 8 examples: on one device, the
   same as SAM with one eps over two accumulated micro-batches of 8."""
   fields = {'model.name': 'resnet50', 'sam.rho': 0.1,

@@ -654,7 +654,8 @@ _SLOW_XLA_BEFORE_2_20 = pytest.mark.skipif(
     pytest.param('resnet50', 32, 1e-3, marks=_SLOW_XLA_BEFORE_2_20),
     pytest.param('vit_ti16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20),
     pytest.param('mixer_s16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20)])
-def test_xla_step_matches_graph_step(model, side, atol):
+def test_xla_step_matches_graph_step(model, side, atol,
+                                    shallow_imagenet_models):
   """The whole replica step (two SAM passes, update, metrics) compiles."""
   results = {}
   for jit in ('true', 'false'):
