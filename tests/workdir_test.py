@@ -5,6 +5,8 @@ import logging as std_logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +19,8 @@ from sam import lock
 from sam import logs
 from sam import stopping
 from sam import workdir as workdir_lib
+from tests.conftest import ROOT
+from tests.conftest import TINY
 from tests.conftest import tiny_config
 
 
@@ -78,6 +82,19 @@ def test_file_lock_refuses_a_second_run(tmp_path):
 def _lease(path, owner, age, ttl=300.0):
   path.write_text(json.dumps({'owner': owner, 'renewed': time.time() - age,
                               'ttl_secs': ttl}))
+
+
+def test_main_takes_the_lock_before_any_work(tmp_path):
+  """main.py on a workdir another process holds: one line, exit 1."""
+  with lock.hold(str(tmp_path)):
+    done = subprocess.run(
+        [sys.executable, 'main.py', '--config=configs/default.py',
+         f'--workdir={tmp_path}', *TINY], cwd=ROOT, capture_output=True,
+        text=True, timeout=300, check=False)
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert (f'Error: --workdir={tmp_path} is in use by another run (pid '
+          f'{os.getpid()} ') in done.stderr + done.stdout
+  assert not (tmp_path / 'config.json').exists()
 
 
 def test_lease_refuses_a_live_one_and_takes_an_expired_one(tmp_path):
