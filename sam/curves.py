@@ -38,7 +38,10 @@ def read_scalars(workdir: str) -> Scalars:
   Raises:
     FileNotFoundError: if the workdir holds no event files.
   """
-  paths = tf.io.gfile.glob(os.path.join(workdir, 'events.out.tfevents*'))
+  # Listed, not globbed: a workdir's path may hold [ ] * ? (a sweep's name).
+  names = tf.io.gfile.listdir(workdir) if tf.io.gfile.isdir(workdir) else []
+  paths = [os.path.join(workdir, name) for name in names
+           if name.startswith('events.out.tfevents')]
   if not paths:
     raise FileNotFoundError(f'No events.out.tfevents* files in {workdir}.')
   # (wall_time, step, value) per tag, so later writes of a step win.

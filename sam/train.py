@@ -60,7 +60,7 @@ class _Run:
         strategy, tf.distribute.MultiWorkerMirroredStrategy)
     self.workdir = workdir
     workdir_lib.check_resumable(config, workdir)
-    directory = os.path.join(workdir, 'checkpoints')
+    directory = workdir_lib.checkpoint_dir(workdir)
     if self.chief:
       workdir_lib.check_writable(directory)
     data = input_pipeline.load(config)

@@ -1,7 +1,9 @@
 """The workdir: creation (local or gs://), config.json, checkpoints, signals."""
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import tempfile
 import urllib.parse
@@ -15,6 +17,13 @@ from sam import config_checks
 
 class CheckpointError(RuntimeError):
   """No checkpoint could be restored, or one could not be saved."""
+
+
+# TensorFlow takes a checkpoint's path as a glob pattern in some calls and
+# literally in others (tf.train.Checkpoint.restore does both), so no escaping
+# serves: a local workdir with these characters in its path is read and
+# written through a link without them (checkpoint_dir).
+PATTERN_CHARACTERS = '[]*?{}'
 
 
 def check_path(workdir: str, source: str) -> None:
@@ -32,6 +41,11 @@ def check_path(workdir: str, source: str) -> None:
     raise ValueError('--workdir is empty (an unset shell variable?): name a '
                      'directory or a gs:// path for the run.')
   if workdir.startswith('gs://'):
+    if any(c in workdir for c in PATTERN_CHARACTERS):
+      raise ValueError(
+          f'--workdir={workdir} has one of {PATTERN_CHARACTERS}, which '
+          "TensorFlow's checkpoint functions read as a pattern in a gs:// "
+          'path: name the run without them (e.g. rho=0.05 for [rho=0.05]).')
     return
   if os.path.realpath(workdir) == os.path.realpath(source):
     raise ValueError(f'--workdir={workdir} is the checkout itself, which '
@@ -39,6 +53,30 @@ def check_path(workdir: str, source: str) -> None:
                      'directory of its own (e.g. /tmp/sam/run).')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir} is a file: name a directory.')
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """workdir/checkpoints, as a path TensorFlow reads literally.
+
+  That path itself, unless the workdir's has one of PATTERN_CHARACTERS
+  (`runs/sweep[rho=0.05]`, a sweep's natural name): then its checkpoints
+  directory through a link to the workdir in a temporary directory, removed
+  when the process ends (local paths only: check_path refuses such a gs://
+  workdir).
+  """
+  directory = os.path.join(workdir, 'checkpoints')
+  if not any(c in directory for c in PATTERN_CHARACTERS):
+    return directory
+  try:
+    os.makedirs(workdir, exist_ok=True)  # What the link points to.
+  except OSError:
+    pass  # check_writable names the cause.
+  link = os.path.join(tempfile.mkdtemp(prefix='sam-workdir-'), 'workdir')
+  atexit.register(shutil.rmtree, os.path.dirname(link), True)
+  os.symlink(os.path.abspath(workdir), link)
+  logging.info('%s is read and written as %s/checkpoints: TensorFlow would '
+               'read its path as a pattern.', directory, link)
+  return os.path.join(link, 'checkpoints')
 
 
 def makedirs(path: str) -> None:
@@ -86,7 +124,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     ValueError: if the workdir holds checkpoints of a structurally different
       config, or checkpoints without their config.json.
   """
-  if not checkpoints(os.path.join(workdir, 'checkpoints')):
+  if not checkpoints(checkpoint_dir(workdir)):
     return
   path = os.path.join(workdir, 'config.json')
   old, problem = None, 'no config.json'
@@ -184,14 +222,20 @@ def checkpoints(directory: str) -> list[str]:
 
 
 def restore(checkpoint: tf.train.Checkpoint, directory: str,
-            older_layouts: tuple[tf.train.Checkpoint, ...] = ()) -> str | None:
+            older_layouts: tuple[tf.train.Checkpoint, ...] = (),
+            partial: bool = False) -> str | None:
   """Restores the newest readable checkpoint in `directory`; skips corrupt ones.
+
+  Safe beside a live run: a checkpoint that run deletes while it is read (it
+  keeps its newest few) is passed over for the newest one then on disk.
 
   Args:
     checkpoint: what to restore into.
-    directory: the workdir's checkpoints directory.
+    directory: the workdir's checkpoints directory (checkpoint_dir).
     older_layouts: checkpoints of the same variables as written by older
       versions of this code, tried when `checkpoint` does not match.
+    partial: `checkpoint` holds part of what was saved (a reader that wants
+      the model only): the rest is not expected.
 
   Returns:
     The path restored, or None if there was no checkpoint.
@@ -199,21 +243,31 @@ def restore(checkpoint: tf.train.Checkpoint, directory: str,
   Raises:
     CheckpointError: if there are checkpoints, but none is readable.
   """
-  paths = checkpoints(directory)
-  for path in reversed(paths):
+  tried = []
+  while paths := [p for p in checkpoints(directory) if p not in tried]:
+    path = paths[-1]
+    tried.append(path)
     for layout in (checkpoint, *older_layouts):
       try:
-        layout.restore(path).assert_existing_objects_matched()
+        status = layout.restore(path)
+        if partial:
+          status.expect_partial()
+        status.assert_existing_objects_matched()
         return path
       # What a truncated or corrupt file raises depends on where it breaks.
       except (tf.errors.OpError, ValueError, AssertionError, IndexError,
               OSError) as e:
         error = e
-    logging.error('Checkpoint %s is unreadable (%s: %s); trying the one '
-                  'before it.', path, type(error).__name__, error)
-  if paths:
+    if not tf.io.gfile.exists(path + '.index'):
+      logging.warning('Checkpoint %s is gone (deleted while it was read: by '
+                      'the live run, which keeps only its newest, or by '
+                      'hand); trying the newest one left.', path)
+    else:
+      logging.error('Checkpoint %s is unreadable (%s: %s); trying the one '
+                    'before it.', path, type(error).__name__, error)
+  if tried:
     raise CheckpointError(
-        f'No readable checkpoint in {directory} (tried {len(paths)}; the '
+        f'No readable checkpoint in {directory} (tried {len(tried)}; the '
         'log names why each failed). Move them aside to start afresh, or '
         'use another --workdir.')
   return None

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -18,6 +19,7 @@ from sam import config_checks
 from sam import lock
 from sam import logs
 from sam import stopping
+from sam import train
 from sam import workdir as workdir_lib
 from tests.conftest import ROOT
 from tests.conftest import TINY
@@ -172,6 +174,61 @@ def test_checkpoints_are_found_without_their_state_file(tmp_path, damage):
       os.path.join(directory, 'ckpt-11')]
 
 
+def test_a_checkpoint_a_live_run_deletes_is_passed_over(tmp_path):
+  """A reader beside a run that keeps one checkpoint: the newest one wins."""
+  directory = str(tmp_path)
+  checkpoint, variable = _save_checkpoints(directory, [2])
+
+  class LiveRun:
+    """Saves step 3 and deletes step 2 as the reader starts on step 2."""
+
+    def restore(self, path):
+      if path.endswith('ckpt-2'):
+        tf.train.CheckpointManager(checkpoint, directory, max_to_keep=1).save(
+            checkpoint_number=3)
+        variable.assign(0)
+      return checkpoint.restore(path)
+
+  variable.assign(3)
+  assert workdir_lib.restore(LiveRun(), directory) == os.path.join(
+      directory, 'ckpt-3')
+  assert int(variable.numpy()) == 3
+  assert not os.path.exists(os.path.join(directory, 'ckpt-2.index'))
+
+
+# A sweep's natural names: TensorFlow reads [ ] * ? { } in a checkpoint
+# path as a pattern, and the rest must survive the link around that.
+@pytest.mark.parametrize('name', [
+    'sweep[rho=0.05] ρ', pytest.param('a*b?c {x,y}', marks=pytest.mark.slow)])
+def test_a_workdir_named_with_pattern_characters_keeps_and_resumes(
+    tmp_path, name, caplog):
+  workdir = tmp_path / name
+  overrides = {'sam.rho': 0.1, 'steps_per_loop': 1,
+               'checkpoint_every_steps': 1, 'keep_checkpoints': 2}
+  train.train_and_evaluate(tiny_config(**overrides, num_train_steps=3),
+                           str(workdir))
+  assert sorted(p.name for p in (workdir / 'checkpoints').glob(
+      '*.index')) == ['ckpt-2.index', 'ckpt-3.index']
+  (workdir / 'checkpoints' / 'checkpoint').unlink()  # The state file lost.
+  with lock.hold(str(workdir)):  # The lock file, beside the pattern.
+    with pytest.raises(lock.WorkdirBusyError):
+      with lock.hold(str(workdir)):
+        pass
+  caplog.set_level(std_logging.INFO)
+  results = train.train_and_evaluate(tiny_config(**overrides),
+                                     str(workdir))
+  assert results['step'] == 4
+  assert 'ckpt-3 at step 3.' in caplog.text  # Resumed, not started afresh.
+  train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'plain'))
+  resumed, straight = (tf.train.load_checkpoint(
+      workdir_lib.checkpoint_dir(str(tmp_path / d))) for d in (name, 'plain'))
+  names = [n for n in straight.get_variable_to_shape_map()
+           if 'VARIABLE_VALUE' in n and 'save_counter' not in n]
+  for n in names:  # Bitwise: resumed from step 3, not trained afresh.
+    np.testing.assert_array_equal(resumed.get_tensor(n),
+                                  straight.get_tensor(n), err_msg=n)
+
+
 def test_checkpoints_without_config_json_are_refused(tmp_path):
   _save_checkpoints(str(tmp_path / 'checkpoints'), [2])
   with pytest.raises(ValueError, match='holds checkpoints but no '
@@ -206,8 +263,11 @@ def test_a_workdir_is_checked_as_a_path_before_anything(tmp_path):
     with pytest.raises(ValueError, match=message):
       workdir_lib.check_path(workdir, str(source))
   for workdir in (str(source / 'runs' / 'a'), str(tmp_path / 'new'),
-                  'gs://bucket/run'):
+                  'gs://bucket/run', str(tmp_path / 'sweep[rho=0.05]')):
     workdir_lib.check_path(workdir, str(source))
+  with pytest.raises(ValueError, match=r'--workdir=gs://b/sweep\[rho=0.05\] '
+                     'has one of .*name the run without them'):
+    workdir_lib.check_path('gs://b/sweep[rho=0.05]', str(source))
 
 
 class _FullDisk:

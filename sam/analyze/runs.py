@@ -14,6 +14,7 @@ from configs import default
 from sam import input_pipeline
 from sam import models
 from sam import sharpness
+from sam import workdir as workdir_lib
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -83,18 +84,21 @@ def restore_run(workdir: str, strategy: tf.distribute.Strategy,
     FileNotFoundError: if there is no config.json or no checkpoint.
   """
   config = load_config(workdir)
-  checkpoint = checkpoint or tf.train.latest_checkpoint(
-      os.path.join(workdir, 'checkpoints'))
-  if not checkpoint:
+  directory = workdir_lib.checkpoint_dir(workdir)
+  if not checkpoint and not workdir_lib.checkpoints(directory):
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
   data = input_pipeline.load(config)
   with strategy.scope():
     model = models.get_model(config.model.name, data.num_classes,
                              data.image_shape)
-  status = tf.train.Checkpoint(model=model).restore(checkpoint)
   # The optimizer and metric state are not needed, but every model weight is.
-  status.expect_partial()
-  status.assert_existing_objects_matched()
+  if checkpoint:
+    status = tf.train.Checkpoint(model=model).restore(checkpoint)
+    status.expect_partial()
+    status.assert_existing_objects_matched()
+  else:  # The newest, even while a live run deletes older ones.
+    checkpoint = workdir_lib.restore(tf.train.Checkpoint(model=model),
+                                     directory, partial=True)
   logging.info('Restored %s from %s.', config.model.name, checkpoint)
   return Run(label or default_label(workdir), workdir, config, data, model,
              checkpoint)
