@@ -31,11 +31,11 @@ def _weights(workdir):
 
 
 def _assert_same_weights(a, b):
+  """Bitwise: an interrupted and resumed run is the uninterrupted one."""
   wa, wb = _weights(a), _weights(b)
   assert sorted(wa) == sorted(wb) and wa
   for name in wa:
-    np.testing.assert_allclose(wa[name], wb[name], rtol=1e-6, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
 def _run_main(workdir, *flags):
@@ -75,6 +75,31 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
   # The log of the interrupted run is kept before the resumed run's.
   log_text = log.read_text()
   assert log_text.index('Stopped by SIGTERM') < log_text.index('Resumed from')
+  out, _ = straight.communicate(timeout=240)
+  assert straight.returncode == 0, out[-3000:]
+  _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
+
+
+def test_sigkill_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
+  """kill -9 (no handler runs) after a checkpoint: the same command again."""
+  flags = ['--config.num_train_steps=300', '--config.steps_per_loop=10',
+           '--config.log_every_steps=10', '--config.schedule.name=constant',
+           '--config.checkpoint_every_steps=20',
+           '--config.eval_every_steps=100000']
+  straight = _run_main(tmp_path / 'a', *flags)
+  killed = _run_main(tmp_path / 'b', *flags)
+  checkpoints = tmp_path / 'b' / 'checkpoints'
+  deadline = time.time() + 240
+  while time.time() < deadline and not list(checkpoints.glob('ckpt-*.index')):
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.communicate(timeout=60)
+  assert killed.returncode == -signal.SIGKILL
+  assert not (tmp_path / 'b' / 'results.json').exists()
+  resumed = _run_main(tmp_path / 'b', *flags)
+  out, _ = resumed.communicate(timeout=240)
+  assert resumed.returncode == 0, out[-3000:]
+  assert 'Resumed from' in out
   out, _ = straight.communicate(timeout=240)
   assert straight.returncode == 0, out[-3000:]
   _assert_same_weights(tmp_path / 'a', tmp_path / 'b')
