@@ -29,7 +29,6 @@ bootstrap 95% interval of its difference to each baseline (pairs by seed);
 `out_dir/curves.png` plots the mean test accuracy over gradient evaluations.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -47,6 +46,7 @@ import tensorflow as tf
 from sam import config_checks
 from sam import curves
 from sam import train
+from sam import workdir as workdir_lib
 
 _GRID = config_flags.DEFINE_config_file('grid', None, 'The grid file.')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where cells and reports go.')
@@ -160,9 +160,13 @@ def _finished(out_dir: str, grid_cells: dict[str, dict]) -> dict[str, dict]:
   done = {}
   for name in grid_cells:
     path = os.path.join(_workdir(out_dir, name), 'results.json')
-    if tf.io.gfile.exists(path):
-      with tf.io.gfile.GFile(path) as f:
-        done[name] = json.load(f)
+    results, problem = workdir_lib.read_object(path, ('step',))
+    if problem:
+      raise ValueError(f'{path} is {problem}, not a finished run\'s '
+                       'results: delete it, and run the grid again to finish '
+                       'that cell.')
+    if results is not None:
+      done[name] = results
   return done
 
 

@@ -35,6 +35,8 @@ from typing import Any
 from absl import logging
 import tensorflow as tf
 
+from sam import workdir as workdir_lib
+
 TTL_SECS = 300.0
 HEARTBEAT_SECS = 60.0
 SETTLE_SECS = 2.0
@@ -97,12 +99,15 @@ def _flock(workdir: str) -> Iterator[None]:
 
 
 def _read(path: str) -> dict[str, Any] | None:
-  try:
-    with tf.io.gfile.GFile(path) as f:
-      lease = json.load(f)
-    return lease if isinstance(lease, dict) else None
-  except (tf.errors.NotFoundError, ValueError):
-    return None  # No lease, or a torn one, which holds nothing.
+  """The lease in `path`, or None: none, or one that holds nothing."""
+  lease, problem = workdir_lib.read_object(path, ('owner', 'renewed'))
+  if lease is not None and not all(
+      isinstance(lease.get(k, 0.0), (int, float)) and
+      not isinstance(lease.get(k), bool) for k in ('renewed', 'ttl_secs')):
+    lease, problem = None, f'{path} with a time that is no number'
+  if problem:
+    logging.warning('The workdir lease is %s: it holds no one.', problem)
+  return lease
 
 
 def _write(path: str, owner: str, ttl_secs: float) -> None:

@@ -215,11 +215,11 @@ class _Run:
     if self.saved_step is None or (self.step < self.total_steps and
                                    not self.trainer.plateau.stopped):
       return None
-    try:
-      with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-    except (tf.errors.NotFoundError, ValueError):
-      return None  # Stopped between its last save and results.json.
+    results, problem = workdir_lib.read_object(path, ('step',))
+    if problem:  # Evaluated and written again below.
+      logging.warning('The finished run left %s; evaluating it again.',
+                      problem)
+    return results  # None if it stopped between its last save and them.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -117,6 +117,35 @@ def _check_gcs_reachable(timeout_secs: float = 20) -> None:
         'network (and HTTPS_PROXY), or use a local --workdir') from None
 
 
+def read_object(path: str, fields: tuple[str, ...] = ()
+                ) -> tuple[dict | None, str | None]:
+  """The JSON object a run wrote to `path` (config.json, results.json, ...).
+
+  Args:
+    path: the file, local or gs://.
+    fields: keys the object must have.
+
+  Returns:
+    (the object, None); (None, None) if there is no such file; or (None, what
+    is wrong with it), for a file that is not JSON, not an object, or lacks
+    a field.
+  """
+  name = os.path.basename(path)
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      value = json.load(f)
+  except tf.errors.NotFoundError:
+    return None, None
+  except ValueError as e:  # Not JSON, or not UTF-8.
+    return None, f'an unreadable {name} ({e})'
+  if not isinstance(value, dict):
+    return None, f'a {name} that holds {json.dumps(value)[:40]}, no object'
+  missing = [f for f in fields if f not in value]
+  if missing:
+    return None, f'a {name} without {", ".join(missing)}'
+  return value, None
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a resume whose config changes what the checkpoints trained.
 
@@ -126,19 +155,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """
   if not checkpoints(checkpoint_dir(workdir)):
     return
-  path = os.path.join(workdir, 'config.json')
-  old, problem = None, 'no config.json'
-  try:
-    with tf.io.gfile.GFile(path) as f:
-      old = json.load(f)
-    if not isinstance(old, dict):  # Valid JSON, but no config.
-      problem = f'a config.json that holds {json.dumps(old)[:40]}, no object'
-      old = None
-  except tf.errors.NotFoundError:
-    pass
-  except ValueError as e:
-    problem = f'an unreadable config.json ({e})'
+  old, problem = read_object(os.path.join(workdir, 'config.json'))
   if old is None:
+    problem = problem or 'no config.json'
     if config.allow_structural_changes:
       return
     raise ValueError(

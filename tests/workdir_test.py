@@ -3,6 +3,7 @@
 import json
 import logging as std_logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
+from experiments import compare
 from sam import config_checks
 from sam import lock
 from sam import logs
@@ -250,6 +252,49 @@ def test_a_config_json_that_is_no_object_is_one_line(tmp_path, text, shown):
       f'holds checkpoints but a config.json that holds {shown}, no object, '
       'so a resume cannot be checked.*allow_structural_changes=True')):
     workdir_lib.check_resumable(tiny_config(), str(tmp_path))
+
+
+# What a run reads back besides config.json (above), each malformed kind.
+MALFORMED = [(b'{"step": ', 'an unreadable'), (b'\xff\xfe', 'an unreadable'),
+             (b'null', 'holds null, no object'),
+             (b'[1, 2]', r'holds \[1, 2\], no object'),
+             (b'"x"', 'holds "x", no object'), (b'{}', 'without ')]
+
+
+@pytest.mark.parametrize('text,problem', MALFORMED)
+def test_a_malformed_results_json_is_one_line_naming_it(tmp_path, text,
+                                                        problem):
+  """experiments.compare's report reads each cell's results.json."""
+  (tmp_path / 'cell').mkdir()
+  (tmp_path / 'cell' / 'results.json').write_bytes(text)
+  with pytest.raises(ValueError, match=(
+      f'^{re.escape(str(tmp_path))}/cell/results.json is .*{problem}.*: '
+      'delete it, and run the grid again')):
+    compare._finished(str(tmp_path), {'cell': {}})
+
+
+def test_a_finished_run_with_a_malformed_results_json_writes_it_again(
+    tmp_path, caplog):
+  config = tiny_config(**{'num_train_steps': 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  (tmp_path / 'results.json').write_text('[1, 2]')
+  caplog.set_level(std_logging.WARNING)
+  assert train.train_and_evaluate(config, str(tmp_path))['step'] == 2
+  assert 'left a results.json that holds [1, 2], no object' in caplog.text
+  assert json.loads((tmp_path / 'results.json').read_text())['step'] == 2
+
+
+@pytest.mark.parametrize('text,problem', MALFORMED + [
+    (b'{"owner": "pid 1 on h", "renewed": "soon"}', 'no number'),
+    (b'{"owner": "pid 1 on h", "renewed": 1, "ttl_secs": true}',
+     'no number')])
+def test_a_malformed_lease_holds_no_one(tmp_path, text, problem, caplog):
+  (tmp_path / 'lock.json').write_bytes(text)
+  with lock.hold(str(tmp_path), lease=True, settle_secs=0):
+    assert json.loads((tmp_path / 'lock.json').read_text())['owner'] == (
+        lock._owner())  # pylint: disable=protected-access
+  assert re.search(f'The workdir lease is .*{problem}.*: it holds no one',
+                   caplog.text)
 
 
 def test_a_workdir_is_checked_as_a_path_before_anything(tmp_path):
