@@ -104,9 +104,10 @@ def _read(path: str) -> dict[str, Any] | None:
   if lease is not None and not all(
       isinstance(lease.get(k, 0.0), (int, float)) and
       not isinstance(lease.get(k), bool) for k in ('renewed', 'ttl_secs')):
-    lease, problem = None, f'{path} with a time that is no number'
+    lease, problem = None, 'a lock.json whose times are no numbers'
   if problem:
-    logging.warning('The workdir lease is %s: it holds no one.', problem)
+    logging.warning('The workdir lease %s is %s: it holds no one.', path,
+                    problem)
   return lease
 
 

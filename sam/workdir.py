@@ -1,6 +1,7 @@
 """The workdir: creation (local or gs://), config.json, checkpoints, signals."""
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ def check_path(workdir: str, source: str) -> None:
     raise ValueError(f'--workdir={workdir} is a file: name a directory.')
 
 
+@functools.cache  # One link per workdir and process.
 def checkpoint_dir(workdir: str) -> str:
   """workdir/checkpoints, as a path TensorFlow reads literally.
 

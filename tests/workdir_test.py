@@ -285,16 +285,16 @@ def test_a_finished_run_with_a_malformed_results_json_writes_it_again(
 
 
 @pytest.mark.parametrize('text,problem', MALFORMED + [
-    (b'{"owner": "pid 1 on h", "renewed": "soon"}', 'no number'),
+    (b'{"owner": "pid 1 on h", "renewed": "soon"}', 'are no numbers'),
     (b'{"owner": "pid 1 on h", "renewed": 1, "ttl_secs": true}',
-     'no number')])
+     'are no numbers')])
 def test_a_malformed_lease_holds_no_one(tmp_path, text, problem, caplog):
   (tmp_path / 'lock.json').write_bytes(text)
   with lock.hold(str(tmp_path), lease=True, settle_secs=0):
     assert json.loads((tmp_path / 'lock.json').read_text())['owner'] == (
         lock._owner())  # pylint: disable=protected-access
-  assert re.search(f'The workdir lease is .*{problem}.*: it holds no one',
-                   caplog.text)
+  assert re.search(f'The workdir lease .*lock.json is .*{problem}.*: it '
+                   'holds no one', caplog.text)
 
 
 def test_a_workdir_is_checked_as_a_path_before_anything(tmp_path):
