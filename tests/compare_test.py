@@ -72,7 +72,7 @@ def _finish(out_dir, name, val):
   (out_dir / name).mkdir(parents=True)
   # The test accuracy disagrees with the validation accuracy: never used.
   (out_dir / name / 'results.json').write_text(json.dumps(
-      {'val/accuracy': val, 'eval/accuracy': 1 - val}))
+      {'step': 400, 'val/accuracy': val, 'eval/accuracy': 1 - val}))
 
 
 def test_sweep_seeds_choose_rho_on_validation_for_the_other_seeds(tmp_path):
