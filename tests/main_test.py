@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,10 +87,23 @@ def test_a_bad_config_file_or_field_is_one_line(tmp_path, config, override,
   assert not os.listdir(tmp_path)  # Refused before anything is written.
 
 
+# What TensorFlow prints as it loads, before main.py can set a level: on a
+# machine without a GPU its CUDA wheel's failed cuInit (README, "Set-up").
+TENSORFLOW_START_UP = (
+    'All log messages before absl::InitializeLog() is called',
+    'cudart_stub.cc', '] failed call to cuInit: ', 'cpu_feature_guard.cc',
+    'To enable the following instructions:', 'oneDNN custom operations')
+
+
 def test_console_is_quiet_by_default(tmp_path):
   run = _main(f'--workdir={tmp_path / "quiet"}', *TINY)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'Final test accuracy' in run.stderr
+  # Nothing at warning or error level but TensorFlow's start-up notices.
+  loud = [line for line in run.stderr.splitlines()
+          if re.match(r'[WEF]\d{4} |WARNING|ERROR|Traceback', line) and
+          not any(known in line for known in TENSORFLOW_START_UP)]
+  assert not loud, loud
   # TensorFlow's Python INFO lines (one per checkpoint here) stay out. Its
   # C++ notices at import obey TF_CPP_MIN_LOG_LEVEL up to TensorFlow 2.20;
   # 2.21 prints them before it reads the level.
