@@ -202,9 +202,12 @@ class _Run:
                'early_stopped': self.trainer.plateau.stopped,
                'train_seconds': train_seconds}
     if self.chief:
+      # Written aside and renamed into place: a grid's report (or any
+      # reader) never sees half a file.
       path = os.path.join(self.workdir, 'results.json')
-      with tf.io.gfile.GFile(path, 'w') as f:
+      with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
         json.dump(results, f, indent=2, sort_keys=True)
+      tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
     logging.info('Final test accuracy %.2f%% at step %d.',
                  100 * eval_metrics['eval/accuracy'], self.step)
     return results
