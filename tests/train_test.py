@@ -394,6 +394,23 @@ def test_rho_zero_is_plain_optimizer():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_batch_norm_statistics_are_those_of_the_pass_at_w():
+  """The moving statistics after a SAM step: the first pass's, not w + eps's."""
+  config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.5})
+  trainer, iterator = _trainer(config, tf.distribute.get_strategy(), 1)
+  model = trainer.state.model
+  images, _ = next(iter(input_pipeline.train_dataset(
+      input_pipeline.load(config), config, tf.distribute.InputContext())))
+  _, want = model.stateless_call(
+      [tf.constant(v.numpy()) for v in model.trainable_variables],
+      [tf.constant(v.numpy()) for v in model.non_trainable_variables],
+      images, training=True)
+  trainer.train_loop(iterator, tf.constant(1))
+  for got, ref in zip(model.non_trainable_variables, want):
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5,
+                               atol=1e-6, err_msg=got.path)
+
+
 @pytest.mark.slow
 def test_replicas_stay_identical_with_batch_norm(mirrored):
   """Weights, BN moving statistics and optimizer slots match on replicas."""
