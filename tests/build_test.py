@@ -73,6 +73,7 @@ _DISTRIBUTIONS = {
     'tf_keras': 'tf_keras',
     'tomli': 'tomli',
     'trustme': 'trustme',
+    'xdist': 'pytest-xdist',
     'xprof': 'xprof',
     'yaml': 'pyyaml',
 }
@@ -402,6 +403,9 @@ def _expected_deps(target: Target) -> tuple[dict, dict, list[str]]:
     need_module(main_module, f'it runs {main_module}')
   if target.rule == 'py_test':
     need_module('tests.conftest', 'pytest loads tests/conftest.py')
+    with open(os.path.join(ROOT, 'pytest.ini')) as f:
+      if re.search(r'^addopts = .*-n auto', f.read(), re.M):
+        need_module('xdist', "pytest.ini's addopts run it (-n auto)")
     for arg in target.attrs.get('args', []):
       if arg.endswith('.py'):
         need_module(_module_name(arg), f'it runs {arg}')
