@@ -55,11 +55,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
   straight = _run_main(tmp_path / 'a', *flags)
   killed = _run_main(tmp_path / 'b', *flags)
   log = tmp_path / 'b' / 'log.txt'
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    if log.exists() and '[10] train/' in log.read_text():
-      break
-    time.sleep(0.05)
+  _wait_for_log(tmp_path / 'b', '[10] train/')
   killed.send_signal(signal.SIGTERM)
   out, _ = killed.communicate(timeout=240)
   assert killed.returncode == 0, out[-3000:]
@@ -88,10 +84,8 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_weights(tmp_path):
            '--config.eval_every_steps=100000']
   straight = _run_main(tmp_path / 'a', *flags)
   killed = _run_main(tmp_path / 'b', *flags)
-  checkpoints = tmp_path / 'b' / 'checkpoints'
-  deadline = time.time() + 240
-  while time.time() < deadline and not list(checkpoints.glob('ckpt-*.index')):
-    time.sleep(0.05)
+  _wait_for_log(tmp_path / 'b', '[30] train/')  # After the save at step 20.
+  assert list((tmp_path / 'b' / 'checkpoints').glob('ckpt-*.index'))
   killed.send_signal(signal.SIGKILL)
   killed.communicate(timeout=60)
   assert killed.returncode == -signal.SIGKILL
