@@ -6,6 +6,8 @@ be overridden on the command line, e.g. `--config.sam.rho=0` for the baseline.
 
 import ml_collections
 
+from sam import perturbations
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The default config: ResNet-20 with SAM on CIFAR-10."""
@@ -101,32 +103,19 @@ def get_config() -> ml_collections.ConfigDict:
   # et al. 2022, as big_vision), logged as train/rho.
   config.sam.rho_schedule = 'constant'
   config.sam.rho_min = 0.0
-  # The perturbation, by name (sam.perturbations.REGISTRY, with each one's
-  # paper and reference code): 'sam'; 'asam' (Kwon et al. 2021: scaled by
-  # |w| + eta; ASAM's rho is typically 10x SAM's); 'fsam' (Friendly SAM, Li
-  # et al. 2024: the ascent gradient less sigma times its moving average);
-  # 'msam' (Momentum-SAM, Becker et al. 2024: eps = -rho v / ||v|| of the
-  # momentum v, one pass per step); 'esam' (Efficient SAM, Du et al. 2022:
-  # eps on a random part of the weights, the pass at w + eps on the
-  # examples whose loss rose most). F-SAM and MSAM keep a state in the
-  # checkpoint, so a resume cannot change the variant.
+  # The perturbation, by name: 'sam', 'asam' (Kwon et al. 2021: scaled by
+  # |w| + eta; ASAM's rho is typically 10x SAM's), 'esam', 'fisher', 'fsam',
+  # 'msam'; each with its paper, reference code and options in
+  # sam.perturbations.REGISTRY and docs/configs.md. F-SAM and MSAM keep a
+  # state in the checkpoint, so a resume cannot change the variant.
   config.sam.variant = 'sam'
-  # ESAM's beta (each weight tensor perturbed with this probability, eps
-  # scaled by 1 / beta) and gamma (the fraction of each replica's batch the
-  # pass at w + eps takes: the examples whose loss rose most from w to
-  # w + eps, measured by one more forward pass); their run.sh: 0.5 and 0.5.
-  config.sam.esam_beta = 0.5
-  config.sam.esam_gamma = 0.5
-  # F-SAM's sigma and lambda (their run.sh: 1 and 0.6, with rho = 0.2).
-  config.sam.fsam_sigma = 1.0
-  config.sam.fsam_lambda = 0.6
+  # Each variant's options (ASAM's eta, F-SAM's fsam_sigma, ...), at their
+  # papers' defaults: declared once, with the variant, in
+  # sam/perturbations.py (`Option`), listed in docs/configs.md.
+  for option in perturbations.all_options():
+    config.sam[option.name] = option.default
   # ASAM, the same as variant='asam' (kept for configs written before it).
   config.sam.adaptive = False
-  # ASAM's offset eta; ignored unless adaptive.
-  config.sam.eta = 0.01
-  # ASAM's |w| + eta also on biases and normalization offsets (beta); False
-  # leaves them at 1, as ASAM's reference code does.
-  config.sam.adaptive_biases = True
   # Which parameters are perturbed: '' all; 'normalization' those of the
   # normalization layers (SAM-ON, Mueller et al. 2023; they use a larger
   # rho); else a regular expression searched in the variable paths.

@@ -46,14 +46,9 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
          f'it must be in [0, sam.rho={sc.rho}]')
   _check(sc.ascent_steps >= 1, 'sam.ascent_steps', sc.ascent_steps,
          'it must be >= 1 (1 is SAM)')
-  _check(math.isfinite(sc.fsam_sigma), 'sam.fsam_sigma', sc.fsam_sigma,
-         'it must be a finite number (F-SAM uses 1)')
-  _check(0 <= sc.fsam_lambda < 1, 'sam.fsam_lambda', sc.fsam_lambda,
-         'it must be in [0, 1) (F-SAM uses 0.6)')
-  _check(0 < sc.esam_beta <= 1, 'sam.esam_beta', sc.esam_beta,
-         'it must be in (0, 1] (ESAM uses 0.5; 1 perturbs every weight)')
-  _check(0 < sc.esam_gamma <= 1, 'sam.esam_gamma', sc.esam_gamma,
-         'it must be in (0, 1] (ESAM uses 0.5; 1 keeps every example)')
+  for option in perturbations.all_options():
+    _check(option.check(sc[option.name]), f'sam.{option.name}',
+           sc[option.name], option.allowed)
   if sc.variant == 'esam' and sc.esam_gamma < 1:
     _check(int(per_replica * sc.esam_gamma) >= 1, 'sam.esam_gamma',
            sc.esam_gamma, f'it must keep at least one of the {per_replica} '
@@ -215,7 +210,7 @@ def validate_config(config: ml_collections.ConfigDict,
   _check(not tpu or config.dtype_policy != 'mixed_float16', 'dtype_policy',
          config.dtype_policy, 'TPUs compute in bfloat16, without loss '
          'scaling: use --config.dtype_policy=mixed_bfloat16 on a TPU')
-  for field in ('sam.rho', 'sam.eta', 'sam.gsam_alpha', 'dataset.mixup_alpha',
+  for field in ('sam.rho', 'sam.gsam_alpha', 'dataset.mixup_alpha',
                 'optimizer.weight_decay',
                 'optimizer.grad_clip_norm', 'schedule.warmup_epochs'):
     value = config[field.split('.')[0]][field.split('.')[1]]
@@ -270,7 +265,8 @@ STRUCTURAL_FIELDS = (
     'dataset.synthetic_num_classes', 'dataset.synthetic_train_size',
     'dataset.synthetic_noise', 'dataset.synthetic_seed', 'optimizer.name',
     'optimizer.momentum', 'optimizer.nesterov', 'optimizer.weight_decay_type',
-    'ema_decay', 'sam.looksam_alpha', 'sam.variant')
+    'ema_decay', 'sam.looksam_alpha', 'sam.variant',
+    *(f'sam.{o.name}' for o in perturbations.all_options() if o.structural))
 
 # The others, which a resume may change (a longer run, another learning rate
 # or rho, where the files are, how often to log): tests/configs_test.py
@@ -280,10 +276,7 @@ RESUMABLE_FIELDS = (
     'dtype_policy', 'loss_scale',
     'dataset.data_dir', 'dataset.download', 'dataset.synthetic_test_size',
     'sam.rho', 'sam.rho_schedule', 'sam.rho_min', 'sam.ascent_mode',
-    'sam.fsam_sigma', 'sam.fsam_lambda',
-    'sam.esam_beta', 'sam.esam_gamma',
-    'sam.adaptive', 'sam.eta',
-    'sam.adaptive_biases', 'sam.perturb_only', 'sam.sync_perturbation',
+    'sam.adaptive', 'sam.perturb_only', 'sam.sync_perturbation',
     'sam.inner_group_size', 'sam.ascent_steps',
     'sam.gsam_alpha', 'sam.micro_batch_size', 'sam.accumulate_micro_batches',
     'sam.every_k_steps',
@@ -294,7 +287,9 @@ RESUMABLE_FIELDS = (
     'steps_per_loop', 'stop_within_secs', 'log_every_steps', 'eval_every_steps',
     'checkpoint_every_steps', 'progress_every_secs', 'keep_checkpoints',
     'probe',
-    'allow_structural_changes')
+    'allow_structural_changes',
+    *(f'sam.{o.name}' for o in perturbations.all_options()
+      if not o.structural))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -25,6 +25,7 @@ export, inference or a later run without SAM.
 """
 
 import numbers
+import textwrap
 from typing import Any
 
 import keras
@@ -47,18 +48,12 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-# SAMModel's own arguments, kept as attributes and in its config.
-_SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'eta', 'variant',
-                  'perturb_only', 'adaptive_biases', 'inner_group_size',
-                  'ascent_steps', 'ascent_mode', 'fsam_sigma', 'fsam_lambda',
-                  'msam_momentum', 'esam_beta', 'esam_gamma', 'esam_seed',
-                  'micro_batches')
-
-
-# Their kinds, for the checks.
-_NUMBERS = ('rho', 'eta', 'fsam_sigma', 'fsam_lambda', 'msam_momentum',
-            'esam_beta', 'esam_gamma')
-_FLAGS = ('adaptive', 'sync_perturbation', 'adaptive_biases')
+# SAMModel's own arguments, kept as attributes and in its config, with the
+# registered variants' options (`sam.perturbations.all_options()`).
+_SAM_ARGUMENTS = ('rho', 'adaptive', 'sync_perturbation', 'variant',
+                  'perturb_only', 'inner_group_size', 'ascent_steps',
+                  'ascent_mode', 'esam_seed', 'micro_batches')
+_FLAGS = ('adaptive', 'sync_perturbation')
 _INTS = {'inner_group_size': 0, 'ascent_steps': 1, 'esam_seed': 0,
          'micro_batches': 1}
 
@@ -70,12 +65,11 @@ def _check_arguments(model: Any, arguments: dict[str, Any]) -> None:
         f'SAMModel: model must be a Keras 3 model (keras.Model), got '
         f'{type(model).__module__}.{type(model).__qualname__}.')
   a = arguments
-  for name in _NUMBERS:
-    _check(_is_number(a[name]) and a[name] >= 0, name, a[name],
-           'it must be a number >= 0')
-  for name in ('esam_beta', 'esam_gamma'):
-    _check(0 < a[name] <= 1, name, a[name],
-           'it must be in (0, 1] (ESAM uses 0.5; 1 turns it off)')
+  _check(_is_number(a['rho']) and a['rho'] >= 0, 'rho', a['rho'],
+         'it must be a number >= 0')
+  for option in perturbations.all_options():
+    _check(option.check(a[option.name]), option.name, a[option.name],
+           option.allowed)
   if a['variant'] == 'esam' and a['esam_gamma'] < 1:
     _check(a['ascent_mode'] == 'train' and a['micro_batches'] == 1,
            'esam_gamma', a['esam_gamma'], "ESAM's data selection needs "
@@ -135,8 +129,8 @@ def _loss_fn(sam_model: 'SAMModel', data: Any, state_vars: list[Any],
     # Per-output loss metrics of a multi-output model update inside the
     # scope; None where nothing was updated.
     new_metrics = [scope.get_current_value(v) for v in metric_vars]
-    # A LossScaleOptimizer's scale cancels in eps = rho g / ||g||.
-    return sam_model.optimizer.scale_loss(loss * share), (
+    # A LossScaleOptimizer's scale is sam_step's loss_scale (train_step).
+    return loss * share, (
         loss, y_pred, new_state, new_metrics)
 
   return loss_fn
@@ -206,17 +200,25 @@ def _sam_arguments(sam_model: 'SAMModel', data: Any,
   if m.variant == 'esam' and m.esam_gamma < 1:
     select = _esam_selection(m, data, state_vars)
   return dict(
-      adaptive=m.adaptive, sync_perturbation=m.sync_perturbation, eta=m.eta,
+      adaptive=m.adaptive, sync_perturbation=m.sync_perturbation,
       variant=m.variant, inner_group_size=m.inner_group_size,
       ascent_steps=m.ascent_steps,
       mask=perturbations.parameter_mask(m, m.perturb_only),
       names=[v.path for v in m.trainable_variables],
-      adaptive_biases=m.adaptive_biases,
-      state=[v.value for v in m.sam_state], fsam_sigma=m.fsam_sigma,
-      fsam_lambda=m.fsam_lambda, msam_momentum=m.msam_momentum,
-      esam_beta=m.esam_beta, select_examples=select,
+      state=[v.value for v in m.sam_state], select_examples=select,
+      base_momentum=_momentum(m.optimizer),
       esam_seed=tf.stack([tf.constant(m.esam_seed, tf.int64),
-                          tf.cast(m.optimizer.iterations, tf.int64)]))
+                          tf.cast(m.optimizer.iterations, tf.int64)]),
+      **{o.name: getattr(m, o.name) for o in perturbations.all_options()})
+
+
+def _momentum(optimizer: keras.optimizers.Optimizer) -> float | None:
+  """The base optimizer's momentum (SGD's, Adam's beta_1), or None."""
+  optimizer = getattr(optimizer, 'inner_optimizer', optimizer)
+  for name in ('momentum', 'beta_1'):
+    if _is_number(getattr(optimizer, name, None)):
+      return float(getattr(optimizer, name))
+  return None
 
 
 def _joined(aux: Any, metric_vars: list[Any]) -> Any:
@@ -288,15 +290,12 @@ class SAMModel(keras.Model):
     rho, ...: the constructor's other arguments, by their names.
   """
 
-  def __init__(self, model: keras.Model, rho: float = 0.05,
+  def __init__(self, model: keras.Model, rho: float = 0.05, *,
                adaptive: bool = False, sync_perturbation: bool = True,
-               eta: float = 0.01, variant: str = 'sam',
-               perturb_only: str = '', adaptive_biases: bool = True,
+               variant: str = 'sam', perturb_only: str = '',
                inner_group_size: int = 0, ascent_steps: int = 1,
-               ascent_mode: str = 'train', fsam_sigma: float = 1.0,
-               fsam_lambda: float = 0.6, msam_momentum: float = 0.9,
-               esam_beta: float = 0.5, esam_gamma: float = 0.5,
-               esam_seed: int = 0, micro_batches: int = 1, **kwargs: Any):
+               ascent_mode: str = 'train', esam_seed: int = 0,
+               micro_batches: int = 1, **kwargs: Any):
     """Wraps `model`.
 
     Args:
@@ -305,41 +304,35 @@ class SAMModel(keras.Model):
       rho: the neighbourhood radius, >= 0; 0 trains with the plain compiled
         optimizer, one pass per step. The paper's default for SGD is 0.05;
         with Adam, 0.5 to 1 have paid off, notably on noisy labels.
-      adaptive: ASAM (Kwon et al., 2021): eps = rho T^2 g / ||T g|| with
-        T = |w| + eta. ASAM's rho is typically 10x SAM's.
+      adaptive: ASAM (Kwon et al., 2021), the same as variant='asam'.
       sync_perturbation: with several replicas, sum the ascent gradient
         across replicas before its norm so every replica perturbs by the
         same eps (SAM on the global batch). False: each replica perturbs with
         its own gradient (m-sharpness, m = the per-replica batch).
-      eta: ASAM's offset, >= 0; ignored unless `adaptive`.
       variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
-        ('sam', 'asam', 'esam', 'fsam', 'msam'); `adaptive=True` is 'asam'.
-        F-SAM and MSAM keep a state (a momentum) in variables of the
-        wrapper, saved with it; they need a built model.
+        (the class docstring lists them); `adaptive=True` is 'asam'. F-SAM
+        and MSAM keep a state (a momentum) in variables of the wrapper,
+        saved with it; they need a built model.
       perturb_only: '' perturbs every parameter; 'normalization' only those
         of the normalization layers (SAM-ON); else a regular expression
         searched in the variable paths
         (`sam.perturbations.parameter_mask`).
-      adaptive_biases: ASAM's T = |w| + eta on biases and normalization
-        offsets too; False leaves T = 1 there, as ASAM's reference code.
       inner_group_size: with `sync_perturbation`, share eps within groups
         of this many consecutive replicas only; 0: all replicas.
       ascent_steps: ascent steps per update (1 is SAM; see `sam_step`).
       ascent_mode: 'train' runs the ascent pass in training mode, with
         Shake-Shake's and ShakeDrop's true gradient (as the SAM code);
         'inference' in inference mode (batch norm on its moving statistics,
-        as tf_keras's SharpnessAwareMinimization); the loss, metrics and
-        batch-norm statistics then come from the pass at w + eps.
-      fsam_sigma, fsam_lambda: F-SAM's sigma and lambda.
-      msam_momentum: the momentum of MSAM's v; give the optimizer's (SGD's
-        momentum, Adam's beta_1).
-      esam_beta, esam_gamma, esam_seed: ESAM's (variant='esam') chance that
-        a weight tensor is perturbed, the part of each batch its pass at
-        w + eps takes, and the seed of its draws (one per iteration).
+        as tf_keras's SharpnessAwareMinimization for its first pass); the
+        loss, metrics and batch-norm statistics then come from the pass at
+        w + eps.
+      esam_seed: the seed of ESAM's draws (variant='esam'; one per
+        iteration).
       micro_batches: gradient accumulation: each replica's batch as this many
         micro-batches one after the other, one eps for all.
-      **kwargs: passed to `keras.Model` (e.g. `name`).
-
+      **kwargs: the variants' options by name (the class docstring lists
+        them, from `sam.perturbations`), each at its default unless given;
+        the others go to `keras.Model` (e.g. `name`).
     Raises:
       TypeError: if `model` is not a Keras 3 model.
       ValueError: naming the argument, if one is of a wrong type or value,
@@ -347,6 +340,8 @@ class SAMModel(keras.Model):
     """
     arguments = {name: value for name, value in locals().items()
                  if name in _SAM_ARGUMENTS}
+    for name, default in perturbations.defaults().items():
+      arguments[name] = kwargs.pop(name, default)
     # Checked before anything is built: a bad argument fails here, not at
     # the first trace inside `fit`.
     _check_arguments(model, arguments)
@@ -354,7 +349,7 @@ class SAMModel(keras.Model):
     self.model = model
     for name, value in arguments.items():
       # Python floats: `sam_step` recognizes a Python 0 and runs one pass.
-      setattr(self, name, float(value) if name in _NUMBERS else value)
+      setattr(self, name, float(value) if name == 'rho' else value)
     self.sam_state = [
         keras.Variable(value, trainable=False, name=f'sam_state_{i}')
         for i, value in enumerate(perturbations.get(variant).init(
@@ -384,9 +379,15 @@ class SAMModel(keras.Model):
                   if id(v) not in sam_state]
     loss_fn, ascent_loss_fn = (
         _loss_fns(self, data, state_vars, ascent) for ascent in (False, True))
+    # Under a LossScaleOptimizer, sam_step scales the loss before each
+    # backward pass and unscales the gradients, so that eps sees the
+    # unscaled one; the optimizer unscales (and checks) what it is handed.
+    scale = None
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      scale = self.optimizer.scale_loss(tf.constant(1.0))
     out = sam_lib.sam_step(
         loss_fn, [v.value for v in trainable], self.rho,
-        ascent_loss_fn=ascent_loss_fn,
+        ascent_loss_fn=ascent_loss_fn, loss_scale=scale,
         **_sam_arguments(self, data, state_vars))
     # The loss, metrics and new state of the pass at w, unless that one ran
     # in inference mode: then of the pass at w + eps.
@@ -402,8 +403,9 @@ class SAMModel(keras.Model):
       # Metric variables are per replica (ON_READ): each keeps its own.
       if value is not None:
         variable.assign(value)
+    grads = out.grads if scale is None else [g * scale for g in out.grads]
     # Keras 3 optimizers sum the per-replica gradients themselves.
-    self.optimizer.apply_gradients(zip(out.grads, trainable))
+    self.optimizer.apply_gradients(zip(grads, trainable))
     # As Keras's own train_step: the tracker averages per-replica means
     # weighted by the replica batch, so undo the 1/R share scaling.
     batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
@@ -417,6 +419,7 @@ class SAMModel(keras.Model):
         'trainable': self.trainable,
         'model': keras.saving.serialize_keras_object(self.model),
         **{name: getattr(self, name) for name in _SAM_ARGUMENTS},
+        **{o.name: getattr(self, o.name) for o in perturbations.all_options()},
     }
 
   @classmethod
@@ -426,3 +429,21 @@ class SAMModel(keras.Model):
     model = keras.saving.deserialize_keras_object(
         config.pop('model'), custom_objects=custom_objects)
     return cls(model, **config)
+
+
+def _variants_doc() -> str:
+  """The registered variants and their options, for SAMModel's docstring."""
+  lines = ['', '  Variants (`variant=`) and their options (keyword '
+           'arguments, from', '  `sam.perturbations.REGISTRY`):', '']
+  for name, entry in perturbations.REGISTRY.items():
+    lines += textwrap.wrap(f'{name}: {entry.paper.split(":")[0]}', 76,
+                           initial_indent='    ', subsequent_indent='      ')
+    for o in entry.options:
+      lines += textwrap.wrap(f'{o.name}={o.default!r}: {o.doc}', 76,
+                             initial_indent='      ',
+                             subsequent_indent='        ')
+  return '\n'.join(lines) + '\n'
+
+
+SAMModel.__doc__ += _variants_doc()
+

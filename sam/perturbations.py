@@ -4,36 +4,53 @@ A perturbation is a pure function of tensors,
 
   perturb(grads, params, rho, options, state) -> (eps, norm, state)
 
-of the ascent gradient g (summed over the replicas that share eps, which
-`sam.sam.sam_step` does before it calls this), the trainable values w, the
-radius rho, the variant's options (a mapping: `eta`, `mask`, ...) and its
-state (a list of tensors, [] for most). It returns eps per param, the norm
-that scaled it (logged as train/grad_norm) and the new state. A variant
-with state also gives `init(params) -> state`, and one that perturbs from
-its state alone gives `ascent=False` (no pass at w: `perturb` gets
-grads=None) and `descend(state, grads, options) -> state`, which sees the
-gradient at w + eps summed over the replicas. The state is one for all
-replicas and is checkpointed with the run. The same function serves the
-custom loop, `sam.keras.SAMModel` and a user's own loop through
-`sam_step(..., variant=NAME)`.
+of the ascent gradient g, the trainable values w, the radius rho, the
+options (a mapping) and the variant's state (a list of tensors, [] for
+most). It returns eps per param, the norm that scaled it (logged as
+train/grad_norm) and the new state.
 
-To add a variant: write its function here, register it with the paper (and
-equation), the reference code it follows and every way it differs from
-that code, and add a NumPy reference written independently to
+The gradient contract: g is the gradient of the mean loss over the examples
+that share this eps, whatever shares it (all replicas, a group of replicas,
+one replica, one micro-batch) and whatever the loss scale: `sam.sam.sam_step`
+sums the replicas' shares and rescales before it calls `perturb`, so a
+variant whose eps depends on the size of g (Fisher SAM) sees the same g on
+any slice. The tests hold every variant to it (tests/perturbations_test.py).
+
+`options` holds every registered variant's options (below), at the run's
+values, and what the loop provides: `mask` (which params are perturbed),
+`names` (their variable paths), `esam_seed` (a [2] seed per step) and
+`base_momentum` (the base optimizer's momentum). A variant with state also
+gives `init(params) -> state`, and one that perturbs from its state alone
+gives `ascent=False` (no pass at w: `perturb` gets grads=None) and
+`descend(state, grads, options) -> state`, which sees the mean gradient at
+w + eps. The state is one for all replicas and is checkpointed with the run.
+The same function serves the custom loop, `sam.keras.SAMModel` and a user's
+own loop through `sam_step(..., variant=NAME)`.
+
+To add a variant: write its function here and register it with its paper
+(and equation), the reference code it follows (or why there is none), every
+way it differs from that code, and its options, each an `Option` with its
+default, check and a value away from the default. That declaration makes
+the `config.sam.<option>` fields, their start-up checks, what the custom
+loop and `SAMModel` pass, `SAMModel`'s keyword arguments and the
+benchmark's row. Then add a NumPy reference written independently to
 tests/perturbations_test.py: the conformance harness there fails for a
-registered variant without one.
+registered variant without one, and runs each at its options' test values.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import math
+import numbers
 import re
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-# Guards the division by the norm when the gradient vanishes (as in the
-# reference code of SAM and ASAM).
+# Guards the division by the norm when the gradient vanishes. The reference
+# codes differ: google-research/sam divides by the norm alone, SamsungLabs/
+# ASAM adds 1e-16, Efficient_SAM 1e-7.
 EPSILON = 1e-12
 
 State = list[tf.Tensor]
@@ -47,6 +64,35 @@ def _no_state(params: Sequence[tf.Tensor]) -> State:
   return []
 
 
+def is_real(value: Any) -> bool:
+  """A finite int or float, not a bool (True is a bug, not a 1)."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A hyperparameter of a variant: `config.sam.<name>`, `SAMModel(<name>=)`.
+
+  Attributes:
+    name: the config field's and keyword's name, unique over all variants.
+    default: its value unless set (the paper's or the reference code's).
+    doc: what it is, with the source of the default (one sentence).
+    check: whether a value is allowed.
+    allowed: what `check` allows, as the error line says it ('it must ...').
+    test_value: a value away from the default: the conformance harness runs
+      every variant at it, so an option that never reaches eps fails there.
+    structural: whether a resume may not change it (`sam.config_checks`).
+  """
+  name: str
+  default: Any
+  doc: str
+  check: Callable[[Any], bool]
+  allowed: str
+  test_value: Any
+  structural: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class Perturbation:
   """A registered perturbation and where it comes from.
@@ -54,8 +100,10 @@ class Perturbation:
   Attributes:
     perturb: the function (see the module docstring).
     paper: the paper and equation it follows.
-    reference: the reference code it was checked against.
-    deviations: every way it differs from that code.
+    reference: the reference code it was checked against, or 'none: ' and
+      why there is none.
+    deviations: every way it differs from that code (or from the paper).
+    options: its hyperparameters.
     init: the initial state, from the params.
     ascent: whether eps needs the gradient at w (a pass there).
     descend: the new state from the gradient at w + eps, or None.
@@ -64,6 +112,7 @@ class Perturbation:
   paper: str
   reference: str
   deviations: str
+  options: tuple[Option, ...] = ()
   init: Callable[[Sequence[tf.Tensor]], State] = _no_state
   ascent: bool = True
   descend: Callable[[State, list[tf.Tensor], Mapping[str, Any]],
@@ -78,18 +127,43 @@ REGISTRY: dict[str, Perturbation] = {}
 
 
 def register(name: str, *, paper: str, reference: str, deviations: str,
+             options: Sequence[Option] = (),
              **hooks: Any) -> Callable[[PerturbFn], PerturbFn]:
   """Registers the decorated function as the perturbation `name`.
 
-  `hooks`: `init`, `ascent` and `descend` of `Perturbation`, for variants
-  with state.
+  `options`: its hyperparameters. `hooks`: `init`, `ascent` and `descend` of
+  `Perturbation`, for variants with state.
   """
   def decorator(fn: PerturbFn) -> PerturbFn:
     if name in REGISTRY:
       raise ValueError(f'A perturbation named {name!r} is registered already.')
-    REGISTRY[name] = Perturbation(fn, paper, reference, deviations, **hooks)
+    taken = {o.name for o in all_options()} | set(LOOP_INPUTS)
+    for option in options:
+      if option.name in taken:
+        raise ValueError(f'Option {option.name!r} of {name!r} is declared '
+                         'already: option names are unique over all variants.')
+      if not option.check(option.default) or not option.check(
+          option.test_value) or option.test_value == option.default:
+        raise ValueError(f'Option {option.name!r} of {name!r}: its default '
+                         'and test value must pass its check and differ.')
+    REGISTRY[name] = Perturbation(fn, paper, reference, deviations,
+                                  tuple(options), **hooks)
     return fn
   return decorator
+
+
+# What the loops pass to every perturbation beside the options.
+LOOP_INPUTS = ('mask', 'names', 'esam_seed', 'base_momentum')
+
+
+def all_options() -> list[Option]:
+  """Every registered variant's options, in the order they were registered."""
+  return [o for entry in REGISTRY.values() for o in entry.options]
+
+
+def defaults() -> dict[str, Any]:
+  """Every option at its default."""
+  return {o.name: o.default for o in all_options()}
 
 
 def get(name: str) -> Perturbation:
@@ -107,7 +181,8 @@ def get(name: str) -> Perturbation:
     'Improving Generalization", ICLR 2021, eq. 2 (p = 2)',
     reference='github.com/google-research/sam, sam_jax/training_utils/'
     'flax_training.py (dual_vector)',
-    deviations='none')
+    deviations='the norm is guarded by 1e-12; the reference divides by the '
+    'norm alone (a zero gradient gives NaN there, eps = 0 here).')
 def sam(grads, params, rho, options, state):
   """eps = rho g / (||g|| + 1e-12), the norm over all params jointly."""
   del params, options
@@ -129,7 +204,18 @@ def _normalized(grads, rho):
     deviations='by default T = |w| + eta scales every parameter; the '
     "reference scales those whose PyTorch name holds 'weight' (kernels and "
     'batch-norm gammas) and leaves biases and batch-norm betas at T = 1, '
-    'which adaptive_biases=False (config.sam.adaptive_biases) follows.')
+    'which adaptive_biases=False (config.sam.adaptive_biases) follows. '
+    'The norm is guarded by 1e-12, the reference\'s by 1e-16.',
+    options=(
+        Option('eta', 0.01, "ASAM's offset in T = |w| + eta, which keeps "
+               'zero weights perturbable (their 0.01).',
+               lambda v: is_real(v) and v >= 0,
+               'it must be a finite number >= 0 (ASAM uses 0.01)', 0.2),
+        Option('adaptive_biases', True, "ASAM's T = |w| + eta also on "
+               'biases and normalization offsets; False leaves T = 1 there, '
+               'as their code does.', lambda v: isinstance(v, bool),
+               'it must be True or False', False),
+    ))
 def asam(grads, params, rho, options, state):
   """eps = rho T^2 g / (||T g|| + 1e-12), T = |w| + eta (options['eta']).
 
@@ -137,7 +223,7 @@ def asam(grads, params, rho, options, state):
   (options['names']) ends in 'bias' or 'beta'.
   """
   offsets = [False] * len(params)
-  if not options.get('adaptive_biases', True):
+  if not options['adaptive_biases']:
     if options.get('names') is None:
       raise ValueError('ASAM with adaptive_biases=False needs the names of '
                        'the parameters (sam_step(names=...)).')
@@ -164,18 +250,25 @@ def _momentum_and_started(params: Sequence[tf.Tensor]) -> State:
     'run.sh: sigma = 1, lambda = 0.6',
     deviations='none for its default adaptive=False; its adaptive form '
     '(p^2 in eps, |p| in the norm) is not offered.',
+    options=(
+        Option('fsam_sigma', 1.0, "F-SAM's sigma, the weight of the moving "
+               'average taken off g (their run.sh: 1).', is_real,
+               'it must be a finite number (F-SAM uses 1)', 0.5),
+        Option('fsam_lambda', 0.6, "F-SAM's lambda, the decay of that "
+               'moving average (their run.sh: 0.6, with rho = 0.2).',
+               lambda v: is_real(v) and 0 <= v < 1,
+               'it must be in [0, 1) (F-SAM uses 0.6)', 0.3),
+    ),
     init=_momentum_and_started)
 def fsam(grads, params, rho, options, state):
   """eps = rho d / ||d||, d = g - sigma m; then m = lambda m + (1 - lambda) g.
 
   State: m per param and a flag; at the first step d = g and m = g, as the
-  reference code starts. Options: `fsam_sigma` (default 1) and
-  `fsam_lambda` (0.6), the reference's run.sh.
+  reference code starts. Options: `fsam_sigma`, `fsam_lambda`.
   """
   del params
   *momentum, started = state
-  sigma = options.get('fsam_sigma', 1.0)
-  decay = options.get('fsam_lambda', 0.6)
+  sigma, decay = options['fsam_sigma'], options['fsam_lambda']
   started = [tf.cast(started, g.dtype) for g in grads]
   d = [g - sigma * s * m for g, m, s in zip(grads, momentum, started)]
   momentum = [s * (decay * m + (1 - decay) * g) + (1 - s) * g
@@ -188,9 +281,14 @@ def _msam_descend(state: State, grads: list[tf.Tensor],
                   options: Mapping[str, Any]) -> State:
   """v = mu v + g, g the gradient at w + eps (the PyTorch SGD buffer).
 
-  mu: options `msam_momentum` (default 0.9, the reference's).
+  mu: option `msam_momentum`, or the base optimizer's momentum if it is -1.
   """
-  momentum = options.get('msam_momentum', 0.9)
+  momentum = options['msam_momentum']
+  if momentum == -1:
+    momentum = options['base_momentum']
+    if momentum is None:
+      raise ValueError('MSAM follows the momentum of the base optimizer, and '
+                       'it has none: set msam_momentum (0.9 is usual).')
   return [momentum * v + g for v, g in zip(state, grads)]
 
 
@@ -203,19 +301,27 @@ def _msam_descend(state: State, grads: list[tf.Tensor],
     reference='github.com/MarlonBecker/MSAM, optimizer/msam.py (MSAM.step)',
     deviations='the reference is an SGD that perturbs along its own momentum '
     'buffer; here the variant keeps its own v = mu v + g (mu: '
-    'options msam_momentum, the config\'s optimizer.momentum), so any base '
+    'msam_momentum, by default the base optimizer\'s momentum), so any base '
     'optimizer works, at the cost of one more copy of the params and a '
     'cross-replica sum of the gradient (with Keras SGD at that momentum, '
     'its velocity is -lr v while the learning rate is constant). The '
     'reference adds weight decay to g before the buffer, as L2 in the loss '
     "does here; decoupled decay leaves it out of v. The logged loss is at "
     'w + eps (there is no pass at w).',
+    options=(
+        Option('msam_momentum', -1.0, "MSAM's mu in v = mu v + g; -1 takes "
+               "the base optimizer's (SGD's momentum, Adam's beta_1), as the "
+               'reference perturbs along its SGD\'s momentum buffer.',
+               lambda v: is_real(v) and (v == -1 or 0 <= v < 1),
+               "it must be in [0, 1), or -1 for the base optimizer's",
+               0.5),
+    ),
     init=lambda params: [tf.zeros_like(p) for p in params],
     ascent=False, descend=_msam_descend)
 def msam(grads, params, rho, options, state):
   """eps = -rho v / (||v|| + 1e-12) of the momentum v; 0 before any step."""
   del grads, params
-  mask = options.get('mask') or [True] * len(state)
+  mask = options.get('mask') or [True] * len(state)  # A loop input.
   velocity = [v if m else tf.zeros_like(v) for v, m in zip(state, mask)]
   eps, norm = _normalized(velocity, -rho)
   return eps, norm, state
@@ -251,22 +357,64 @@ def swp_keep(seed, count: int, beta: float) -> tf.Tensor:
     "gradient: SWP saves no compute. The reference's first pass skips "
     "DDP's all-reduce (each process perturbs with its own gradient); here "
     'sync_perturbation chooses, as for SAM. The norm is guarded by 1e-12, '
-    "the reference's by 1e-7.")
+    "the reference's by 1e-7.",
+    options=(
+        Option('esam_beta', 0.5, "ESAM's beta: each weight tensor is "
+               'perturbed with this probability, eps scaled by 1 / beta '
+               '(their run.sh: 0.5; 1 perturbs every tensor).',
+               lambda v: is_real(v) and 0 < v <= 1,
+               'it must be in (0, 1] (ESAM uses 0.5; 1 perturbs every weight)',
+               0.7),
+        Option('esam_gamma', 0.5, "ESAM's gamma: the fraction of each "
+               "replica's batch the pass at w + eps takes, the examples whose "
+               'loss rose most from w to w + eps, found by one more forward '
+               'pass (their run.sh: 0.5; 1 keeps every example).',
+               lambda v: is_real(v) and 0 < v <= 1,
+               'it must be in (0, 1] (ESAM uses 0.5; 1 keeps every example)',
+               0.75),
+    ))
 def esam(grads, params, rho, options, state):
   """eps = rho (m g) / (||m g|| + 1e-12) / beta, m one draw per param tensor.
 
-  Options: `esam_beta` (default 0.5), the probability that a tensor is
-  perturbed; `esam_seed`, the draw's seed (see `swp_keep`), required.
+  Options: `esam_beta`, the probability that a tensor is perturbed; the
+  loop's `esam_seed`, the draw's seed (see `swp_keep`), required. (Its data
+  selection, `esam_gamma`, is the loop's: `sam_step(select_examples=...)`.)
   """
   del params
   if options.get('esam_seed') is None:
     raise ValueError("ESAM's stochastic weight perturbation needs a seed per "
                      'step: sam_step(esam_seed=[seed, step]).')
-  beta = options.get('esam_beta', 0.5)
+  beta = options['esam_beta']
   keep = tf.unstack(swp_keep(options['esam_seed'], len(grads), beta))
   eps, norm = _normalized(
       [tf.cast(k, g.dtype) * g for k, g in zip(keep, grads)], rho / beta)
   return eps, norm, state
+
+
+@register(
+    'fisher',
+    paper='Kim et al., "Fisher SAM: Information Geometry and Sharpness Aware '
+    'Minimisation", ICML 2022 (arXiv:2206.04920): the ascent in the '
+    'ellipsoid eps^T F eps <= rho^2 of the Fisher information F, taken as '
+    'the diagonal f = 1 + eta g^2: eps = rho f^-1 g / sqrt(g^T f^-1 g)',
+    reference='none: the authors published no code (Papers with Code lists '
+    'none); the test reference is written from the paper\'s update',
+    deviations='the normalizer is guarded by 1e-12. g is the mean gradient '
+    'of the examples that share eps (the module\'s contract), so f does not '
+    'depend on the number of replicas.',
+    options=(
+        Option('fisher_eta', 1.0, "Fisher SAM's eta in f = 1 + eta g^2 "
+               '(1 is a starting point, not a value sourced from the paper; '
+               '0 is SAM).', lambda v: is_real(v) and v >= 0,
+               'it must be a finite number >= 0 (0 is SAM)', 4.0),
+    ))
+def fisher(grads, params, rho, options, state):
+  """eps = rho g / f / (sqrt(sum g^2 / f) + 1e-12), f = 1 + eta g^2."""
+  del params
+  inverse = [g / (1 + options['fisher_eta'] * tf.square(g)) for g in grads]
+  norm = tf.sqrt(tf.add_n([tf.reduce_sum(g * u)
+                           for g, u in zip(grads, inverse)]))
+  return [rho * u / (norm + EPSILON) for u in inverse], norm, state
 
 
 def conflict(name: str, adaptive: bool = False, sync_perturbation: bool = True,

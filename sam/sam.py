@@ -14,12 +14,14 @@ weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
 Variants: the perturbation by name (`variant`; `sam.perturbations` holds
-them with their papers and reference code: SAM, ASAM, ESAM's weight
-perturbation, F-SAM and MSAM, the last two with a state carried from step to
-step), ESAM's data selection (`select_examples`), GSAM's descent
-direction (`gsam_alpha`), m-sharpness per replica (`sync_perturbation=False`)
-or per micro-batch (`micro_batch_sam_step`); LookSAM's reuse of the
-sharpness direction between SAM steps is `sam.looksam`.
+them with their papers, reference code and options: SAM, ASAM, ESAM's
+weight perturbation, Fisher SAM, F-SAM and MSAM, the last two with a state
+carried from step to step; each receives the mean gradient of the examples
+that share its eps, on any slice), ESAM's data selection
+(`select_examples`), GSAM's descent direction (`gsam_alpha`), m-sharpness
+per replica (`sync_perturbation=False`) or per micro-batch
+(`micro_batch_sam_step`); LookSAM's reuse of the sharpness direction between
+SAM steps is `sam.looksam`.
 
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
@@ -142,7 +144,6 @@ def perturbation(
     params: Sequence[tf.Tensor],
     rho: float | tf.Tensor,
     adaptive: bool = False,
-    eta: float = 0.0,
     variant: str = 'sam',
     **options: Any,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
@@ -151,20 +152,18 @@ def perturbation(
   `sam_step` carries the state of the variants that have one (F-SAM, MSAM).
 
   Args:
-    grads: the ascent gradient g, one tensor per param (already summed across
-      replicas if the perturbation is to be shared).
+    grads: the ascent gradient g, one tensor per param: the mean gradient of
+      the examples that share eps (`sam.perturbations`' contract).
     params: the params w (read by ASAM).
     rho: the neighbourhood radius.
     adaptive: ASAM; the same as variant='asam'.
-    eta: ASAM's offset that keeps zero weights perturbable.
-    variant: a name in `sam.perturbations.REGISTRY`: 'sam',
-      eps = rho g / ||g||; 'asam', eps = rho T^2 g / ||T g||, T = |w| + eta.
-    **options: the variant's options: `mask` (which params are perturbed,
+    variant: a name in `sam.perturbations.REGISTRY`.
+    **options: the variants' options by name (`eta`, `adaptive_biases`, ...:
+      `sam.perturbations.all_options()`, each at its default unless given)
+      and the loop's inputs: `mask` (which params are perturbed,
       `sam.perturbations.parameter_mask`; the others get eps = 0 and no part
-      in the norm; None: all), `names` (the params' variable paths, for
-      variants that treat kinds of params differently), `adaptive_biases`
-      (ASAM's T = |w| + eta on biases and normalization offsets too; False
-      leaves T = 1 there, as ASAM's reference code does; needs `names`).
+      in the norm; None: all) and `names` (the params' variable paths, for
+      variants that treat kinds of params differently).
 
   Returns:
     (eps, norm): eps per param, and the norm that scaled it.
@@ -172,9 +171,19 @@ def perturbation(
   entry = perturbations.get('asam' if adaptive else variant)
   if entry.stateful:
     raise ValueError(f'variant {variant!r} has a state: call sam_step.')
-  eps, norm, _ = _perturb(entry, grads, params, rho, dict(options, eta=eta),
-                          [])
+  eps, norm, _ = _perturb(entry, grads, params, rho, _options(options), [])
   return eps, norm
+
+
+def _options(given: dict[str, Any]) -> dict[str, Any]:
+  """Every variant's options, the given ones over the defaults."""
+  unknown = set(given) - set(perturbations.defaults()) - set(
+      perturbations.LOOP_INPUTS)
+  if unknown:
+    raise TypeError(f'{sorted(unknown)} is no option of a registered variant '
+                    f'(sam.perturbations.all_options()) nor one of '
+                    f'{list(perturbations.LOOP_INPUTS)}.')
+  return {**perturbations.defaults(), **given}
 
 
 def _perturb(entry: perturbations.Perturbation, grads, params, rho, options,
@@ -231,7 +240,6 @@ def sam_step(
     rho: float | tf.Tensor,
     adaptive: bool = False,
     sync_perturbation: bool = True,
-    eta: float = 0.0,
     gsam_alpha: float = 0.0,
     loss_scale: tf.Tensor | None = None,
     inner_group_size: int = 0,
@@ -240,6 +248,7 @@ def sam_step(
     variant: str = 'sam',
     state: Sequence[tf.Tensor] | None = None,
     select_examples: Callable[[Any, list[tf.Tensor]], LossFn] | None = None,
+    loss_fraction: float = 1.0,
     **options: Any,
 ) -> SAMOutput:
   """The SAM gradient: the gradient at params + eps, for any base optimizer.
@@ -254,7 +263,7 @@ def sam_step(
     params: the trainable values: tensors, not variables (nothing is assigned).
     rho: the neighbourhood radius; a Python 0 means the plain base optimizer
       (one forward/backward pass, no all-reduce). A tensor always runs SAM.
-    adaptive: ASAM, the same as variant='asam'. eta: its offset (0.01).
+    adaptive: ASAM, the same as variant='asam'.
     sync_perturbation: sum the ascent gradient across the replicas before
       its norm: one eps for all. False: each replica's own (m-sharpness).
     gsam_alpha: GSAM's alpha (see `surrogate_gap_guided`); 0 is SAM.
@@ -271,9 +280,13 @@ def sam_step(
       it (F-SAM's, MSAM's momentum); None: its initial state.
     select_examples: `(aux at w, w + eps) -> the loss_fn at w + eps`, if not
       `loss_fn` (ESAM's data selection: `sam.step.esam_selection`).
-    **options: the variant's (`mask`, `names`, `adaptive_biases`: see
-      `perturbation`; `fsam_sigma`, `fsam_lambda`, `msam_momentum`,
-      `esam_beta`, `esam_seed`).
+    loss_fraction: the part of the replica's share of the loss that
+      `loss_fn` is (1/m for one of m micro-batches; `micro_batch_sam_step`
+      sets it): with the replicas that share eps, it turns their summed
+      gradient into the mean gradient that perturbations receive.
+    **options: the variants' options and the loop's inputs (see
+      `perturbation`; `esam_seed`, ESAM's [seed, step]; `base_momentum`,
+      the base optimizer's momentum, which MSAM may follow).
 
   Returns:
     A `SAMOutput`; its gradients are per replica (the optimizer sums them).
@@ -284,12 +297,13 @@ def sam_step(
   entry = _variant(variant, adaptive, sync_perturbation, inner_group_size,
                    ascent_steps, gsam_alpha)
   ctx = _replica_context_to_sync() if sync_perturbation else None
-  options = dict(options, eta=eta)
+  options = _options(options)
   state = entry.init(params) if state is None else list(state)
   first, ascent, eps, norm, state = _ascend(
       entry, functools.partial(_value_and_grad, ascent_loss_fn or loss_fn,
                                loss_scale=loss_scale),
-      params, rho, options, state, ctx, inner_group_size, ascent_steps)
+      params, rho, options, state, ctx, inner_group_size, ascent_steps,
+      _to_mean(sync_perturbation, inner_group_size, loss_fraction))
   moved = _moved(params, eps)
   descent_fn = loss_fn
   if select_examples is not None and first is not None:
@@ -322,25 +336,37 @@ def _variant(name, adaptive, *arguments) -> perturbations.Perturbation:
   return perturbations.get('asam' if adaptive else name)
 
 
+def _to_mean(sync_perturbation: bool, inner_group_size: int,
+             loss_fraction: float) -> float:
+  """What turns the summed ascent gradient into the mean gradient of the
+  examples that share eps: their part of the global-batch loss, inverted."""
+  ctx = tf.distribute.get_replica_context()
+  replicas = 1 if ctx is None else ctx.num_replicas_in_sync
+  sharing = (inner_group_size or replicas) if sync_perturbation else 1
+  return replicas / sharing / loss_fraction
+
+
 def _ascend(entry, value_and_grad, params, rho, options, state, ctx,
-            inner_group_size, ascent_steps):
+            inner_group_size, ascent_steps, to_mean):
   """The pass at w (None for a variant without one) and eps from it.
 
   Returns:
     (loss, grads, aux) at w or None, the ascent gradient (summed over the
     replicas that share eps) or None, eps, its norm and the new state.
   """
-  perturb = functools.partial(_perturb, entry, params=params, rho=rho,
-                              options=options)
+  def perturb(summed, state):
+    if summed is not None and to_mean != 1:
+      summed = [g * to_mean for g in summed]
+    return _perturb(entry, summed, params, rho, options, state)
+
   first = ascent = None
   if entry.ascent:
     first = value_and_grad(params)
     ascent = _ascent_sum(first[1], ctx, inner_group_size)
-  eps, norm, state = perturb(ascent, state=state)
+  eps, norm, state = perturb(ascent, state)
   for _ in range(ascent_steps - 1):
     _, more, _ = value_and_grad(_moved(params, eps))
-    step, _, _ = perturb(_ascent_sum(more, ctx, inner_group_size),
-                         state=state)
+    step, _, _ = perturb(_ascent_sum(more, ctx, inner_group_size), state)
     eps = [e + d for e, d in zip(eps, step)]
   return first, ascent, eps, norm, state
 
@@ -403,7 +429,8 @@ def micro_batch_sam_step(
     micro-batches' gradient norms; and the lists of their auxes.
   """
   outs = [sam_step(fn, params, rho, sync_perturbation=False,
-                   ascent_loss_fn=ascent, **kwargs)
+                   ascent_loss_fn=ascent, loss_fraction=1 / len(loss_fns),
+                   **kwargs)
           for fn, ascent in zip(loss_fns,
                                 ascent_loss_fns or [None] * len(loss_fns))]
   return SAMOutput(

@@ -14,6 +14,7 @@ from sam import looksam
 from sam import loss_scaling
 from sam import mixup
 from sam import optim
+from sam import perturbations
 from sam import sam as sam_lib
 from sam.models import true_gradient
 from sam.state import SAM_FIELDS
@@ -226,21 +227,20 @@ def _rho(state: TrainState, config: ml_collections.ConfigDict):
 
 
 def _variant_args(state: TrainState, config: ml_collections.ConfigDict):
-  """sam_step's arguments that choose and shape the SAM variant."""
+  """sam_step's arguments that choose and shape the SAM variant: every
+  registered variant's options from config.sam, and the loop's inputs."""
   sc, oc = config.sam, config.optimizer
-  return dict(variant=sc.variant, adaptive=sc.adaptive, eta=sc.eta,
+  return dict(variant=sc.variant, adaptive=sc.adaptive,
               gsam_alpha=sc.gsam_alpha, mask=state.sam_mask,
               names=[v.path for v in state.model.trainable_variables],
-              adaptive_biases=sc.adaptive_biases,
               inner_group_size=sc.inner_group_size,
               ascent_steps=sc.ascent_steps,
               state=[v.read_value() for v in state.sam_state],
-              fsam_sigma=sc.fsam_sigma, fsam_lambda=sc.fsam_lambda,
-              msam_momentum=oc.momentum if oc.name == 'sgd' else oc.beta1,
-              esam_beta=sc.esam_beta,
+              base_momentum=oc.momentum if oc.name == 'sgd' else oc.beta1,
               esam_seed=tf.stack([tf.constant(config.seed, tf.int64),
                                   tf.cast(state.optimizer.iterations,
-                                          tf.int64)]))
+                                          tf.int64)]),
+              **{o.name: sc[o.name] for o in perturbations.all_options()})
 
 
 def _total(grads):

@@ -502,6 +502,22 @@ def test_internal_deps_match_imports():
   assert not problems, '\n'.join(problems)
 
 
+def test_internal_deps_form_no_cycle():
+  # Bazel refuses a cycle (configs/ once imported sam and sam configs/).
+  targets = _build().targets
+  deps = {name: [_label_name(label) for label in target.labels('deps')
+                 if _label_name(label) in targets]
+          for name, target in targets.items()}
+
+  def visit(name, path):
+    assert name not in path, 'a cycle of deps: ' + ' -> '.join(path + [name])
+    for dep in deps[name]:
+      visit(dep, path + [name])
+
+  for name in targets:
+    visit(name, [])
+
+
 def test_requirements_match_third_party_imports():
   build = _build()
   problems = []

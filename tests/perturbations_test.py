@@ -9,41 +9,53 @@ global-batch rule), under tf.function, compiled with XLA, and through
 fails the harness.
 """
 
+import dataclasses
+import os
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from sam import config_checks
+from sam import input_pipeline
 from sam import models
 from sam import perturbations
 from sam import sam
 from sam.keras import SAMModel
+from sam.trainer import Trainer
 from tests.conftest import grid
 from tests.conftest import requires_xla_cpu
+from tests.conftest import ROOT
+from tests.conftest import tiny_config
 
 CLASSES, DIM, BATCH = 3, 5, 8
 RHO = 0.5
 NAMES = ['dense/kernel', 'dense/bias']  # The params' variable paths.
 
-# The options every variant runs with: (sam_step's arguments, SAMModel's).
-# ASAM's eta is 0.2, away from its default 0.01: an eta that does not reach
-# the perturbation fails.
+# Every variant runs with every registered option at its test value, away
+# from its default (an option that never reaches eps fails), and the loop's
+# inputs. The cases: (sam_step's arguments, SAMModel's) over those.
+TEST_VALUES = {o.name: o.test_value for o in perturbations.all_options()}
 CASES = {
-    'all params': ({'eta': 0.2}, {'eta': 0.2}),
+    'all params': ({}, {}),
     # Only the bias perturbed: a stand-in for SAM-ON's normalization params.
-    'mask': ({'eta': 0.2, 'mask': [False, True]},
-             {'eta': 0.2, 'perturb_only': 'bias$'}),
-    # ASAM as its reference code: T = 1 on biases.
-    'no adaptive biases': ({'eta': 0.2, 'adaptive_biases': False},
-                           {'eta': 0.2, 'adaptive_biases': False}),
+    'mask': ({'mask': [False, True]}, {'perturb_only': 'bias$'}),
+    # ASAM's T = |w| + eta on the bias too (the test value is False).
+    'adaptive biases': ({'adaptive_biases': True}, {'adaptive_biases': True}),
     # Two ascent steps, each from where the last ended (optax.contrib.sam).
-    'two ascent steps': ({'eta': 0.2, 'ascent_steps': 2},
-                         {'eta': 0.2, 'ascent_steps': 2}),
+    'two ascent steps': ({'ascent_steps': 2}, {'ascent_steps': 2}),
     # Gradient accumulation: each replica's shard as 2 micro-batches, one
     # eps for all; the same as SAM on the whole batch.
-    'accumulation': ({'eta': 0.2, 'micro_batches': 2},
-                     {'eta': 0.2, 'micro_batches': 2}),
+    'accumulation': ({'micro_batches': 2}, {'micro_batches': 2}),
 }
+
+
+def _options(case):
+  """sam_step's and SAMModel's options of a case."""
+  options, model_options = CASES[case]
+  return {**TEST_VALUES, **options}, {**TEST_VALUES, **model_options}
 
 
 STEPS, LR = 3, 0.5  # Each test takes STEPS steps of SGD, a batch each.
@@ -67,34 +79,45 @@ def _np_asam(g, w, rho, options, state):
   # Kwon et al.: eps = rho T^2 g / ||T g||, T = |w| + eta elementwise; the
   # bias keeps T = 1 with adaptive_biases=False (ASAM's reference code).
   t = [np.abs(wi) + options['eta'] for wi in w]
-  if not options.get('adaptive_biases', True):
+  if not options['adaptive_biases']:
     t[1] = np.ones_like(t[1])
   norm = _norm([ti * gi for ti, gi in zip(t, g)])
   return [rho * ti**2 * gi / norm for ti, gi in zip(t, g)], state
 
 
 def _np_fsam(g, w, rho, options, momentum):
-  # Li et al. (nblt/F-SAM FriendlySAM.first_step, sigma 1, lambda 0.6): the
-  # first step ascends along g and sets m = g; later ones along g - sigma m,
-  # then m = lambda m + (1 - lambda) g.
-  del w, options
+  # Li et al. (nblt/F-SAM FriendlySAM.first_step): the first step ascends
+  # along g and sets m = g; later ones along g - sigma m, then
+  # m = lambda m + (1 - lambda) g.
+  del w
+  sigma, lam = options['fsam_sigma'], options['fsam_lambda']
   if momentum is None:
     d, momentum = g, g
   else:
-    d = [gi - 1.0 * mi for gi, mi in zip(g, momentum)]
-    momentum = [0.6 * mi + 0.4 * gi for gi, mi in zip(g, momentum)]
+    d = [gi - sigma * mi for gi, mi in zip(g, momentum)]
+    momentum = [lam * mi + (1 - lam) * gi for gi, mi in zip(g, momentum)]
   return [rho * di / _norm(d) for di in d], momentum
 
 
 def _np_esam(g, w, rho, options, state):
-  # Du et al. (dydjw9/Efficient_SAM ESAM.first_step, beta 0.5): the kept
-  # tensors' part of g over its own norm, times rho / beta; 0 if none kept.
-  # The draw is the input: the code under test's, per step.
+  # Du et al. (dydjw9/Efficient_SAM ESAM.first_step): the kept tensors'
+  # part of g over its own norm, times rho / beta; 0 if none kept. The draw
+  # is the input: the code under test's, per step.
   del w
   keep = options['esam_keep']
   kept = [k * gi for k, gi in zip(keep, g)]
   norm = _norm(kept)
-  return [rho / 0.5 * gi / norm if norm else gi for gi in kept], state
+  return [rho / options['esam_beta'] * gi / norm if norm else gi
+          for gi in kept], state
+
+
+def _np_fisher(g, w, rho, options, state):
+  # Kim et al. 2022: eps = rho f^-1 g / sqrt(g^T f^-1 g), f = 1 + eta g^2
+  # elementwise (the diagonal Fisher of the batch gradient).
+  del w
+  u = [gi / (1 + options['fisher_eta'] * gi**2) for gi in g]
+  scale = rho / np.sqrt(sum((gi * ui).sum() for gi, ui in zip(g, u)))
+  return [scale * ui for ui in u], state
 
 
 def _ascending(perturb):
@@ -111,20 +134,22 @@ def _ascending(perturb):
 
 def _np_msam(grad_at, w, rho, options, velocity):
   # Becker et al. (MarlonBecker/MSAM optimizer/msam.py): the gradient at
-  # w - rho v / ||v|| (at w while v = 0), then v = 0.9 v + g.
+  # w - rho v / ||v|| (at w while v = 0), then v = mu v + g.
   if velocity is None:
     velocity = [np.zeros_like(wi, np.float64) for wi in w]
   v = _masked(velocity, options)
   norm = _norm(v)
   eps = [-rho * vi / norm if norm else vi for vi in v]
   g = grad_at([wi + ei for wi, ei in zip(w, eps)])
-  return g, [0.9 * vi + gi for vi, gi in zip(velocity, g)]
+  mu = options['msam_momentum']
+  return g, [mu * vi + gi for vi, gi in zip(velocity, g)]
 
 
 # name -> (grad_at, w, rho, options, state) -> (SAM gradient, state) in
 # NumPy: grad_at(w) is the whole batch's gradient at w; state None at first.
 NUMPY_REFERENCES = {'sam': _ascending(_np_sam), 'asam': _ascending(_np_asam),
                     'esam': _ascending(_np_esam),
+                    'fisher': _ascending(_np_fisher),
                     'fsam': _ascending(_np_fsam), 'msam': _np_msam}
 
 
@@ -152,8 +177,8 @@ def _np_run(name, xs, ys, w, options, xla=False):
   ESAM's draws are those of `swp_keep`, compiled with XLA if `xla` (whose
   Philox gives other numbers than TensorFlow's kernel).
   """
-  draw = tf.function(lambda seed: perturbations.swp_keep(seed, len(w), 0.5),
-                     jit_compile=xla)
+  draw = tf.function(lambda seed: perturbations.swp_keep(
+      seed, len(w), options['esam_beta']), jit_compile=xla)
   steps, state = [], None
   for i, (x, y) in enumerate(zip(xs, ys)):
     g, state = NUMPY_REFERENCES[name](
@@ -185,7 +210,8 @@ def test_every_registered_variant_has_a_numpy_reference():
 def test_every_variant_cites_its_paper_and_reference_code(name):
   entry = perturbations.get(name)
   assert entry.paper and entry.deviations
-  assert entry.reference.startswith('github.com/')
+  # Code to read, or why there is none.
+  assert entry.reference.startswith(('github.com/', 'none: '))
 
 
 def test_an_unknown_variant_is_one_line_naming_the_known_ones():
@@ -201,7 +227,7 @@ def _refused(name, options):
 
 # The fast subset: one case per variant, each on 2 replicas with one of its
 # options away from its default (the whole grid is in the slow set).
-FAST_CASES = {'asam': 'no adaptive biases', 'esam': 'mask',
+FAST_CASES = {'asam': 'all params', 'esam': 'mask', 'fisher': 'all params',
               'fsam': 'accumulation', 'msam': 'mask',
               'sam': 'two ascent steps'}
 
@@ -213,7 +239,7 @@ FAST_CASES = {'asam': 'no adaptive biases', 'esam': 'mask',
     case=sorted(CASES)))
 def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with,
                                case):
-  options, _ = CASES[case]
+  options, _ = _options(case)
   xs, ys, w = _problem()
   strategy = mirrored(num_replicas)
   size = BATCH // num_replicas
@@ -255,13 +281,13 @@ def test_variant_matches_numpy(mirrored, name, num_replicas, compile_with,
 
 
 @pytest.mark.parametrize(*grid(
-    {('sam', 2, 'accumulation'), ('asam', 1, 'no adaptive biases')},
+    {('sam', 2, 'accumulation'), ('asam', 1, 'all params')},
     name=sorted(perturbations.REGISTRY), num_replicas=[1, 2],
-    case=sorted(c for c in CASES if CASES[c][1])))
+    case=sorted(CASES)))
 def test_variant_through_sam_model_matches_numpy(mirrored, name,
                                                  num_replicas, case):
   """STEPS `fit` steps of SAMModel(variant=name) with SGD."""
-  options, model_options = CASES[case]
+  options, model_options = _options(case)
   xs, ys, w = _problem()
   with mirrored(num_replicas).scope():
     inner = keras.Sequential([keras.Input((DIM,)),
@@ -269,12 +295,13 @@ def test_variant_through_sam_model_matches_numpy(mirrored, name,
     inner.set_weights(w)
     if _refused(name, options):
       with pytest.raises(ValueError, match='keeps one state for all'):
-        SAMModel(inner, rho=RHO, variant=name, **model_options)
+        SAMModel(inner, rho=RHO, variant=name, **dict(model_options,
+                                                      esam_gamma=1.0))
       return
     # The perturbation alone: ESAM's data selection (esam_gamma) is checked
     # against the custom loop in keras_test.
-    model = SAMModel(inner, rho=RHO, variant=name, esam_gamma=1.0,
-                     **model_options)
+    model = SAMModel(inner, rho=RHO, variant=name,
+                     **dict(model_options, esam_gamma=1.0))
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR),
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True))
@@ -350,3 +377,150 @@ def test_esam_without_a_seed_is_one_line():
   with pytest.raises(ValueError, match=r'needs a seed per step: '
                      r'sam_step\(esam_seed=\[seed, step\]\)'):
     sam.sam_step(_loss_fn(xs[0], ys[0]), w, rho=RHO, variant='esam')
+
+
+# Who shares one eps, as groups of the batch's examples (in replica order):
+# sam_step's arguments, the replicas and the groups. Fisher SAM's eps
+# depends on the size of g (f = 1 + eta g^2), so each case fails unless the
+# perturbation receives the mean gradient of its group (the module's
+# contract), not the group's share of the global loss.
+CONTRACT_CASES = {
+    'each replica its own': ({'sync_perturbation': False}, 2, 2),
+    'groups of replicas': ({'inner_group_size': 2}, 4, 2),
+    'micro-batches': ({'micro_batches': 2}, 2, 4),
+    'loss scale': ({'loss_scale': 2.0**10}, 1, 1),
+}
+
+
+def _np_shared_by_groups(x, y, w, groups, options):
+  """The SAM gradient when each of `groups` equal parts of the batch
+  perturbs with its own mean gradient."""
+  total = [np.zeros_like(wi, np.float64) for wi in w]
+  for part_x, part_y in zip(np.split(x, groups), np.split(y, groups)):
+    eps, _ = _np_fisher(_np_grad(part_x, part_y, w), w, RHO, options, None)
+    moved = _np_grad(part_x, part_y, [wi + e for wi, e in zip(w, eps)])
+    total = [t + m / groups for t, m in zip(total, moved)]
+  return total
+
+
+@pytest.mark.parametrize('case', sorted(CONTRACT_CASES))
+def test_perturbations_receive_the_mean_gradient_of_who_shares_eps(
+    mirrored, case):
+  arguments, num_replicas, groups = CONTRACT_CASES[case]
+  arguments = dict(arguments)
+  xs, ys, w = _problem()
+  x, y = xs[0], ys[0]
+  size = BATCH // num_replicas
+  strategy = mirrored(num_replicas)
+  micro = arguments.pop('micro_batches', 0)
+  if 'loss_scale' in arguments:
+    arguments['loss_scale'] = tf.constant(arguments['loss_scale'])
+
+  def replica_step(x, y, params):
+    if micro:
+      return sam.micro_batch_sam_step(
+          [_loss_fn(a, b) for a, b in zip(tf.split(x, micro),
+                                          tf.split(y, micro))],
+          params, RHO, variant='fisher', **TEST_VALUES).grads
+    return sam.sam_step(_loss_fn(x, y), params, RHO, variant='fisher',
+                        **TEST_VALUES, **arguments).grads
+
+  @tf.function
+  def step(x, y, params):
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
+                     y[ctx.replica_id_in_sync_group * size:][:size]))
+    grads = strategy.run(replica_step, args=(*shards, params))
+    return [strategy.reduce('SUM', g, axis=None) for g in grads]
+
+  got = step(x, y, [tf.constant(wi) for wi in w])
+  want = _np_shared_by_groups(x, y, w, groups, TEST_VALUES)
+  for got_g, want_g in zip(got, want):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6)
+
+
+def test_sam_model_under_loss_scaling_perturbs_with_the_unscaled_gradient():
+  xs, ys, w = _problem()
+  inner = keras.Sequential([keras.Input((DIM,)),
+                            keras.layers.Dense(CLASSES, name='dense')])
+  inner.set_weights(w)
+  model = SAMModel(inner, rho=RHO, variant='fisher', **TEST_VALUES)
+  model.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+      keras.optimizers.SGD(learning_rate=LR), initial_scale=2.0**10),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True))
+  model.fit(xs.reshape(-1, DIM), ys.reshape(-1), batch_size=BATCH, epochs=1,
+            shuffle=False, verbose=0)
+  at, g = _np_run('fisher', xs, ys, w, TEST_VALUES)[-1]
+  for got, ref in zip(inner.get_weights(),
+                      [wi - LR * gi for wi, gi in zip(at, g)]):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(name='seen_options')
+def seen_options_fixture(monkeypatch):
+  """The options SAM's perturbation is called with (at trace time)."""
+  seen = []
+  entry = perturbations.get('sam')
+
+  def spy(grads, params, rho, options, state):
+    seen.append(dict(options))
+    return entry.perturb(grads, params, rho, options, state)
+
+  monkeypatch.setitem(perturbations.REGISTRY, 'sam',
+                      dataclasses.replace(entry, perturb=spy))
+  return seen
+
+
+def _assert_every_option_reached(seen):
+  assert seen
+  for options in seen:
+    assert {name: options[name] for name in TEST_VALUES} == TEST_VALUES
+
+
+def test_every_option_reaches_the_perturbation_from_the_config(seen_options):
+  # The config main.py runs, every option at its test value: what the
+  # custom loop (sam/step.py) hands to the perturbation.
+  config = tiny_config(**{f'sam.{name}': value
+                          for name, value in TEST_VALUES.items()})
+  config_checks.validate_config(config, 1)
+  data = input_pipeline.load(config)
+  strategy = tf.distribute.get_strategy()
+  trainer = Trainer(config, strategy, data.num_classes, data.image_shape,
+                    input_pipeline.steps_per_epoch(data, config.batch_size), 1)
+  trainer.train_loop(iter(strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(data, config, ctx))),
+                     tf.constant(1))
+  _assert_every_option_reached(seen_options)
+
+
+def test_every_option_reaches_the_perturbation_from_sam_model(seen_options):
+  xs, ys, w = _problem()
+  inner = keras.Sequential([keras.Input((DIM,)),
+                            keras.layers.Dense(CLASSES, name='dense')])
+  model = SAMModel(inner, rho=RHO, **TEST_VALUES)
+  model.compile(optimizer='sgd', loss=keras.losses.
+                SparseCategoricalCrossentropy(from_logits=True))
+  model.fit(xs[0], ys[0], batch_size=BATCH, verbose=0)
+  _assert_every_option_reached(seen_options)
+  # And its config, for a saved model.
+  assert {name: model.get_config()[name] for name in TEST_VALUES} == (
+      TEST_VALUES)
+
+
+def test_sam_step_names_an_unknown_option():
+  xs, ys, w = _problem()
+  with pytest.raises(TypeError, match=r"\['fsam_sigmaa'\] is no option"):
+    sam.sam_step(_loss_fn(xs[0], ys[0]), w, rho=RHO, fsam_sigmaa=2.0)
+
+
+def test_docs_configs_names_every_variant_and_its_options():
+  with open(os.path.join(ROOT, 'docs', 'configs.md')) as f:
+    rows = [line for line in f if line.lstrip().startswith('| `sam.')]
+  for name, entry in perturbations.REGISTRY.items():
+    if name == 'sam':
+      continue
+    row, = [r for r in rows if f"`sam.variant='{name}'`" in r]
+    first_cell = re.split(r'(?<!\\)\|', row)[1]
+    for option in entry.options:
+      assert f'`sam.{option.name}`' in first_cell, (name, option.name)
