@@ -104,10 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sam.rho_schedule = 'constant'
   config.sam.rho_min = 0.0
   # The perturbation, by name: 'sam', 'asam' (Kwon et al. 2021: scaled by
-  # |w| + eta; ASAM's rho is typically 10x SAM's), 'esam', 'fisher', 'fsam',
-  # 'msam'; each with its paper, reference code and options in
-  # sam.perturbations.REGISTRY and docs/configs.md. F-SAM and MSAM keep a
-  # state in the checkpoint, so a resume cannot change the variant.
+  # |w| + eta; ASAM's rho is typically 10x SAM's) or another of
+  # sam.perturbations.REGISTRY, each with its paper, reference code and
+  # options (docs/configs.md has a row for each). A variant with a state
+  # keeps it in the checkpoint, so a resume cannot change the variant.
   config.sam.variant = 'sam'
   # Each variant's options (ASAM's eta, F-SAM's fsam_sigma, ...), at their
   # papers' defaults: declared once, with the variant, in

@@ -286,7 +286,7 @@ class SAMModel(keras.Model):
 
   Attributes:
     model: the wrapped Keras model, whose variables are trained.
-    sam_state: the variant's state (F-SAM's, MSAM's momentum), or [].
+    sam_state: the variant's state (F-SAM's momentum, ...), or [].
     rho, ...: the constructor's other arguments, by their names.
   """
 
@@ -310,9 +310,9 @@ class SAMModel(keras.Model):
         same eps (SAM on the global batch). False: each replica perturbs with
         its own gradient (m-sharpness, m = the per-replica batch).
       variant: the perturbation, by its name in `sam.perturbations.REGISTRY`
-        (the class docstring lists them); `adaptive=True` is 'asam'. F-SAM
-        and MSAM keep a state (a momentum) in variables of the wrapper,
-        saved with it; they need a built model.
+        (the class docstring lists them); `adaptive=True` is 'asam'. A
+        variant with a state (F-SAM's momentum, ...) keeps it in variables
+        of the wrapper, saved with it, and needs a built model.
       perturb_only: '' perturbs every parameter; 'normalization' only those
         of the normalization layers (SAM-ON); else a regular expression
         searched in the variable paths

@@ -15,8 +15,8 @@ can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
 Variants: the perturbation by name (`variant`; `sam.perturbations` holds
 them with their papers, reference code and options: SAM, ASAM, ESAM's
-weight perturbation, Fisher SAM, F-SAM and MSAM, the last two with a state
-carried from step to step; each receives the mean gradient of the examples
+weight perturbation, Fisher SAM, and more, some with a state carried from
+step to step; each receives the mean gradient of the examples
 that share its eps, on any slice), ESAM's data selection
 (`select_examples`), GSAM's descent direction (`gsam_alpha`), m-sharpness
 per replica (`sync_perturbation=False`) or per micro-batch
@@ -149,7 +149,7 @@ def perturbation(
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
   """The perturbation of a variant without state for a gradient.
 
-  `sam_step` carries the state of the variants that have one (F-SAM, MSAM).
+  `sam_step` carries the state of the variants that have one (F-SAM, ...).
 
   Args:
     grads: the ascent gradient g, one tensor per param: the mean gradient of
@@ -277,7 +277,7 @@ def sam_step(
       model in inference mode, or with Shake-Shake's true gradient).
     variant: the perturbation's name in `sam.perturbations.REGISTRY`.
     state: the variant's state, as the last step's `SAMOutput.state` left
-      it (F-SAM's, MSAM's momentum); None: its initial state.
+      it (F-SAM's momentum, ...); None: its initial state.
     select_examples: `(aux at w, w + eps) -> the loss_fn at w + eps`, if not
       `loss_fn` (ESAM's data selection: `sam.step.esam_selection`).
     loss_fraction: the part of the replica's share of the loss that
