@@ -277,6 +277,35 @@ def fsam(grads, params, rho, options, state):
   return eps, norm, momentum + [tf.ones([])]
 
 
+@register(
+    'vasso',
+    paper='Li & Giannakis, "Enhancing Sharpness-Aware Optimization Through '
+    'Variance Suppression", NeurIPS 2023: eps = rho d / ||d|| along d, an '
+    'exponential moving average of the ascent gradients, '
+    'd = (1 - theta) d + theta g (d = g at the first step)',
+    reference='github.com/BingcongLi/VaSSO, solver/vasso.py '
+    '(VASSO.first_step); train.sh: theta = 0.9, rho = 0.2',
+    deviations='the norm is guarded by 1e-12, the reference\'s by 1e-7. A '
+    'parameter outside the mask keeps d = 0 here; the reference has no mask.',
+    options=(
+        Option('vasso_theta', 0.9, "VaSSO's theta, the weight of the new "
+               'gradient in the moving average d (their train.sh: 0.9; 1 is '
+               'SAM).', lambda v: is_real(v) and 0 <= v <= 1,
+               'it must be in [0, 1] (VaSSO uses 0.9; 1 is SAM)', 0.4),
+    ),
+    init=_momentum_and_started)
+def vasso(grads, params, rho, options, state):
+  """eps = rho d / ||d||, d = (1 - theta) d + theta g; d = g at first."""
+  del params
+  *average, started = state
+  theta = options['vasso_theta']
+  started = [tf.cast(started, g.dtype) for g in grads]
+  average = [s * ((1 - theta) * d + theta * g) + (1 - s) * g
+             for g, d, s in zip(grads, average, started)]
+  eps, norm = _normalized(average, rho)
+  return eps, norm, average + [tf.ones([])]
+
+
 def _msam_descend(state: State, grads: list[tf.Tensor],
                   options: Mapping[str, Any]) -> State:
   """v = mu v + g, g the gradient at w + eps (the PyTorch SGD buffer).

@@ -111,6 +111,16 @@ def _np_esam(g, w, rho, options, state):
           for gi in kept], state
 
 
+def _np_vasso(g, w, rho, options, average):
+  # Li & Giannakis (BingcongLi/VaSSO VASSO.first_step): d = g at the first
+  # step, then d = (1 - theta) d + theta g; eps = rho d / ||d||.
+  del w
+  theta = options['vasso_theta']
+  average = g if average is None else [
+      (1 - theta) * di + theta * gi for gi, di in zip(g, average)]
+  return [rho * di / _norm(average) for di in average], average
+
+
 def _np_fisher(g, w, rho, options, state):
   # Kim et al. 2022: eps = rho f^-1 g / sqrt(g^T f^-1 g), f = 1 + eta g^2
   # elementwise (the diagonal Fisher of the batch gradient).
@@ -150,6 +160,7 @@ def _np_msam(grad_at, w, rho, options, velocity):
 NUMPY_REFERENCES = {'sam': _ascending(_np_sam), 'asam': _ascending(_np_asam),
                     'esam': _ascending(_np_esam),
                     'fisher': _ascending(_np_fisher),
+                    'vasso': _ascending(_np_vasso),
                     'fsam': _ascending(_np_fsam), 'msam': _np_msam}
 
 
@@ -229,7 +240,7 @@ def _refused(name, options):
 # options away from its default (the whole grid is in the slow set).
 FAST_CASES = {'asam': 'all params', 'esam': 'mask', 'fisher': 'all params',
               'fsam': 'accumulation', 'msam': 'mask',
-              'sam': 'two ascent steps'}
+              'sam': 'two ascent steps', 'vasso': 'mask'}
 
 
 @pytest.mark.parametrize(*grid(
