@@ -107,6 +107,10 @@ class Perturbation:
     init: the initial state, from the params.
     ascent: whether eps needs the gradient at w (a pass there).
     descend: the new state from the gradient at w + eps, or None.
+    combine: the descent gradient from this replica's gradients at w and
+      at w + eps, `combine(at_w, at_eps, options)`, linear in both (each
+      replica combines its own parts; the optimizer sums them); None: the
+      gradient at w + eps (SAM).
   """
   perturb: PerturbFn
   paper: str
@@ -117,6 +121,8 @@ class Perturbation:
   ascent: bool = True
   descend: Callable[[State, list[tf.Tensor], Mapping[str, Any]],
                     State] | None = None
+  combine: Callable[[list[tf.Tensor], list[tf.Tensor], Mapping[str, Any]],
+                    list[tf.Tensor]] | None = None
 
   @property
   def stateful(self) -> bool:
@@ -132,7 +138,8 @@ def register(name: str, *, paper: str, reference: str, deviations: str,
   """Registers the decorated function as the perturbation `name`.
 
   `options`: its hyperparameters. `hooks`: `init`, `ascent` and `descend` of
-  `Perturbation`, for variants with state.
+  `Perturbation`, for variants with state; `combine`, for a variant that
+  descends along another direction than the gradient at w + eps.
   """
   def decorator(fn: PerturbFn) -> PerturbFn:
     if name in REGISTRY:
@@ -462,6 +469,9 @@ def conflict(name: str, adaptive: bool = False, sync_perturbation: bool = True,
   if not entry.ascent and gsam_alpha:
     return (f'variant {name!r} takes no pass at w, which GSAM needs: set '
             'gsam_alpha=0')
+  if entry.combine is not None and gsam_alpha:
+    return (f'variant {name!r} sets its own descent direction, as GSAM '
+            'does: set gsam_alpha=0')
   if gsam_alpha and inner_group_size:
     return 'GSAM over groups of replicas (inner_group_size) is not supported'
   return None

@@ -312,6 +312,8 @@ def sam_step(
   # A variant without a pass at w: the one pass is the step's.
   loss, grads, aux = first if first is not None else perturbed
   sam_grads = perturbed[1]
+  if entry.combine is not None and first is not None:
+    sam_grads = entry.combine(grads, sam_grads, options)
   if gsam_alpha:
     sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
                                      ctx)
