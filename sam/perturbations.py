@@ -453,6 +453,41 @@ def fisher(grads, params, rho, options, state):
   return [rho * u / (norm + EPSILON) for u in inverse], norm, state
 
 
+def _wsam_combine(at_w, at_eps, options):
+  """(1 - a) g + a g~, a = gamma / (1 - gamma): the gradient of
+  L + a (L(w + eps) - L(w)), the sharpness weighted as a regularizer."""
+  weight = options['wsam_gamma'] / (1 - options['wsam_gamma'])
+  return [(1 - weight) * g + weight * h for g, h in zip(at_w, at_eps)]
+
+
+@register(
+    'wsam',
+    paper='Yue et al., "Sharpness-Aware Minimization Revisited: Weighted '
+    'Sharpness as a Regularization Term", KDD 2023: minimize '
+    'L(w) + gamma / (1 - gamma) (L(w + eps) - L(w)), eps SAM\'s; the '
+    'descent gradient is (1 - a) g + a g~, a = gamma / (1 - gamma), g at w '
+    'and g~ at w + eps',
+    reference='github.com/kozistr/pytorch_optimizer, pytorch_optimizer/'
+    'optimizer/sam.py (WSAM with decouple=False; gamma = 0.9 its default)',
+    deviations="the reference's default decouple=True steps the base "
+    'optimizer with g and then adds -lr a (g~ - g) outside it; only the '
+    'coupled form (decouple=False, the weighted gradient into the base '
+    'optimizer) is offered here, which works with any base optimizer. The '
+    'reference averages g over processes before eps, as sync_perturbation '
+    'does here.',
+    options=(
+        Option('wsam_gamma', 0.9, "WSAM's gamma: the sharpness enters the "
+               'loss with weight gamma / (1 - gamma) (the reference\'s '
+               'default 0.9; 0.5 is SAM).',
+               lambda v: is_real(v) and 0 <= v < 1,
+               'it must be in [0, 1) (WSAM uses 0.9; 0.5 is SAM)', 0.8),
+    ),
+    combine=_wsam_combine)
+def wsam(grads, params, rho, options, state):
+  """SAM's eps; the weighting is in the descent (`_wsam_combine`)."""
+  return sam(grads, params, rho, options, state)
+
+
 def conflict(name: str, adaptive: bool = False, sync_perturbation: bool = True,
              inner_group_size: int = 0, ascent_steps: int = 1,
              gsam_alpha: float = 0.0) -> str | None:

@@ -142,6 +142,15 @@ def _ascending(perturb):
   return reference
 
 
+def _np_wsam(grad_at, w, rho, options, state):
+  # Yue et al. (pytorch_optimizer WSAM.second_step, decouple=False): SAM's
+  # eps; the descent gradient a g~ + (1 - a) g, a = gamma / (1 - gamma).
+  sam_gradient, state = _ascending(_np_sam)(grad_at, w, rho, options, state)
+  a = options['wsam_gamma'] / (1 - options['wsam_gamma'])
+  return [a * h + (1 - a) * g for h, g in zip(
+      sam_gradient, _masked(grad_at(w), {}))], state
+
+
 def _np_msam(grad_at, w, rho, options, velocity):
   # Becker et al. (MarlonBecker/MSAM optimizer/msam.py): the gradient at
   # w - rho v / ||v|| (at w while v = 0), then v = mu v + g.
@@ -160,7 +169,7 @@ def _np_msam(grad_at, w, rho, options, velocity):
 NUMPY_REFERENCES = {'sam': _ascending(_np_sam), 'asam': _ascending(_np_asam),
                     'esam': _ascending(_np_esam),
                     'fisher': _ascending(_np_fisher),
-                    'vasso': _ascending(_np_vasso),
+                    'vasso': _ascending(_np_vasso), 'wsam': _np_wsam,
                     'fsam': _ascending(_np_fsam), 'msam': _np_msam}
 
 
@@ -240,7 +249,8 @@ def _refused(name, options):
 # options away from its default (the whole grid is in the slow set).
 FAST_CASES = {'asam': 'all params', 'esam': 'mask', 'fisher': 'all params',
               'fsam': 'accumulation', 'msam': 'mask',
-              'sam': 'two ascent steps', 'vasso': 'mask'}
+              'sam': 'two ascent steps', 'vasso': 'mask',
+              'wsam': 'accumulation'}
 
 
 @pytest.mark.parametrize(*grid(
