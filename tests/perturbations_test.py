@@ -545,3 +545,44 @@ def test_docs_configs_names_every_variant_and_its_options():
     first_cell = re.split(r'(?<!\\)\|', row)[1]
     for option in entry.options:
       assert f'`sam.{option.name}`' in first_cell, (name, option.name)
+
+
+@pytest.mark.parametrize(*grid({(2, 2)}, num_replicas=[1, 2],
+                               ascent_steps=[1, 2]))
+def test_sam_matches_optax_contrib_sam(mirrored, num_replicas, ascent_steps):
+  """SAM against Google DeepMind's own SAM in JAX (optax.contrib.sam: its
+  opaque mode is one whole step, sync_period - 1 ascent steps, each along
+  the normalized gradient where the last ended)."""
+  jax = pytest.importorskip('jax')
+  optax = pytest.importorskip('optax')
+  xs, ys, w = _problem()
+
+  def loss(params, x, y):
+    logits = x @ params[0] + params[1]
+    return -jax.numpy.mean(jax.nn.log_softmax(logits)[
+        jax.numpy.arange(len(y)), y])
+
+  sam_opt = optax.contrib.sam(
+      optax.sgd(LR), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+      sync_period=ascent_steps + 1, opaque_mode=True)
+  params = [jax.numpy.asarray(wi) for wi in w]
+  opt_state = sam_opt.init(params)
+  for x, y in zip(xs, ys):
+    grad_fn = jax.grad(lambda p, _, x=x, y=y: loss(p, x, y))
+    updates, opt_state = sam_opt.update(grad_fn(params, 0), opt_state,
+                                        params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+  want = [np.asarray(p) for p in params]
+
+  with mirrored(num_replicas).scope():
+    inner = keras.Sequential([keras.Input((DIM,)),
+                              keras.layers.Dense(CLASSES, name='dense')])
+    inner.set_weights(w)
+    model = SAMModel(inner, rho=RHO, ascent_steps=ascent_steps)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+  model.fit(xs.reshape(-1, DIM), ys.reshape(-1), batch_size=BATCH, epochs=1,
+            shuffle=False, verbose=0)
+  for got, ref in zip(inner.get_weights(), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
