@@ -403,7 +403,9 @@ def test_sigterm_ends_in_a_checkpoint_within_stop_within_secs(tmp_path):
   assert run.returncode == 0, out[-3000:]
   step = int(tf.train.latest_checkpoint(
       str(tmp_path / 'checkpoints')).rsplit('-', 1)[1])
-  assert 1 < step < 1000000
+  # Some steps, not the million (one, on a machine busy enough that the
+  # first loop's compile takes the whole wait: seen beside other runs).
+  assert 1 <= step < 1000000
   # When the run said it had saved (absl's time of the line): within the
   # bound, and a second for the noise of a shared machine.
   stamp = re.search(r'^W\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*Stopped by '
