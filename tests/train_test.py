@@ -1061,3 +1061,84 @@ def test_asam_logs_the_norm_of_t_g_by_its_name(field):
   metrics = _train(config, tf.distribute.get_strategy(), 2).read_train_metrics()
   assert metrics['train/asam_grad_norm'] > 0
   assert 'train/grad_norm' not in metrics
+
+
+def _official_sam_steps(weights, batches, num_replicas, config):
+  """google-research/sam's `train_step` (sam_jax/training_utils/
+  flax_training.py, at dae9904), written again in JAX for the tiny convnet:
+  the loss is the replica's mean cross-entropy plus 0.5 wd ||w||^2 over
+  every parameter (biases included); with sync_perturbations=False (its
+  default) each replica perturbs by rho g / ||g|| of its own gradient
+  (`dual_vector`, no guard); the gradients at w + eps are averaged over the
+  replicas (`pmean`), clipped by their global norm (`clip_by_global_norm`,
+  its gradient_clipping) and applied by flax's Momentum with nesterov=True
+  (v = beta v + g; w -= lr (g + beta v))."""
+  jax = pytest.importorskip('jax')
+  jnp = jax.numpy
+  wd, rho = config.optimizer.weight_decay, config.sam.rho
+  lr, beta = config.schedule.learning_rate, config.optimizer.momentum
+  clip = config.optimizer.grad_clip_norm
+
+  def forward(w, x):
+    for kernel, bias in (w[0:2], w[2:4]):
+      x = jax.nn.relu(jax.lax.conv_general_dilated(
+          x, kernel, (1, 1), 'SAME',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias)
+      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                (1, 2, 2, 1), 'VALID')
+    x = jax.nn.relu(x.reshape(len(x), -1) @ w[4] + w[5])
+    return x @ w[6] + w[7]
+
+  def loss(w, x, y):
+    log_p = jax.nn.log_softmax(forward(w, x))
+    cross_entropy = -jnp.mean(log_p[jnp.arange(len(y)), y])
+    return cross_entropy + wd * 0.5 * sum(jnp.sum(p**2) for p in w)
+
+  def norm(tree):
+    return jnp.sqrt(sum(jnp.sum(t**2) for t in tree))
+
+  w = [jnp.asarray(p) for p in weights]
+  velocity = [jnp.zeros_like(p) for p in w]
+  for images, labels in batches:
+    grads = []
+    for x, y in zip(np.split(images, num_replicas),
+                    np.split(labels, num_replicas)):
+      g = jax.grad(loss)(w, x, y)
+      noised = [p + rho * d / norm(g) for p, d in zip(w, g)]
+      grads.append(jax.grad(loss)(noised, x, y))
+    g = [sum(parts) / num_replicas for parts in zip(*grads)]
+    g_norm = norm(g)
+    if clip > 0:
+      g = [jnp.where(g_norm < clip, d, d / g_norm * clip) for d in g]
+    velocity = [beta * v + d for v, d in zip(velocity, g)]
+    w = [p - lr * (d + beta * v) for p, d, v in zip(w, g, velocity)]
+  return [np.asarray(p) for p in w]
+
+
+@pytest.mark.slow  # 15 to 30 s a case; the harness has the rule's fast cases.
+@pytest.mark.parametrize('clip', [5.0, 0.0])
+@pytest.mark.parametrize('num_replicas', [1, 2, 4])
+def test_steps_are_those_of_the_official_sam_code(mirrored, num_replicas,
+                                                  clip):
+  """The official code's defaults (eps per replica, L2 on every parameter
+  inside the loss SAM sees, clipping of the averaged gradient, Nesterov
+  momentum): our steps equal its train_step's, with its clipping at 5
+  (which acts: the averaged gradient's norm is about 40 to 60 here) and without."""
+  config = tiny_config(**{
+      'sam.rho': 0.5, 'sam.sync_perturbation': False,
+      'optimizer.weight_decay': 1e-3, 'optimizer.decay_all_params': True,
+      'optimizer.grad_clip_norm': clip, 'optimizer.nesterov': True,
+      'optimizer.momentum': 0.9})
+  strategy = mirrored(num_replicas)
+  trainer, iterator = _trainer(config, strategy, 2)
+  weights = _values(trainer.state.model.trainable_variables, 0, strategy)
+  trainer.train_loop(iterator, tf.constant(2))
+  data = input_pipeline.load(config)
+  batches = iter(input_pipeline.train_dataset(
+      data, config, tf.distribute.InputContext()))
+  want = _official_sam_steps(
+      weights, [[t.numpy() for t in next(batches)] for _ in range(2)],
+      num_replicas, config)
+  for got, ref in zip(
+      _values(trainer.state.model.trainable_variables, 0, strategy), want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
