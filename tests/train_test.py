@@ -1123,7 +1123,8 @@ def test_steps_are_those_of_the_official_sam_code(mirrored, num_replicas,
   """The official code's defaults (eps per replica, L2 on every parameter
   inside the loss SAM sees, clipping of the averaged gradient, Nesterov
   momentum): our steps equal its train_step's, with its clipping at 5
-  (which acts: the averaged gradient's norm is about 40 to 60 here) and without."""
+  (which acts: the averaged gradient's norm is about 40 to 60 here) and
+  without."""
   config = tiny_config(**{
       'sam.rho': 0.5, 'sam.sync_perturbation': False,
       'optimizer.weight_decay': 1e-3, 'optimizer.decay_all_params': True,
