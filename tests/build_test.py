@@ -42,7 +42,9 @@ BUILD = 'BUILD'
 
 # Directories whose Python files are not the project's: virtual environments
 # (.venv, .venv-tpu), other hidden directories, Bazel's output links.
-_NOT_SOURCES = re.compile(r'^(\.|bazel-|__pycache__$)')
+# tools/golden runs the authors' PyTorch code in a venv of its own (its
+# docstring): a developer's tool, not part of the build.
+_NOT_SOURCES = re.compile(r'^(\.|bazel-|__pycache__$|golden$)')
 
 # Top-level module of a third-party import -> the PyPI distribution that
 # BUILD names in requirement("..."). `keras` is Keras 3 and a dependency of

@@ -6,10 +6,13 @@ test: on 1, 2 and 4 replicas (the ascent gradient summed across replicas
 before the perturbation: every replica shares one eps, as the SAM paper's
 global-batch rule), under tf.function, compiled with XLA, and through
 `sam.keras.SAMModel`'s `fit`. A variant registered without a reference here
-fails the harness.
+fails the harness. Where the authors' code can be run, the variant is also
+checked against the weights it gives (tools/golden), and SAM against
+optax.contrib.sam.
 """
 
 import dataclasses
+import json
 import os
 import re
 
@@ -586,3 +589,44 @@ def test_sam_matches_optax_contrib_sam(mirrored, num_replicas, ascent_steps):
             shuffle=False, verbose=0)
   for got, ref in zip(inner.get_weights(), want):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+GOLDEN = os.path.join(ROOT, 'tools', 'golden')
+
+
+@pytest.mark.parametrize(*grid(
+    {('asam', 2), ('vasso', 2)},
+    name=sorted(f[:-5] for f in os.listdir(GOLDEN) if f.endswith('.json')),
+    num_replicas=[1, 2, 4]))
+def test_variant_matches_the_authors_code(mirrored, name, num_replicas):
+  """Our steps against the weights the authors' own PyTorch code gives on
+  the harness's problem (tools/golden: its README names each repository
+  and commit, and the command that regenerates the files)."""
+  with open(os.path.join(GOLDEN, f'{name}.json')) as f:
+    golden = json.load(f)
+  xs = np.array(golden['xs'], np.float32)
+  ys = np.array(golden['ys'])
+  size = BATCH // num_replicas
+  strategy = mirrored(num_replicas)
+
+  def replica_step(x, y, params, state):
+    out = sam.sam_step(_loss_fn(x, y), params, rho=golden['rho'],
+                       variant=name, names=NAMES, state=state,
+                       **golden['options'])
+    return out.grads, out.state
+
+  @tf.function
+  def step(x, y, params, state):
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (x[ctx.replica_id_in_sync_group * size:][:size],
+                     y[ctx.replica_id_in_sync_group * size:][:size]))
+    grads, state = strategy.run(replica_step, args=(*shards, params, state))
+    return [strategy.reduce('SUM', g, axis=None) for g in grads], state
+
+  w = [tf.constant(wi, tf.float32) for wi in golden['weights0']]
+  state = None
+  for x, y, want in zip(xs, ys, golden['weights']):
+    grads, state = step(x, y, w, state)
+    w = [wi - golden['learning_rate'] * g for wi, g in zip(w, grads)]
+    for got, ref in zip(w, want):
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
