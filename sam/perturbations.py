@@ -434,7 +434,10 @@ def esam(grads, params, rho, options, state):
     'ellipsoid eps^T F eps <= rho^2 of the Fisher information F, taken as '
     'the diagonal f = 1 + eta g^2: eps = rho f^-1 g / sqrt(g^T f^-1 g)',
     reference='none: the authors published no code (Papers with Code lists '
-    'none); the test reference is written from the paper\'s update',
+    'none). The paper\'s own equations could not be read here: the update '
+    'is the one a third-party PyTorch FisherSAM computes, which matches '
+    'the abstract\'s description; check it against the paper before '
+    'relying on it',
     deviations='the normalizer is guarded by 1e-12. g is the mean gradient '
     'of the examples that share eps (the module\'s contract), so f does not '
     'depend on the number of replicas.',
