@@ -5,7 +5,9 @@ r"""A compute-matched comparison of SAM variants with their baselines.
 
 The grid file's `get_config()` names a run config (`base`) and the axes:
 `variants` (names in sam.perturbations.REGISTRY) x `rho` x `label_noise` x
-`seeds`. With `sweep_seeds` (a subset of the seeds), rho is swept on those
+`seeds`, and optionally `micro_batch_size` (m-sharpness: each SAM arm once per
+m, its eps from m examples; with several, each arm's difference to the arm of
+the largest m is reported too). With `sweep_seeds` (a subset of the seeds), rho is swept on those
 seeds only: the other seeds run, per (variant, label noise), the rho with the
 best mean validation accuracy there (`choose_rho`; the base config must hold
 a validation split out), so the test set never picks it. Every (label noise,
@@ -30,6 +32,7 @@ bootstrap 95% interval of its difference to each baseline (pairs by seed);
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,11 +95,14 @@ def cells(grid: ml_collections.ConfigDict,
             seed not in grid.sweep_seeds):
           rhos = [chosen[variant, noise]] if (variant, noise) in chosen else []
         for rho in rhos:
-          overrides = {**common, 'sam.variant': variant, 'sam.rho': rho}
-          costs.add(passes_per_step(_configured(grid.base, overrides).sam))
-          out[f'{variant}_rho{rho:g}_noise{noise:g}_seed{seed}'] = dict(
-              arm=f'{variant} rho={rho:g}', seed=seed, label_noise=noise,
-              overrides=overrides)
+          for m in _micro_batch_sizes(grid):
+            overrides = {**common, 'sam.variant': variant, 'sam.rho': rho}
+            if m:
+              overrides['sam.micro_batch_size'] = m
+            costs.add(passes_per_step(_configured(grid.base, overrides).sam))
+            out[f'{_arm_name(variant, rho, m, "_")}_noise{noise:g}_seed{seed}'
+                ] = dict(arm=_arm_name(variant, rho, m, ' '), seed=seed,
+                         label_noise=noise, overrides=overrides)
       baselines = []
       if 'equal_epochs' in grid.baselines:
         baselines.append(('epochs', 'baseline, equal epochs', 1.0))
@@ -110,6 +116,15 @@ def cells(grid: ml_collections.ConfigDict,
         out[f'baseline_{name}_noise{noise:g}_seed{seed}'] = dict(
             arm=arm, seed=seed, label_noise=noise, overrides=overrides)
   return out
+
+
+def _micro_batch_sizes(grid: ml_collections.ConfigDict) -> tuple[int, ...]:
+  return tuple(grid.get('micro_batch_size') or (0,))
+
+
+def _arm_name(variant: str, rho: float, m: int, sep: str) -> str:
+  eq = '=' if sep == ' ' else ''
+  return f'{variant}{sep}rho{eq}{rho:g}' + (f'{sep}m{eq}{m}' if m else '')
 
 
 def choose_rho(grid: ml_collections.ConfigDict, out_dir: str) -> dict:
@@ -177,7 +192,8 @@ def report(grid: ml_collections.ConfigDict, out_dir: str) -> str:
   done = _finished(out_dir, grid_cells)
   lines = ['| label noise | arm | test accuracy % (mean ± std) | '
            'validation accuracy % | runs | training time per run (s) | '
-           'difference to each baseline, paired bootstrap 95% interval |',
+           'difference to each baseline (and to the largest m), paired '
+           'bootstrap 95% interval |',
            '|---|---|---|---|---|---|---|']
   for noise in grid.label_noise:
     arms = {}
@@ -187,7 +203,7 @@ def report(grid: ml_collections.ConfigDict, out_dir: str) -> str:
     picked = {f'{v} rho={r:g}' for (v, n), r in chosen.items() if n == noise}
     for arm, runs in arms.items():
       lines.append(_row(noise, arm + (' (chosen)' if arm in picked else ''),
-                        runs, arms))
+                        runs, _references(grid, arm, arms)))
   seconds = sum(r['train_seconds'] for r in done.values())
   lines += ['', f'{len(done)} cells, {seconds / 60:.1f} min of training in '
             'all (each cell\'s last start).']
@@ -203,25 +219,39 @@ def report(grid: ml_collections.ConfigDict, out_dir: str) -> str:
   return text
 
 
-def _row(noise, arm, runs, arms):
+def _references(grid: ml_collections.ConfigDict, arm: str,
+                arms: dict[str, dict]) -> dict[str, dict]:
+  """The arms a SAM arm is compared with: each baseline, and with several
+  micro-batch sizes the same variant and rho at the largest m."""
+  if arm.startswith('baseline'):
+    return {}
+  out = {name.removeprefix('baseline, '): runs
+         for name, runs in arms.items() if name.startswith('baseline')}
+  sizes = _micro_batch_sizes(grid)
+  if len(sizes) > 1:
+    largest = re.sub(r' m=\d+$', f' m={max(sizes)}', arm)
+    if largest != arm and largest in arms:
+      out[largest] = arms[largest]
+  return out
+
+
+def _row(noise, arm, runs, references):
   accuracy = 100 * np.array([r['eval/accuracy'] for r in runs.values()])
   val = [r['val/accuracy'] for r in runs.values() if 'val/accuracy' in r]
   val = (f'{100 * np.mean(val):.2f} ± {100 * np.std(val):.2f}' if val
          else '')
   seconds = np.mean([r['train_seconds'] for r in runs.values()])
   differences = []
-  if not arm.startswith('baseline'):
-    for baseline, base_runs in arms.items():
-      seeds = sorted(set(runs) & set(base_runs))
-      if baseline.startswith('baseline') and seeds:
-        d = [100 * (runs[s]['eval/accuracy'] -
-                    base_runs[s]['eval/accuracy']) for s in seeds]
-        interval = ' (1 seed)'
-        if len(d) > 1:
-          low, high = paired_bootstrap(d)
-          interval = f' [{low:+.2f}, {high:+.2f}]'
-        differences.append(f'{baseline.removeprefix("baseline, ")}: '
-                           f'{np.mean(d):+.2f}{interval}')
+  for reference, reference_runs in references.items():
+    seeds = sorted(set(runs) & set(reference_runs))
+    if seeds:
+      d = [100 * (runs[s]['eval/accuracy'] -
+                  reference_runs[s]['eval/accuracy']) for s in seeds]
+      interval = ' (1 seed)'
+      if len(d) > 1:
+        low, high = paired_bootstrap(d)
+        interval = f' [{low:+.2f}, {high:+.2f}]'
+      differences.append(f'{reference}: {np.mean(d):+.2f}{interval}')
   return (f'| {noise:g} | {arm} | {accuracy.mean():.2f} ± '
           f'{accuracy.std():.2f} | {val} | {len(runs)} | {seconds:.0f} | '
           f'{"; ".join(differences)} |')
@@ -278,6 +308,10 @@ def _check(grid: ml_collections.ConfigDict,
     except ValueError as e:
       sys.exit(f'Error: cell {name!r}: {e}')
   sweep = set(grid.get('sweep_seeds') or ())
+  if sweep and len(_micro_batch_sizes(grid)) > 1:
+    sys.exit('Error: grid.sweep_seeds chooses one rho per variant and label '
+             'noise, not per grid.micro_batch_size: set grid.rho to one '
+             'value, or grid.sweep_seeds=() (every seed runs every rho).')
   if sweep - set(grid.seeds):
     sys.exit(f'Error: grid.sweep_seeds {sorted(sweep)} must be among '
              f'grid.seeds {list(grid.seeds)}.')

@@ -123,9 +123,43 @@ def test_bad_sweep_seeds_are_refused_in_one_line(fields, error):
 def test_a_difference_of_one_seed_has_no_interval():
   runs = {0: {'eval/accuracy': 0.8, 'train_seconds': 1.0}}
   base = {0: {'eval/accuracy': 0.7, 'train_seconds': 1.0}}
-  row = compare._row(0.4, 'sam rho=0.1', runs,
-                     {'sam rho=0.1': runs, 'baseline, equal epochs': base})
+  references = compare._references(
+      _grid(), 'sam rho=0.1',
+      {'sam rho=0.1': runs, 'baseline, equal epochs': base})
+  row = compare._row(0.4, 'sam rho=0.1', runs, references)
   assert row.endswith('| equal epochs: +10.00 (1 seed) |')
+
+
+def test_micro_batch_sizes_are_an_axis_compared_with_the_largest_m():
+  grid = _grid(variants=('sam',), label_noise=(0.4,), seeds=(0, 1),
+               baselines=('equal_epochs',))
+  grid.micro_batch_size = (4, 8)
+  cells = compare.cells(grid)
+  assert sorted(cells) == sorted(
+      [f'sam_rho0.1_m{m}_noise0.4_seed{s}' for m in (4, 8) for s in (0, 1)] +
+      [f'baseline_epochs_noise0.4_seed{s}' for s in (0, 1)])
+  cell = cells['sam_rho0.1_m4_noise0.4_seed1']
+  assert cell['arm'] == 'sam rho=0.1 m=4'
+  assert cell['overrides'] == {'seed': 1, 'dataset.label_noise': 0.4,
+                               'sam.variant': 'sam', 'sam.rho': 0.1,
+                               'sam.micro_batch_size': 4}
+
+  def runs(*accuracies):
+    return {s: {'eval/accuracy': a, 'train_seconds': 1.0}
+            for s, a in enumerate(accuracies)}
+
+  arms = {'sam rho=0.1 m=4': runs(0.8, 0.9), 'sam rho=0.1 m=8': runs(
+      0.7, 0.7), 'baseline, equal epochs': runs(0.6, 0.6)}
+  row = compare._row(0.4, 'sam rho=0.1 m=4', arms['sam rho=0.1 m=4'],
+                     compare._references(grid, 'sam rho=0.1 m=4', arms))
+  assert row.endswith('| equal epochs: +25.00 [+20.00, +30.00]; '
+                      'sam rho=0.1 m=8: +15.00 [+10.00, +20.00] |')
+  assert list(compare._references(grid, 'sam rho=0.1 m=8', arms)) == [
+      'equal epochs']
+  grid.sweep_seeds = (0,)
+  grid.base.dataset.validation_size = 100
+  with pytest.raises(SystemExit, match='not per grid.micro_batch_size'):
+    compare._check(grid, compare.cells(grid))
 
 
 @pytest.mark.parametrize('sam_fields,passes', [
