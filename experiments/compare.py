@@ -7,14 +7,14 @@ The grid file's `get_config()` names a run config (`base`) and the axes:
 `variants` (names in sam.perturbations.REGISTRY) x `rho` x `label_noise` x
 `seeds`, and optionally `micro_batch_size` (m-sharpness: each SAM arm once per
 m, its eps from m examples; with several, each arm's difference to the arm of
-the largest m is reported too). With `sweep_seeds` (a subset of the seeds), rho is swept on those
-seeds only: the other seeds run, per (variant, label noise), the rho with the
-best mean validation accuracy there (`choose_rho`; the base config must hold
-a validation split out), so the test set never picks it. Every (label noise,
-seed) also gets two baselines with rho = 0:
-`equal_epochs` (as many epochs as SAM) and `equal_compute` (as many
-gradient evaluations as the SAM run: its epochs times the passes per SAM
-step, `passes_per_step`, one baseline per distinct cost).
+the largest m is reported too). With `sweep_seeds` (a subset of the seeds),
+rho is swept on those seeds only: the other seeds run, per (variant, label
+noise), the rho with the best mean validation accuracy there (`choose_rho`;
+the base config must hold a validation split out), so the test set never
+picks it. Every (label noise, seed) also gets two baselines with rho = 0:
+`equal_epochs` (as many epochs as SAM) and `equal_compute` (as many gradient
+evaluations as the SAM run: its epochs times the passes per SAM step,
+`passes_per_step`, one baseline per distinct cost).
 
 Each cell is one run of `sam.train` in a process of its own, in
 `out_dir/CELL`; a cell whose results.json exists is done and never rerun,
@@ -27,7 +27,8 @@ After every cell, `out_dir/results.md` is rewritten from all finished cells:
 per arm, the mean +- std over seeds of the final test accuracy (and of the
 validation accuracy, if the base config holds a split out), the runs, the
 training time per run (of its last start), and per SAM arm the paired
-bootstrap 95% interval of its difference to each baseline (pairs by seed);
+bootstrap 95% interval of its difference to each baseline and to the
+largest m (pairs by seed);
 `out_dir/curves.png` plots the mean test accuracy over gradient evaluations.
 """
 

@@ -14,14 +14,10 @@ weights are never perturbed in place, so no checkpoint, summary or evaluation
 can ever see w + eps, and there is no `w + eps - eps != w` rounding to undo.
 
 Variants: the perturbation by name (`variant`; `sam.perturbations` holds
-them with their papers, reference code and options: SAM, ASAM, ESAM's
-weight perturbation, Fisher SAM, and more, some with a state carried from
-step to step; each receives the mean gradient of the examples
-that share its eps, on any slice), ESAM's data selection
-(`select_examples`), GSAM's descent direction (`gsam_alpha`), m-sharpness
-per replica (`sync_perturbation=False`) or per micro-batch
-(`micro_batch_sam_step`); LookSAM's reuse of the sharpness direction between
-SAM steps is `sam.looksam`.
+them with their papers, reference code and options, some with a state),
+ESAM's data selection (`select_examples`), GSAM's descent (`gsam_alpha`),
+m-sharpness per replica (`sync_perturbation=False`) or per micro-batch
+(`micro_batch_sam_step`); LookSAM is `sam.looksam`.
 
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
@@ -31,7 +27,6 @@ Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
 from collections.abc import Callable, Sequence
 import functools
 from typing import Any, NamedTuple
-import warnings
 
 import tensorflow as tf
 
@@ -305,22 +300,30 @@ def sam_step(
       params, rho, options, state, ctx, inner_group_size, ascent_steps,
       _to_mean(sync_perturbation, inner_group_size, loss_fraction))
   moved = _moved(params, eps)
-  descent_fn = loss_fn
-  if select_examples is not None and first is not None:
-    descent_fn = select_examples(first[2], moved)
+  descent_fn = (loss_fn if select_examples is None or first is None
+                else select_examples(first[2], moved))
   perturbed = _value_and_grad(descent_fn, moved, loss_scale)
   # A variant without a pass at w: the one pass is the step's.
   loss, grads, aux = first if first is not None else perturbed
-  sam_grads = perturbed[1]
-  if entry.combine is not None and first is not None:
-    sam_grads = entry.combine(grads, sam_grads, options)
-  if gsam_alpha:
-    sam_grads = surrogate_gap_guided(grads, ascent, sam_grads, gsam_alpha,
-                                     ctx)
-  if entry.descend is not None:
-    state = entry.descend(state, _ascent_sum(sam_grads, ctx, 0), options)
+  sam_grads, state = _descent(entry, first and grads, ascent, perturbed[1],
+                              options, gsam_alpha, ctx, state)
   return SAMOutput(loss, sam_grads, aux, perturbed[0], norm, grads, state,
                    perturbed[2])
+
+
+def _descent(entry, at_w, ascent, at_eps, options, gsam_alpha, ctx, state):
+  """The descent gradient, and the variant's state after it.
+
+  SAM's is the gradient at w + eps; a variant's `combine` (WSAM) or GSAM
+  mixes in the gradient at w (`at_w`, None without a pass there).
+  """
+  if entry.combine is not None and at_w is not None:
+    at_eps = entry.combine(at_w, at_eps, options)
+  if gsam_alpha:
+    at_eps = surrogate_gap_guided(at_w, ascent, at_eps, gsam_alpha, ctx)
+  if entry.descend is not None:
+    state = entry.descend(state, _ascent_sum(at_eps, ctx, 0), options)
+  return at_eps, state
 
 
 def _plain(loss_fn, params, loss_scale, state) -> SAMOutput:
@@ -444,26 +447,3 @@ def micro_batch_sam_step(
       clean_grads=[tf.add_n(g) for g in zip(*[o.clean_grads for o in outs])],
       perturbed_aux=[o.perturbed_aux for o in outs])
 
-
-def sam_gradients(
-    loss_fn: LossFn,
-    params: Sequence[tf.Tensor],
-    rho: float | tf.Tensor,
-    adaptive: bool = False,
-    sync_perturbation: bool = True,
-    eta: float = 0.0,
-    gsam_alpha: float = 0.0,
-    loss_scale: tf.Tensor | None = None,
-) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
-  """`sam_step`'s (loss, grads, aux), for code written against earlier releases.
-
-  Deprecated: call `sam_step`, the one entry point, and read `.loss`,
-  `.grads` and `.aux` of its result.
-  """
-  warnings.warn('sam_gradients is deprecated: call sam_step and read .loss, '
-                '.grads and .aux of its result.', DeprecationWarning,
-                stacklevel=2)
-  out = sam_step(loss_fn, params, rho, adaptive=adaptive,
-                 sync_perturbation=sync_perturbation, eta=eta,
-                 gsam_alpha=gsam_alpha, loss_scale=loss_scale)
-  return out.loss, out.grads, out.aux

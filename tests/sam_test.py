@@ -217,18 +217,6 @@ def test_unsynced_perturbation_is_per_replica(mirrored):
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_sam_gradients_is_sam_step_deprecated():
-  x, y, w, b = _problem()
-  params = [tf.constant(w), tf.constant(b)]
-  with pytest.warns(DeprecationWarning, match='call sam_step'):
-    loss, grads, logits = sam.sam_gradients(_loss_fn(x, y, BATCH), params,
-                                            rho=0.5)
-  out = sam.sam_step(_loss_fn(x, y, BATCH), params, rho=0.5)
-  for got, ref in zip([loss, *grads, logits],
-                      [out.loss, *out.grads, out.aux]):
-    np.testing.assert_array_equal(got, ref)
-
-
 def test_works_under_tf_function_without_strategy():
   x, y, w, b = _problem()
   fn = tf.function(lambda w, b: sam.sam_step(
