@@ -24,7 +24,7 @@ TEST_ONLY = ('pytest', 'pytest-xdist', 'packaging', 'pyelftools',
              'tomli; python_version < "3.11"')
 # The requirements each constraints file is installed with (README).
 PLATFORMS = {
-    'cpu.txt': ['requirements-test.txt'],
+    'cpu.txt': ['requirements-test.txt', 'requirements-gpu.txt'],
     'tpu.txt': ['requirements-tpu.txt'],
     'tf2.16.txt': ['requirements.txt'],
 }
@@ -79,6 +79,8 @@ def test_each_platform_gets_its_tensorflow(python):
   cpu, tpu, tf216 = (_pins(f, python) for f in ('cpu.txt', 'tpu.txt',
                                                 'tf2.16.txt'))
   assert 'tensorflow-tpu' not in cpu and 'tensorflow' not in tpu
+  # The CPU wheel and the GPU one (requirements-gpu.txt) at one version.
+  assert cpu['tensorflow-cpu'] == cpu['tensorflow']
   assert tpu['tensorflow-tpu'] == Version('2.20.0')
   # Newer libtpu releases abort `import tensorflow` (requirements-tpu.txt).
   assert tpu['libtpu'] == Version('0.0.21')
@@ -98,6 +100,6 @@ def test_versions_match_requirements():
   keras, = [r for r in _requirements('requirements.txt') if r.name == 'keras']
   assert str(keras.specifier) == '>=' + '.'.join(map(str, versions.MIN_KERAS))
   tf, = [r for r in _requirements('requirements-cpu.txt')
-         if r.name == 'tensorflow']
+         if r.name == 'tensorflow-cpu']
   assert tf.specifier.contains(
       '.'.join(map(str, versions.MAX_TENSORFLOW)) + '.0')

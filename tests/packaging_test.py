@@ -45,10 +45,13 @@ def test_tpu_path_installs_no_tensorflow_wheel():
   assert 'clu' in seen and 'tensorflow-datasets' in seen
 
 
-def test_cpu_path_pins_a_supported_tensorflow():
-  tf_lines = [r for r in requirement_lines('requirements-cpu.txt')
-              if _name(r) == 'tensorflow']
-  assert tf_lines == ['tensorflow>=2.20,<2.22']
+def test_cpu_and_gpu_paths_pin_a_supported_tensorflow_each():
+  # CPU: the wheel without CUDA, so that no GPU probe (an error line on a
+  # machine without one) starts the console. GPU: with CUDA's libraries.
+  assert [r for r in requirement_lines('requirements-cpu.txt')
+          if _name(r) in _TF_WHEELS] == ['tensorflow-cpu>=2.20,<2.22']
+  assert [r for r in requirement_lines('requirements-gpu.txt')
+          if _name(r) in _TF_WHEELS] == ['tensorflow[and-cuda]>=2.20,<2.22']
 
 
 def test_pyproject_dependencies_matchrequirement_lines():
@@ -61,7 +64,9 @@ def test_pyproject_dependencies_matchrequirement_lines():
   assert sorted(project['dependencies']) == sorted(
       requirement_lines('requirements.txt'))
   extras = project['optional-dependencies']
-  assert extras['cpu'] == ['tensorflow>=2.20,<2.22']
+  assert extras['cpu'] == ['tensorflow-cpu>=2.20,<2.22']
+  assert extras['gpu'] == [r for r in requirement_lines('requirements-gpu.txt')
+                           if _name(r) in _TF_WHEELS]
   test_only = [r for r in requirement_lines('requirements-test.txt')
                if r not in requirement_lines('requirements-cpu.txt')]
   assert sorted(extras['test']) == sorted(test_only)

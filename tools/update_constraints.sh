@@ -28,8 +28,9 @@ compile() {  # compile OUT INPUT... : resolve the inputs into constraints/OUT
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-# CPU and GPU machines: requirements-cpu.txt (tensorflow 2.21) and the tests.
-compile cpu.txt pyproject.toml --extra cpu --extra test
+# CPU and GPU machines: requirements-cpu.txt (tensorflow-cpu 2.21), the
+# tests, and requirements-gpu.txt (tensorflow[and-cuda] 2.21).
+compile cpu.txt pyproject.toml --extra cpu --extra gpu --extra test
 
 # Cloud TPU VM base images (tpu-ubuntu2204-base, v2-alpha-tpuv5*, -tpuv6e):
 # requirements-tpu.txt (tensorflow-tpu 2.20.0 and a libtpu that loads).
