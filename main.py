@@ -27,8 +27,10 @@ if __name__ == '__main__':
   signal.signal(signal.SIGTERM, _stop_while_loading)
 
 # TensorFlow reads its C++ log level once, at import: its INFO and WARNING
-# lines stay off unless TF_CPP_MIN_LOG_LEVEL says otherwise. (TensorFlow
-# 2.21 prints its import notices, oneDNN and CUDA, before it reads it.)
+# lines stay off unless TF_CPP_MIN_LOG_LEVEL says otherwise. (The CUDA
+# build of TensorFlow 2.21 prints its import notices and, without a GPU, a
+# failed cuInit before it reads it; requirements-cpu.txt's tensorflow-cpu
+# prints neither.)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # jax off the accelerator, and a TPU's runtime (a named pod slice, PJRT):

@@ -15,8 +15,8 @@ MAX_TENSORFLOW = (2, 21)  # The newest minor release tested.
 MIN_KERAS = (3, 10, 0)
 
 _INSTALL = ('install a supported one: `pip install -r requirements-cpu.txt '
-            '-c constraints/cpu.txt` (CPU/GPU), or on a TPU VM see README, '
-            '"Platforms"')
+            '-c constraints/cpu.txt` (CPU; GPU: requirements-gpu.txt), or on a '
+            'TPU VM see README, "Platforms"')
 
 
 class UnsupportedVersionError(RuntimeError):
