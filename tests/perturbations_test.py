@@ -611,7 +611,7 @@ def test_variant_matches_the_authors_code(mirrored, name, num_replicas):
 
   def replica_step(x, y, params, state):
     out = sam.sam_step(_loss_fn(x, y), params, rho=golden['rho'],
-                       variant=name, names=NAMES, state=state,
+                       variant=golden['variant'], names=NAMES, state=state,
                        **golden['options'])
     return out.grads, out.state
 

@@ -6,11 +6,14 @@ conformance harness's problem: a linear softmax classifier of 5 features and
 3 classes, 3 steps of plain SGD on batches of 8 at a learning rate of 0.5,
 rho 0.5, and each option at the harness's test value. It writes one JSON file
 per variant: the problem, the options and the weights after each step, in
-Keras's layout (kernel = the torch weight transposed).
+Keras's layout (kernel = the torch weight transposed). WSAM's reference is a
+class of the pytorch_optimizer package (PACKAGE_REFERENCES), imported from
+its wheel.
 
-  python3 -m venv /tmp/golden && /tmp/golden/bin/pip install torch numpy
+  python3 -m venv /tmp/golden && /tmp/golden/bin/pip install torch numpy \
+      pytorch_optimizer==4.1.0
   mkdir -p /tmp/repos && for r in SamsungLabs/ASAM nblt/F-SAM \
-      BingcongLi/VaSSO; do
+      BingcongLi/VaSSO juntang-zhuang/GSAM; do
     git clone -q https://github.com/$r /tmp/repos/${r/\\//+}; done
   /tmp/golden/bin/python tools/golden/generate.py --repos=/tmp/repos \
       --out=tools/golden
@@ -22,6 +25,9 @@ else here does.
 import argparse
 import ast
 import collections
+import contextlib
+import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -50,7 +56,21 @@ REFERENCES = {
     'vasso': ('BingcongLi/VaSSO', 'c68bcb0423c8e3332b08f01ffa4ce7dbc31f1a5d',
               'solver/vasso.py', 'VASSO', {'vasso_theta': 0.4},
               {'theta': 0.4}),
+    # GSAM is our SAM with gsam_alpha (a sam_step argument, not a variant).
+    'gsam': ('juntang-zhuang/GSAM', 'a770275b3324a3ed4bf4a1cddb976b2782ba852b',
+             'gsam/gsam.py', 'GSAM', {'gsam_alpha': 0.3},
+             {'gsam_alpha': 0.3}),
 }
+# Their helpers that a class's module imports, executed beside it.
+HELPERS = {'juntang-zhuang/GSAM': 'gsam/util.py'}
+# variant -> (distribution, module, class, our options, their kwargs).
+PACKAGE_REFERENCES = {
+    # The coupled form (decouple=False), the one sam.perturbations offers.
+    'wsam': ('pytorch_optimizer', 'pytorch_optimizer.optimizer.sam', 'WSAM',
+             {'wsam_gamma': 0.8}, {'gamma': 0.8, 'decouple': False}),
+}
+# The golden file's variant, where it is not the file's name.
+VARIANTS = {'gsam': 'sam'}
 
 
 def _problem():
@@ -84,11 +104,23 @@ def _load_class(repos: str, repository: str, commit: str, path: str,
   bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
   namespace = {'torch': torch, 'math': math, 'defaultdict':
                collections.defaultdict, 'OPTIMIZER_REGISTRY': _Registry(),
-               'configurable': lambda: (lambda f: f)}
+               'configurable': lambda: (lambda f: f), 'contextlib': contextlib,
+               'ReduceOp': torch.distributed.ReduceOp}
+  if repository in HELPERS:
+    exec(subprocess.run(  # pylint: disable=exec-used
+        ['git', '-C', clone, 'show', f'{commit}:{HELPERS[repository]}'],
+        check=True, capture_output=True, text=True).stdout, namespace)
   for base in bases:  # SamsungLabs' SAM extends their ASAM.
     namespace[base] = _load_class(repos, repository, commit, path, base)
   exec(ast.get_source_segment(source, node), namespace)  # pylint: disable=exec-used
   return namespace[name]
+
+
+class _ConstantRho:
+  """GSAM's rho_scheduler, at rho throughout."""
+
+  def step(self) -> float:
+    return RHO
 
 
 def _run(name: str, cls: type, kwargs: dict) -> list:
@@ -107,6 +139,13 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
     minimizer = cls(model.parameters(),
                     torch.optim.SGD(model.parameters(), lr=LR), rho=RHO,
                     **kwargs)
+  elif name == 'gsam':  # rho from a scheduler: a constant one here.
+    minimizer = cls(model.parameters(),
+                    torch.optim.SGD(model.parameters(), lr=LR), model,
+                    rho_scheduler=_ConstantRho(), **kwargs)
+  elif name == 'wsam':  # The model first.
+    minimizer = cls(model, model.parameters(), torch.optim.SGD, rho=RHO,
+                    lr=LR, **kwargs)
   else:  # Builds the base optimizer from its class.
     minimizer = cls(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR,
                     **kwargs)
@@ -119,12 +158,27 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
       loss.backward()
       return loss
 
-    closure()  # The gradient at w, which the first step reads.
-    if name in ('sam', 'asam'):
+    if name == 'gsam':  # Its closure zeroes the gradients and returns the
+      # outputs too; its step takes both passes.
+      def gsam_closure(x=x, y=y):
+        minimizer.base_optimizer.zero_grad()
+        with torch.enable_grad():
+          outputs = model(x)
+          loss = loss_fn(outputs, y)
+        loss.backward()
+        return outputs, loss.detach()
+
+      minimizer.step(gsam_closure)
+    elif name == 'wsam':  # Its step takes both passes.
+      minimizer.step(closure)
+      minimizer.zero_grad()
+    elif name in ('sam', 'asam'):
+      closure()  # The gradient at w, which the ascent reads.
       minimizer.ascent_step()
       closure()
       minimizer.descent_step()
     else:
+      closure()  # The gradient at w, which the first step reads.
       minimizer.step(closure)
       minimizer.zero_grad()
     weights.append([model.weight.detach().numpy().T.tolist(),
@@ -139,12 +193,22 @@ def main():
   parser.add_argument('--out', default=os.path.dirname(__file__))
   args = parser.parse_args()
   xs, ys, w = _problem()
+  references = {}
   for name, (repository, commit, path, cls_name, options,
              kwargs) in REFERENCES.items():
-    cls = _load_class(args.repos, repository, commit, path, cls_name)
+    references[name] = (
+        _load_class(args.repos, repository, commit, path, cls_name),
+        f'github.com/{repository} at {commit}, {path} ({cls_name})',
+        options, kwargs)
+  for name, (package, module, cls_name, options,
+             kwargs) in PACKAGE_REFERENCES.items():
+    references[name] = (
+        getattr(importlib.import_module(module), cls_name),
+        f'{package} {importlib.metadata.version(package)} (PyPI), '
+        f'{module.replace(".", "/")}.py ({cls_name})', options, kwargs)
+  for name, (cls, reference, options, kwargs) in references.items():
     golden = {
-        'reference': f'github.com/{repository} at {commit}, {path} '
-                     f'({cls_name})',
+        'reference': reference, 'variant': VARIANTS.get(name, name),
         'torch': torch.__version__, 'rho': RHO, 'learning_rate': LR,
         'options': options, 'xs': xs.tolist(), 'ys': ys.tolist(),
         'weights0': [wi.tolist() for wi in w],
