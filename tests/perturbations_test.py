@@ -624,9 +624,13 @@ def test_variant_matches_the_authors_code(mirrored, name, num_replicas):
     return [strategy.reduce('SUM', g, axis=None) for g in grads], state
 
   w = [tf.constant(wi, tf.float32) for wi in golden['weights0']]
+  # Their base SGD: v = mu v + g, w -= lr v (plain SGD for mu = 0).
+  velocity = [tf.zeros_like(wi) for wi in w]
   state = None
   for x, y, want in zip(xs, ys, golden['weights']):
     grads, state = step(x, y, w, state)
-    w = [wi - golden['learning_rate'] * g for wi, g in zip(w, grads)]
+    velocity = [golden['base_momentum'] * v + g
+                for v, g in zip(velocity, grads)]
+    w = [wi - golden['learning_rate'] * v for wi, v in zip(w, velocity)]
     for got, ref in zip(w, want):
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -4,7 +4,8 @@ Runs each variant's reference implementation (PyTorch, read from a clone of
 its repository at the commit named in REFERENCES, never copied here) on the
 conformance harness's problem: a linear softmax classifier of 5 features and
 3 classes, 3 steps of plain SGD on batches of 8 at a learning rate of 0.5,
-rho 0.5, and each option at the harness's test value. It writes one JSON file
+rho 0.5 (MSAM: SGD with momentum 0.5, its own), and each option at the
+harness's test value. It writes one JSON file
 per variant: the problem, the options and the weights after each step, in
 Keras's layout (kernel = the torch weight transposed). WSAM's reference is a
 class of the pytorch_optimizer package (PACKAGE_REFERENCES), imported from
@@ -13,7 +14,7 @@ its wheel.
   python3 -m venv /tmp/golden && /tmp/golden/bin/pip install torch numpy \
       pytorch_optimizer==4.1.0
   mkdir -p /tmp/repos && for r in SamsungLabs/ASAM nblt/F-SAM \
-      BingcongLi/VaSSO juntang-zhuang/GSAM; do
+      BingcongLi/VaSSO juntang-zhuang/GSAM MarlonBecker/MSAM; do
     git clone -q https://github.com/$r /tmp/repos/${r/\\//+}; done
   /tmp/golden/bin/python tools/golden/generate.py --repos=/tmp/repos \
       --out=tools/golden
@@ -57,6 +58,10 @@ REFERENCES = {
               'solver/vasso.py', 'VASSO', {'vasso_theta': 0.4},
               {'theta': 0.4}),
     # GSAM is our SAM with gsam_alpha (a sam_step argument, not a variant).
+    # MSAM is an SGD with momentum: the base optimizer's momentum too.
+    'msam': ('MarlonBecker/MSAM', '780fa4f623fe0c99760fd7cfb1a94d14f00179ee',
+             'optimizer/msam.py', 'MSAM', {'msam_momentum': 0.5},
+             {'momentum': 0.5, 'weight_decay': 0.0}),
     'gsam': ('juntang-zhuang/GSAM', 'a770275b3324a3ed4bf4a1cddb976b2782ba852b',
              'gsam/gsam.py', 'GSAM', {'gsam_alpha': 0.3},
              {'gsam_alpha': 0.3}),
@@ -71,6 +76,8 @@ PACKAGE_REFERENCES = {
 }
 # The golden file's variant, where it is not the file's name.
 VARIANTS = {'gsam': 'sam'}
+# The momentum of the base SGD (v = mu v + g, w -= lr v), where not 0.
+BASE_MOMENTUM = {'msam': 0.5}
 
 
 def _problem():
@@ -143,6 +150,8 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
     minimizer = cls(model.parameters(),
                     torch.optim.SGD(model.parameters(), lr=LR), model,
                     rho_scheduler=_ConstantRho(), **kwargs)
+  elif name == 'msam':  # The SGD itself.
+    minimizer = cls(model.parameters(), lr=LR, rho=RHO, **kwargs)
   elif name == 'wsam':  # The model first.
     minimizer = cls(model, model.parameters(), torch.optim.SGD, rho=RHO,
                     lr=LR, **kwargs)
@@ -172,6 +181,14 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
     elif name == 'wsam':  # Its step takes both passes.
       minimizer.step(closure)
       minimizer.zero_grad()
+    elif name == 'msam':  # The params stay at w + eps between steps.
+      closure()
+      minimizer.step()
+      minimizer.zero_grad()
+      minimizer.move_back_from_momentumAscent()  # To w, to record it.
+      weights.append(_weights(model))
+      minimizer.move_up_to_momentumAscent()
+      continue
     elif name in ('sam', 'asam'):
       closure()  # The gradient at w, which the ascent reads.
       minimizer.ascent_step()
@@ -181,9 +198,14 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
       closure()  # The gradient at w, which the first step reads.
       minimizer.step(closure)
       minimizer.zero_grad()
-    weights.append([model.weight.detach().numpy().T.tolist(),
-                    model.bias.detach().numpy().tolist()])
+    weights.append(_weights(model))
   return weights
+
+
+def _weights(model) -> list:
+  """In Keras's layout: the kernel is the torch weight transposed."""
+  return [model.weight.detach().numpy().T.tolist(),
+          model.bias.detach().numpy().tolist()]
 
 
 def main():
@@ -210,6 +232,7 @@ def main():
     golden = {
         'reference': reference, 'variant': VARIANTS.get(name, name),
         'torch': torch.__version__, 'rho': RHO, 'learning_rate': LR,
+        'base_momentum': BASE_MOMENTUM.get(name, 0.0),
         'options': options, 'xs': xs.tolist(), 'ys': ys.tolist(),
         'weights0': [wi.tolist() for wi in w],
         'weights': _run(name, cls, kwargs)}
