@@ -207,3 +207,15 @@ def test_cli_landscape_line_and_curves(workdirs, tmp_path):
     _main(f'--workdir={workdirs["sgd"]}', '--what=line')
   with pytest.raises(Exception, match='distinct'):
     _main(*common, '--what=curves', '--labels=a,a')
+
+
+@pytest.mark.parametrize('what,message', [
+    ('sharpness', 'config.json not found: is {} the workdir of a training'),
+    ('curves', 'No events.out.tfevents* files in {}'),
+])
+def test_cli_on_a_directory_that_is_no_run_is_one_line(tmp_path, what,
+                                                       message):
+  with pytest.raises(SystemExit) as stop:
+    _main(f'--workdir={tmp_path}', f'--what={what}')
+  assert str(stop.value).startswith('Error: ')
+  assert message.format(tmp_path) in str(stop.value)

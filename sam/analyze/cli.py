@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from sam import distribute
 from sam import hessian
+from sam import workdir as workdir_lib
 from sam.analyze import measures
 from sam.analyze import runs as runs_lib
 
@@ -71,6 +72,15 @@ def _write_json(out: str, name: str, results: Any) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    _analyze()
+  except (FileNotFoundError, ValueError, workdir_lib.CheckpointError) as e:
+    # Not a run's workdir, no checkpoint or summaries yet, a bad flag value:
+    # the line says what to fix.
+    raise SystemExit(f'Error: {e}') from None
+
+
+def _analyze() -> None:
   workdirs = [_WORKDIR.value] + list(_OTHER.value)
   labels = _LABELS.value or [runs_lib.default_label(w) for w in workdirs]
   if len(labels) != len(workdirs) or len(set(labels)) != len(labels):
