@@ -4,6 +4,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -107,19 +108,22 @@ def _tensorflow_wheel() -> str:
   return ''
 
 
+def _loud(stderr: str) -> list[str]:
+  """Console lines at warning or error level (but the CUDA wheel's start-up);
+  with the README's wheel, any line of TensorFlow's C++ (I0000: before its
+  log is set up)."""
+  cpu_wheel = _tensorflow_wheel() == 'tensorflow-cpu'
+  known = () if cpu_wheel else CUDA_WHEEL_START_UP
+  pattern = r'[WEF]\d{4} |WARNING|ERROR|Traceback' + ('|I0000 ' * cpu_wheel)
+  return [line for line in stderr.splitlines()
+          if re.match(pattern, line) and not any(k in line for k in known)]
+
+
 def test_console_is_quiet_by_default(tmp_path):
   run = _main(f'--workdir={tmp_path / "quiet"}', *TINY)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'Final test accuracy' in run.stderr
-  # Nothing at warning or error level (but the CUDA wheel's start-up); with
-  # the README's wheel, no line of TensorFlow's C++ at all (I0000: before
-  # its log is set up).
-  cpu_wheel = _tensorflow_wheel() == 'tensorflow-cpu'
-  known = () if cpu_wheel else CUDA_WHEEL_START_UP
-  pattern = r'[WEF]\d{4} |WARNING|ERROR|Traceback' + ('|I0000 ' * cpu_wheel)
-  loud = [line for line in run.stderr.splitlines()
-          if re.match(pattern, line) and not any(k in line for k in known)]
-  assert not loud, loud
+  assert not _loud(run.stderr)
   # TensorFlow's Python INFO lines (one per checkpoint here) stay out. Its
   # C++ notices at import obey TF_CPP_MIN_LOG_LEVEL up to TensorFlow 2.20;
   # 2.21 prints them before it reads the level.
@@ -130,3 +134,27 @@ def test_console_is_quiet_by_default(tmp_path):
                quiet=False)
   assert loud.returncode == 0, loud.stderr[-3000:]
   assert 'Sharding callback' in loud.stderr
+
+
+FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                    reason='Debian package dataset-fashion-mnist is not '
+                    'installed')
+def test_the_readme_first_command_has_a_quiet_console(tmp_path):
+  """The README's first set-up command's main.py line, for 4 steps."""
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    setup, = [line for line in f if line.startswith(
+        'apt-get install -y dataset-fashion-mnist')]
+  command, = [part for part in setup.split('&&') if ' main.py ' in part]
+  args = [a for a in shlex.split(command)[2:]
+          if not a.startswith('--workdir=')]
+  run = subprocess.run(
+      [sys.executable, 'main.py', *args, f'--workdir={tmp_path}',
+       '--config.num_train_steps=4', '--config.steps_per_loop=2'],
+      cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+      timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'Final test accuracy' in run.stderr
+  assert not _loud(run.stderr)
