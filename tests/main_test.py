@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from sam import input_pipeline
 from tests.conftest import ROOT
 from tests.conftest import TINY
 
@@ -136,10 +137,7 @@ def test_console_is_quiet_by_default(tmp_path):
   assert 'Sharding callback' in loud.stderr
 
 
-FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
-
-
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+@pytest.mark.skipif(not os.path.isdir(input_pipeline.FASHION_MNIST_DIR),
                     reason='Debian package dataset-fashion-mnist is not '
                     'installed')
 def test_the_readme_first_command_has_a_quiet_console(tmp_path):

@@ -98,13 +98,17 @@ class _Registry:
     return lambda cls: cls
 
 
+def _git_show(repos: str, repository: str, commit: str, path: str) -> str:
+  """The text of `path` at `commit` in the clone of `repository`."""
+  clone = os.path.join(repos, repository.replace('/', '+'))
+  return subprocess.run(['git', '-C', clone, 'show', f'{commit}:{path}'],
+                        check=True, capture_output=True, text=True).stdout
+
+
 def _load_class(repos: str, repository: str, commit: str, path: str,
                 name: str) -> type:
   """The class `name` of `path` at `commit`, executed with what it uses."""
-  clone = os.path.join(repos, repository.replace('/', '+'))
-  source = subprocess.run(['git', '-C', clone, 'show', f'{commit}:{path}'],
-                          check=True, capture_output=True,
-                          text=True).stdout
+  source = _git_show(repos, repository, commit, path)
   tree = ast.parse(source)
   node, = [n for n in tree.body
            if isinstance(n, ast.ClassDef) and n.name == name]
@@ -114,9 +118,8 @@ def _load_class(repos: str, repository: str, commit: str, path: str,
                'configurable': lambda: (lambda f: f), 'contextlib': contextlib,
                'ReduceOp': torch.distributed.ReduceOp}
   if repository in HELPERS:
-    exec(subprocess.run(  # pylint: disable=exec-used
-        ['git', '-C', clone, 'show', f'{commit}:{HELPERS[repository]}'],
-        check=True, capture_output=True, text=True).stdout, namespace)
+    helpers = _git_show(repos, repository, commit, HELPERS[repository])
+    exec(helpers, namespace)  # pylint: disable=exec-used
   for base in bases:  # SamsungLabs' SAM extends their ASAM.
     namespace[base] = _load_class(repos, repository, commit, path, base)
   exec(ast.get_source_segment(source, node), namespace)  # pylint: disable=exec-used
