@@ -86,7 +86,9 @@ def _check_sam(sc: ml_collections.ConfigDict, per_replica: int,
   _check(sc.micro_batch_size == 0 or (
       sc.micro_batch_size > 0 and per_replica % sc.micro_batch_size == 0),
         'sam.micro_batch_size', sc.micro_batch_size,
-        f'use 0 (off) or a divisor of the per-replica batch {per_replica}')
+        f'use 0 (off) or a divisor of the per-replica batch {per_replica} '
+        f'({num_replicas} replicas); or keep it and set --config.batch_size='
+        f'{num_replicas * sc.micro_batch_size} (or a multiple)')
 
 
 def _check_randaugment(dc: ml_collections.ConfigDict) -> None:

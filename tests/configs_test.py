@@ -10,8 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from configs import imagenet_resnet50_sam
 from configs import imagenet_vit_sam
+from configs import paper
 from sam import config_checks
 from sam import input_pipeline
 from sam import optim
@@ -74,6 +76,56 @@ def test_config_runs_two_steps(name, arg, tmp_path, request,
   assert results['step'] == 2
 
 
+# configs/paper.py's fields and their sources (google-research/sam at
+# dae9904; see the config's docstring for why not the paper's appendix).
+# Each field the config sets must be here, with the value it sets.
+_CODE = 'google-research/sam dae9904, '
+PAPER_TABLE = {
+    'dataset.augment': (
+        'basic', _CODE + 'train.py --image_level_augmentations'),
+    'dataset.download': (True, 'ours: prepare the data set on first use'),
+    'model.name': ('wrn28_10', _CODE + 'train.py --model_name'),
+    'batch_size': (128, _CODE + 'train.py --batch_size'),
+    'num_epochs': (200.0, _CODE + 'train.py --num_epochs'),
+    'optimizer.name': ('sgd', _CODE + 'flax_training.create_optimizer'),
+    'optimizer.momentum': (0.9, _CODE + 'create_optimizer: beta=0.9'),
+    'optimizer.nesterov': (True, _CODE + 'create_optimizer: nesterov=True'),
+    'optimizer.weight_decay': (1e-3, _CODE + 'flax_training --weight_decay'),
+    'optimizer.weight_decay_type': ('l2', _CODE + '0.5 * wd * ||w||^2'),
+    'optimizer.decay_all_params': (
+        True, _CODE + '--no_weight_decay_on_bn False'),
+    'optimizer.grad_clip_norm': (5.0, _CODE + '--gradient_clipping'),
+    'schedule.name': ('cosine', _CODE + '--lr_schedule'),
+    'schedule.learning_rate': (0.1, _CODE + '--learning_rate'),
+    'schedule.warmup_epochs': (0.0, _CODE + 'get_cosine_schedule'),
+    'sam.sync_perturbation': (False, _CODE + '--sync_perturbations'),
+    'sam.micro_batch_size': (16, 'm: 128 per 8 devices (not in the code)'),
+}
+# rho per data set: CIFAR-10's is the official README's command; the others
+# are not sourced (the config says so).
+PAPER_RHO = {'cifar10': 0.05, 'cifar100': 0.1, 'fashion_mnist': 0.05}
+
+
+def _flat(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def test_paper_config_is_its_table_of_sources():
+  """Every field configs/paper.py sets has a source in PAPER_TABLE, and its
+  value is the table's."""
+  base = dict(_flat(default.get_config()))
+  for arg in VARIANTS['paper']:
+    config = dict(_flat(paper.get_config(arg)))
+    table = {**{k: v for k, (v, _) in PAPER_TABLE.items()},
+             'dataset.name': arg, 'sam.rho': PAPER_RHO[arg]}
+    assert {k for k, v in config.items() if base[k] != v} <= set(table)
+    assert {k: config[k] for k in table} == table
+
+
 def _schedule(config):
   steps_per_epoch = imagenet_resnet50_sam.TRAIN_EXAMPLES // config.batch_size
   total = math.ceil(config.num_epochs * steps_per_epoch)
@@ -130,18 +182,23 @@ SLICE_REPLICAS = [2**k for k in range(12)]
 @pytest.mark.parametrize('name,arg', [
     (name, arg) for name in CONFIGS for arg in VARIANTS.get(name, (None,))])
 def test_config_validates_on_every_slice_its_batch_splits_over(name, arg):
-  """A shipped config runs on any slice that can split its batch; beyond
-  that (e.g. batch 128 on 256 cores), one line names batch_size and the fix.
-  The eval batch never stands in the way: it is rounded up."""
+  """A shipped config runs on any slice that can split its batch (into
+  whole micro-batches of sam.micro_batch_size, where it fixes m); beyond
+  that (e.g. batch 128 on 256 cores), one line names the field and the
+  batch size that fixes it. The eval batch never stands in the way: it is
+  rounded up."""
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg) if arg else module.get_config()
   config = config.base if 'base' in config else config
+  split = max(config.sam.micro_batch_size, 1)
   for replicas in SLICE_REPLICAS:
-    if config.batch_size % replicas == 0:
+    if config.batch_size % (replicas * split) == 0:
       config_checks.validate_config(config, replicas)
     else:
+      field = 'sam.micro_batch_size' if (
+          config.batch_size % replicas == 0) else 'batch_size'
       with pytest.raises(ValueError, match=(
-          r'^config\.batch_size=\d+ is invalid: .* set '
+          rf'^config\.{field}=\d+ is invalid: .* set '
           r'--config\.batch_size=\d+ ')):
         config_checks.validate_config(config, replicas)
   # Every single-host TPU (up to 8 cores) and a 32-core pod slice, at least.
