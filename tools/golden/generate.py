@@ -14,7 +14,8 @@ its wheel.
   python3 -m venv /tmp/golden && /tmp/golden/bin/pip install torch numpy \
       pytorch_optimizer==4.1.0
   mkdir -p /tmp/repos && for r in SamsungLabs/ASAM nblt/F-SAM \
-      BingcongLi/VaSSO juntang-zhuang/GSAM MarlonBecker/MSAM; do
+      BingcongLi/VaSSO juntang-zhuang/GSAM MarlonBecker/MSAM \
+      mueller-mp/SAM-ON; do
     git clone -q https://github.com/$r /tmp/repos/${r/\\//+}; done
   /tmp/golden/bin/python tools/golden/generate.py --repos=/tmp/repos \
       --out=tools/golden
@@ -65,6 +66,17 @@ REFERENCES = {
     'gsam': ('juntang-zhuang/GSAM', 'a770275b3324a3ed4bf4a1cddb976b2782ba852b',
              'gsam/gsam.py', 'GSAM', {'gsam_alpha': 0.3},
              {'gsam_alpha': 0.3}),
+    # SAM-ON is our SAM (or ASAM) with some params masked out
+    # (config.sam.perturb_only). Their code selects the params whose names
+    # hold 'norm' or 'bn': the harness's bias is named 'norm_bias' there, and
+    # our mask perturbs only it.
+    'samon': ('mueller-mp/SAM-ON', '8b8869ad1e03a83cc9e71bf4bca605ecc9f89080',
+              'sam_on.py', 'SAM_ON', {'mask': [False, True]},
+              {'only_norm': True}),
+    'asamon': ('mueller-mp/SAM-ON', '8b8869ad1e03a83cc9e71bf4bca605ecc9f89080',
+               'sam_on.py', 'ASAM_ON',
+               {'mask': [False, True], 'eta': 0.2, 'adaptive_biases': True},
+               {'only_norm': True, 'eta': 0.2, 'normalize_bias': True}),
 }
 # Their helpers that a class's module imports, executed beside it.
 HELPERS = {'juntang-zhuang/GSAM': 'gsam/util.py'}
@@ -75,7 +87,7 @@ PACKAGE_REFERENCES = {
              {'wsam_gamma': 0.8}, {'gamma': 0.8, 'decouple': False}),
 }
 # The golden file's variant, where it is not the file's name.
-VARIANTS = {'gsam': 'sam'}
+VARIANTS = {'gsam': 'sam', 'samon': 'sam', 'asamon': 'asam'}
 # The momentum of the base SGD (v = mu v + g, w -= lr v), where not 0.
 BASE_MOMENTUM = {'msam': 0.5}
 
@@ -133,16 +145,31 @@ class _ConstantRho:
     return RHO
 
 
+class _NormLinear(torch.nn.Module):
+  """torch.nn.Linear whose bias SAM-ON's name rule counts as a norm's."""
+
+  def __init__(self, w: list):
+    super().__init__()
+    self.weight = torch.nn.Parameter(torch.from_numpy(w[0].T.copy()))
+    self.norm_bias = torch.nn.Parameter(torch.from_numpy(w[1].copy()))
+
+  def forward(self, x):
+    return x @ self.weight.T + self.norm_bias
+
+
 def _run(name: str, cls: type, kwargs: dict) -> list:
   """STEPS steps of the authors' optimizer: the weights after each."""
   xs, ys, w = _problem()
   torch.manual_seed(0)
-  model = torch.nn.Linear(DIM, CLASSES)
-  with torch.no_grad():
-    model.weight.copy_(torch.from_numpy(w[0].T))
-    model.bias.copy_(torch.from_numpy(w[1]))
+  if name in ('samon', 'asamon'):
+    model = _NormLinear(w)
+  else:
+    model = torch.nn.Linear(DIM, CLASSES)
+    with torch.no_grad():
+      model.weight.copy_(torch.from_numpy(w[0].T))
+      model.bias.copy_(torch.from_numpy(w[1]))
   loss_fn = torch.nn.CrossEntropyLoss()
-  if name in ('sam', 'asam'):  # A wrapper of the base optimizer.
+  if name in ('sam', 'asam', 'samon', 'asamon'):  # Wrap the base optimizer.
     minimizer = cls(torch.optim.SGD(model.parameters(), lr=LR), model,
                     rho=RHO, **kwargs)
   elif name == 'vasso':  # Takes the base optimizer built.
@@ -192,7 +219,7 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
       weights.append(_weights(model))
       minimizer.move_up_to_momentumAscent()
       continue
-    elif name in ('sam', 'asam'):
+    elif name in ('sam', 'asam', 'samon', 'asamon'):
       closure()  # The gradient at w, which the ascent reads.
       minimizer.ascent_step()
       closure()
@@ -207,8 +234,8 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
 
 def _weights(model) -> list:
   """In Keras's layout: the kernel is the torch weight transposed."""
-  return [model.weight.detach().numpy().T.tolist(),
-          model.bias.detach().numpy().tolist()]
+  weight, bias = model.parameters()
+  return [weight.detach().numpy().T.tolist(), bias.detach().numpy().tolist()]
 
 
 def main():
