@@ -256,7 +256,10 @@ def swp_keep(seed, count: int, beta: float) -> tf.Tensor:
     "gradient: SWP saves no compute. The reference's first pass skips "
     "DDP's all-reduce (each process perturbs with its own gradient); here "
     'sync_perturbation chooses, as for SAM. The norm is guarded by 1e-12, '
-    "the reference's by 1e-7.",
+    "the reference's by 1e-7. Its data selection keeps the examples whose "
+    'rise is strictly above the int(gamma b)-th largest, int(gamma b) - 1 '
+    'of them; here int(gamma b) (tools/golden/esam.json: their gamma 0.5 is '
+    'our 0.375 on 8 examples).',
     options=(
         Option('esam_beta', 0.5, "ESAM's beta: each weight tensor is "
                'perturbed with this probability, eps scaled by 1 / beta '

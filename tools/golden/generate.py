@@ -15,7 +15,7 @@ its wheel.
       pytorch_optimizer==4.1.0
   mkdir -p /tmp/repos && for r in SamsungLabs/ASAM nblt/F-SAM \
       BingcongLi/VaSSO juntang-zhuang/GSAM MarlonBecker/MSAM \
-      mueller-mp/SAM-ON; do
+      mueller-mp/SAM-ON dydjw9/Efficient_SAM; do
     git clone -q https://github.com/$r /tmp/repos/${r/\\//+}; done
   /tmp/golden/bin/python tools/golden/generate.py --repos=/tmp/repos \
       --out=tools/golden
@@ -33,6 +33,7 @@ import importlib.metadata
 import json
 import math
 import os
+import random
 import subprocess
 
 import numpy as np
@@ -77,6 +78,14 @@ REFERENCES = {
                'sam_on.py', 'ASAM_ON',
                {'mask': [False, True], 'eta': 0.2, 'adaptive_biases': True},
                {'only_norm': True, 'eta': 0.2, 'normalize_bias': True}),
+    # ESAM at beta 1 (their draws are Python's random per process: at 1 every
+    # tensor is perturbed whatever the draw). Their data selection keeps the
+    # examples whose loss rose strictly more than the int(gamma b)-th
+    # largest rise: int(gamma b) - 1 of them, 3 of 8 at gamma 0.5; ours
+    # keeps int(gamma b), 3 of 8 at 0.375 (sam.perturbations' deviations).
+    'esam': ('dydjw9/Efficient_SAM', '1e06840c466beaebfafb049096d6a1733cb77a8c',
+             'utils/Esam.py', 'ESAM', {'esam_beta': 1.0, 'esam_gamma': 0.375},
+             {'beta': 1.0, 'gamma': 0.5}),
 }
 # Their helpers that a class's module imports, executed beside it.
 HELPERS = {'juntang-zhuang/GSAM': 'gsam/util.py'}
@@ -128,7 +137,8 @@ def _load_class(repos: str, repository: str, commit: str, path: str,
   namespace = {'torch': torch, 'math': math, 'defaultdict':
                collections.defaultdict, 'OPTIMIZER_REGISTRY': _Registry(),
                'configurable': lambda: (lambda f: f), 'contextlib': contextlib,
-               'ReduceOp': torch.distributed.ReduceOp}
+               'ReduceOp': torch.distributed.ReduceOp, 'random': random,
+               'F': torch.nn.functional}
   if repository in HELPERS:
     helpers = _git_show(repos, repository, commit, HELPERS[repository])
     exec(helpers, namespace)  # pylint: disable=exec-used
@@ -182,6 +192,10 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
                     rho_scheduler=_ConstantRho(), **kwargs)
   elif name == 'msam':  # The SGD itself.
     minimizer = cls(model.parameters(), lr=LR, rho=RHO, **kwargs)
+  elif name == 'esam':  # Takes the base optimizer built.
+    minimizer = cls(model.parameters(),
+                    torch.optim.SGD(model.parameters(), lr=LR), rho=RHO,
+                    **kwargs)
   elif name == 'wsam':  # The model first.
     minimizer = cls(model, model.parameters(), torch.optim.SGD, rho=RHO,
                     lr=LR, **kwargs)
@@ -208,6 +222,11 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
         return outputs, loss.detach()
 
       minimizer.step(gsam_closure)
+    elif name == 'esam':  # Its step takes both passes, from per-example
+      # losses.
+      minimizer.paras = (x, y, torch.nn.CrossEntropyLoss(reduction='none'),
+                         model, lambda loss: loss.backward())
+      minimizer.step()
     elif name == 'wsam':  # Its step takes both passes.
       minimizer.step(closure)
       minimizer.zero_grad()
