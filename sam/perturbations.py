@@ -31,6 +31,7 @@ import tensorflow as tf
 from sam.registry import all_options  # noqa: F401
 from sam.registry import conflict  # noqa: F401
 from sam.registry import defaults  # noqa: F401
+from sam.registry import describe
 from sam.registry import EPSILON
 from sam.registry import get  # noqa: F401
 from sam.registry import is_offset
@@ -355,3 +356,7 @@ def _wsam_combine(at_w, at_eps, options):
 def wsam(grads, params, rho, options, state):
   """SAM's eps; the weighting is in the descent (`_wsam_combine`)."""
   return sam(grads, params, rho, options, state)
+
+
+if __name__ == '__main__':
+  print(describe())  # Every variant registered above, from its register().

@@ -164,6 +164,21 @@ def defaults() -> dict[str, Any]:
   return {o.name: o.default for o in all_options()}
 
 
+def describe() -> str:
+  """Every registered variant as Markdown: its options (with defaults and
+  docs), paper, reference code and deviations (`python -m
+  sam.perturbations` prints it; docs/configs.md points here)."""
+  lines = []
+  for name, entry in REGISTRY.items():
+    lines += [f"## `sam.variant='{name}'`", '',
+              f'- paper: {entry.paper}', f'- reference: {entry.reference}',
+              f'- deviations: {entry.deviations}']
+    lines += [f'- `sam.{o.name}` (default {o.default!r}): {o.doc}'
+              for o in entry.options]
+    lines.append('')
+  return '\n'.join(lines)
+
+
 def get(name: str) -> Perturbation:
   """The perturbation `name`, or one line naming the registered ones."""
   try:
