@@ -207,8 +207,10 @@ def test_an_interrupted_grid_resumes_and_reports(tmp_path):
 @pytest.mark.slow
 def test_sigterm_stops_the_grid_in_one_line_and_it_resumes(tmp_path):
   """SIGTERM to the runner reaches the cell, which saves and stops."""
+  # Long enough that the signal lands mid-cell; one evaluation at the end.
   (tmp_path / 'grid.py').write_text(GRID.replace(
-      "'num_epochs': 1.0", "'num_epochs': 100.0"))
+      "'num_epochs': 1.0", "'num_epochs': 100.0").replace(
+          "'eval_every_steps': 2", "'eval_every_steps': 400"))
   runner = subprocess.Popen(
       [sys.executable, '-m', 'experiments.compare',
        f'--grid={tmp_path / "grid.py"}', f'--out_dir={tmp_path / "out"}'],

@@ -200,13 +200,16 @@ def _np_run(name, xs, ys, w, options, xla=False):
   ESAM's draws are those of `swp_keep`, compiled with XLA if `xla` (whose
   Philox gives other numbers than TensorFlow's kernel).
   """
-  draw = tf.function(lambda seed: perturbations.swp_keep(
-      seed, len(w), options['esam_beta']), jit_compile=xla)
+  if name == 'esam':
+    draw = tf.function(lambda seed: perturbations.swp_keep(
+        seed, len(w), options['esam_beta']), jit_compile=xla)
+    options = dict(options, esam_keep=None)
   steps, state = [], None
   for i, (x, y) in enumerate(zip(xs, ys)):
+    if name == 'esam':
+      options['esam_keep'] = draw(_seed(i)).numpy()
     g, state = NUMPY_REFERENCES[name](
-        lambda at, x=x, y=y: _np_grad(x, y, at), w, RHO,
-        dict(options, esam_keep=draw(_seed(i)).numpy()), state)
+        lambda at, x=x, y=y: _np_grad(x, y, at), w, RHO, options, state)
     steps.append((w, g))
     w = [wi - LR * gi for wi, gi in zip(w, g)]
   return steps
