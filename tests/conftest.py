@@ -1,5 +1,6 @@
 """Test set-up: four virtual CPU devices stand in for TPU cores or GPUs."""
 
+import functools
 import gzip
 import importlib.metadata
 import itertools
@@ -97,6 +98,21 @@ def shallow_imagenet_models(monkeypatch):
   monkeypatch.setattr(mixer, 'SIZES', {
       name: (channels, 2, *widths)
       for name, (channels, _, *widths) in mixer.SIZES.items()})
+
+
+@pytest.fixture
+def shallow_resnet20(monkeypatch):
+  """'resnet20' built at depth 8: one block a stage, not three.
+
+  Every kind of layer and block stays (batch norm, option-A shortcuts,
+  strided and not), so what replicas, float16 or a skipped step could change
+  is still there; a third of the graph to trace and compile.
+  """
+  # pylint: disable=g-import-not-at-top
+  from sam import models
+  from sam.models import resnet
+  monkeypatch.setitem(models._REGISTRY, 'resnet20',  # pylint: disable=protected-access
+                      functools.partial(resnet.resnet, 8, shortcut='A'))
 
 
 def requirement_lines(filename: str) -> list[str]:

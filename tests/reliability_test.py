@@ -316,7 +316,7 @@ def test_ctrl_c_saves_and_exits_0(tmp_path):
   # (A second Ctrl-C: workdir_test.py, in process, where its timing is sure.)
 
 
-def test_a_failed_resume_leaves_config_json_alone(tmp_path):
+def test_a_failed_resume_leaves_config_json_alone(tmp_path, shallow_resnet20):
   config = tiny_config(**{'num_train_steps': 2})
   train.train_and_evaluate(config, str(tmp_path))
   saved = (tmp_path / 'config.json').read_text()
@@ -331,7 +331,8 @@ def test_a_failed_resume_leaves_config_json_alone(tmp_path):
 
 
 @pytest.mark.parametrize('damage', ['deleted', 'garbled'])
-def test_a_lost_state_file_resumes_from_the_files(tmp_path, damage):
+def test_a_lost_state_file_resumes_from_the_files(tmp_path, damage,
+                                                  shallow_resnet20):
   config = tiny_config(**{'num_train_steps': 6, 'checkpoint_every_steps': 2})
   train.train_and_evaluate(config, str(tmp_path / 'a'))
   first = tiny_config(**{'num_train_steps': 4, 'checkpoint_every_steps': 2})
