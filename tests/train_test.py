@@ -467,7 +467,7 @@ def test_resume_matches_uninterrupted(tmp_path, shallow_resnet20):
 
 
 @pytest.mark.slow  # What it writes: the resume tests here and main_test.
-def test_end_to_end_learns_and_writes_workdir(tmp_path):
+def test_end_to_end_learns_and_writes_workdir(tmp_path, shallow_resnet20):
   """A trivially learnable set reaches ~100% with SAM; the workdir is full."""
   config = tiny_config(**{
       'model.name': 'resnet20', 'sam.rho': 0.05, 'num_train_steps': 60,
@@ -563,7 +563,8 @@ def test_clipping_uses_the_cross_replica_norm(mirrored):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('all_params', [False, True])
-def test_decoupled_weight_decay_shrinks_kernels_only(all_params):
+def test_decoupled_weight_decay_shrinks_kernels_only(all_params,
+                                                     shallow_resnet20):
   """One step: w = w0 - lr * g - lr * wd * w0 on kernels; BN: no decay.
 
   Unless optimizer.decay_all_params, which decays batch norm's gamma too.
@@ -853,8 +854,8 @@ def test_sam_every_k_steps_counts_across_loop_calls(calls):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('num_replicas', [2, 4])
-def test_micro_batches_are_the_same_on_any_replica_count(mirrored,
-                                                         num_replicas):
+def test_micro_batches_are_the_same_on_any_replica_count(mirrored, num_replicas,
+                                                         shallow_resnet20):
   """m = 4: the same 4-example micro-batches, however they are placed."""
   config = tiny_config(**{'sam.rho': 0.1, 'sam.micro_batch_size': 4,
                           'model.name': 'resnet20'})
@@ -875,7 +876,7 @@ def test_gsam_runs_in_the_trainer(mirrored):
 
 
 @pytest.mark.slow
-def test_ema_of_weights(mirrored):
+def test_ema_of_weights(mirrored, shallow_resnet20):
   decay = 0.5
   config = tiny_config(**{'ema_decay': decay, 'model.name': 'resnet20'})
   strategy = mirrored(2)
@@ -916,7 +917,8 @@ def test_top5_accuracy_for_100_classes(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights(
+    shallow_resnet20):
   config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05})
   full = _train(config, tf.distribute.get_strategy(), 3)
   config.dtype_policy = 'mixed_bfloat16'
@@ -941,7 +943,7 @@ def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights():
 
 
 @pytest.mark.slow
-def test_mixed_float16_tracks_float32_with_loss_scaling():
+def test_mixed_float16_tracks_float32_with_loss_scaling(shallow_resnet20):
   config = tiny_config(**{'model.name': 'resnet20', 'sam.rho': 0.05,
                           'loss_scale.growth_steps': 2})
   full = _train(config, tf.distribute.get_strategy(), 3)
@@ -1018,7 +1020,7 @@ def test_loss_scaling_skips_overflowing_steps(mirrored, num_replicas,
 
 @pytest.mark.slow
 @requires_xla_cpu
-def test_loss_scaling_skips_under_xla(mirrored):
+def test_loss_scaling_skips_under_xla(mirrored, shallow_resnet20):
   """The skip (a cond, and merge_call under MirroredStrategy) compiles."""
   config = tiny_config(**{
       'model.name': 'resnet20', 'sam.rho': 0.05, 'jit_compile': 'true',
