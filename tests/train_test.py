@@ -672,7 +672,8 @@ _SLOW_XLA_BEFORE_2_20 = pytest.mark.skipif(
     pytest.param('vit_ti16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20),
     pytest.param('mixer_s16', 32, 5e-5, marks=_SLOW_XLA_BEFORE_2_20)])
 def test_xla_step_matches_graph_step(model, side, atol,
-                                    shallow_imagenet_models):
+                                    shallow_imagenet_models,
+                                    shallow_resnet20):
   """The whole replica step (two SAM passes, update, metrics) compiles."""
   results = {}
   for jit in ('true', 'false'):
