@@ -119,6 +119,10 @@ def test_pyramidnet_output_widths():
   model = pyramidnet.pyramidnet(11, 6, 10, MNIST, block='bottleneck')
   assert model.get_layer('stage3_block1_add').output.shape == (
       None, 7, 7, 4 * 22)
+
+
+@pytest.mark.slow  # 110 layers to build: 4 s of the fast subset.
+def test_pyramidnet110_a48_output_widths():
   model = models.get_model('pyramidnet110_a48', 10, MNIST)
   assert model.get_layer('stage3_block18_add').output.shape == (
       None, 7, 7, 64)
