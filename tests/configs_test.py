@@ -45,7 +45,7 @@ def tiny_images(tmp_path_factory):
 @pytest.mark.parametrize('name,arg', [
     (name, arg) for name in CONFIGS for arg in VARIANTS.get(name, (None,))])
 def test_config_runs_two_steps(name, arg, tmp_path, request,
-                               shallow_imagenet_models):
+                               shallow_imagenet_models, shallow_resnet20):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg) if arg else module.get_config()
   if 'base' in config:  # A grid of experiments/compare.py: its run config.
@@ -64,8 +64,9 @@ def test_config_runs_two_steps(name, arg, tmp_path, request,
     config.dataset.synthetic_test_size = 16
     config.dataset.train_subset = -1
     config.dataset.validation_size = min(config.dataset.validation_size, 16)
-  # The same families, small enough for a CPU (ResNet-50, the ViTs and the
-  # Mixers at 1 or 2 blocks a stage: shallow_imagenet_models).
+  # The same families, small enough for a CPU (ResNet-20, ResNet-50, the
+  # ViTs and the Mixers at 1 or 2 blocks a stage: shallow_resnet20,
+  # shallow_imagenet_models).
   if config.model.name == 'wrn28_10':
     config.model.name = 'wrn16_4'
   config.batch_size = 16
