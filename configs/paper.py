@@ -10,9 +10,9 @@ README's one command: `--dataset cifar10 --model_name WideResnet28x10
 "our code uses all available GPUs/TPUs"). The code's own comment says the
 learning rate and weight decay were grid-searched; a third-party reading of
 the paper (google-research/sam issue 8) gives batch 256 and weight decay
-5e-4 instead. Where the two disagree the code's default is used and the
-field's comment says so. tests/configs_test.py::PAPER_TABLE holds the same
-values and sources and checks every field this file sets.
+5e-4 instead: those two fields below keep the code's defaults (128, 1e-3).
+tests/configs_test.py::PAPER_TABLE holds the same values and sources and
+checks every field this file sets.
 
 m-sharpness: the code perturbs each device with its own gradient
 (`--sync_perturbations` False), so its m is 128 / the devices it ran on,
