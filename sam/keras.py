@@ -186,8 +186,7 @@ def _esam_selection(sam_model: 'SAMModel', data: Any, state_vars: list[Any]):
       after = sam_model(x, training=True)
     rise = per_example(y, after) - per_example(y, aux[1])
     _, kept = tf.math.top_k(tf.stop_gradient(rise), keep)
-    # train_on_batch's data holds a None sample_weight.
-    part = tf.nest.map_structure(
+    part = tf.nest.map_structure(  # None: train_on_batch's sample_weight.
         lambda t: None if t is None else tf.gather(t, kept), data)
     return _loss_fn(sam_model, part, state_vars, ascent=False)
 

@@ -167,17 +167,22 @@ class _NormLinear(torch.nn.Module):
     return x @ self.weight.T + self.norm_bias
 
 
+def _model(name: str, w: list) -> torch.nn.Module:
+  """The harness's linear model at the weights w (in Keras's layout)."""
+  if name in ('samon', 'asamon'):
+    return _NormLinear(w)
+  model = torch.nn.Linear(DIM, CLASSES)
+  with torch.no_grad():
+    model.weight.copy_(torch.from_numpy(w[0].T))
+    model.bias.copy_(torch.from_numpy(w[1]))
+  return model
+
+
 def _run(name: str, cls: type, kwargs: dict) -> list:
   """STEPS steps of the authors' optimizer: the weights after each."""
   xs, ys, w = _problem()
   torch.manual_seed(0)
-  if name in ('samon', 'asamon'):
-    model = _NormLinear(w)
-  else:
-    model = torch.nn.Linear(DIM, CLASSES)
-    with torch.no_grad():
-      model.weight.copy_(torch.from_numpy(w[0].T))
-      model.bias.copy_(torch.from_numpy(w[1]))
+  model = _model(name, w)
   loss_fn = torch.nn.CrossEntropyLoss()
   if name in ('sam', 'asam', 'samon', 'asamon'):  # Wrap the base optimizer.
     minimizer = cls(torch.optim.SGD(model.parameters(), lr=LR), model,
