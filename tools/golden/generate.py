@@ -95,6 +95,8 @@ PACKAGE_REFERENCES = {
     'wsam': ('pytorch_optimizer', 'pytorch_optimizer.optimizer.sam', 'WSAM',
              {'wsam_gamma': 0.8}, {'gamma': 0.8, 'decouple': False}),
 }
+# Their ascent_step/descent_step wrappers of a base optimizer.
+WRAPPERS = ('sam', 'asam', 'samon', 'asamon')
 # The golden file's variant, where it is not the file's name.
 VARIANTS = {'gsam': 'sam', 'samon': 'sam', 'asamon': 'asam'}
 # The momentum of the base SGD (v = mu v + g, w -= lr v), where not 0.
@@ -184,10 +186,10 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
   torch.manual_seed(0)
   model = _model(name, w)
   loss_fn = torch.nn.CrossEntropyLoss()
-  if name in ('sam', 'asam', 'samon', 'asamon'):  # Wrap the base optimizer.
+  if name in WRAPPERS:  # Wrap the base optimizer.
     minimizer = cls(torch.optim.SGD(model.parameters(), lr=LR), model,
                     rho=RHO, **kwargs)
-  elif name == 'vasso':  # Takes the base optimizer built.
+  elif name in ('vasso', 'esam'):  # Take the base optimizer built.
     minimizer = cls(model.parameters(),
                     torch.optim.SGD(model.parameters(), lr=LR), rho=RHO,
                     **kwargs)
@@ -197,10 +199,6 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
                     rho_scheduler=_ConstantRho(), **kwargs)
   elif name == 'msam':  # The SGD itself.
     minimizer = cls(model.parameters(), lr=LR, rho=RHO, **kwargs)
-  elif name == 'esam':  # Takes the base optimizer built.
-    minimizer = cls(model.parameters(),
-                    torch.optim.SGD(model.parameters(), lr=LR), rho=RHO,
-                    **kwargs)
   elif name == 'wsam':  # The model first.
     minimizer = cls(model, model.parameters(), torch.optim.SGD, rho=RHO,
                     lr=LR, **kwargs)
@@ -243,7 +241,7 @@ def _run(name: str, cls: type, kwargs: dict) -> list:
       weights.append(_weights(model))
       minimizer.move_up_to_momentumAscent()
       continue
-    elif name in ('sam', 'asam', 'samon', 'asamon'):
+    elif name in WRAPPERS:
       closure()  # The gradient at w, which the ascent reads.
       minimizer.ascent_step()
       closure()
