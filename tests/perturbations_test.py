@@ -252,7 +252,7 @@ def _refused(name, options):
 
 
 # The fast subset: one case per variant, each on 2 replicas with one of its
-# options away from its default (the whole grid is in the slow set).
+# options away from its default (the rest of the grid is in the slow set).
 FAST_CASES = {'asam': 'all params', 'esam': 'mask', 'fisher': 'all params',
               'fsam': 'accumulation', 'msam': 'mask',
               'sam': 'two ascent steps', 'vasso': 'mask',
