@@ -60,6 +60,7 @@ def test_libtpu_is_found_without_being_loaded(tmp_path, monkeypatch):
   assert 'libtpu' not in sys.modules
 
 
+@pytest.mark.slow  # Starts a process; prepare() itself is tested above.
 def test_main_sets_it_before_tensorflow_and_jax_load():
   """main.py's import of sam.environment precedes TensorFlow's and jax's."""
   code = ('import sys; sys.argv = ["main.py", "--config.tpu=my-pod"]; '

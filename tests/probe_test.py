@@ -46,8 +46,8 @@ def _measured_again(config, workdir, strategy):
           sharpness.m_sharpness(model, dataset, strategy, rho=0.1))
 
 
-@pytest.mark.parametrize('num_replicas', [
-    1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # Whole runs; the measures: sharpness_test.py (fast).
+@pytest.mark.parametrize('num_replicas', [1, 2])
 def test_probe_logs_sharpness_during_training(tmp_path, mirrored,
                                               num_replicas):
   config = tiny_config(**PROBE)
