@@ -64,24 +64,21 @@ def grid(fast, **axes):
   full product of the variants' harness was 240 cases, 278 s of the suite's
   test time at 7f27c5d). An axis value may be a `pytest.param` with marks.
   """
-  names = list(axes)
-  values = [[_unmarked(v)[0] for v in axis] for axis in axes.values()]
-  marks = [{_unmarked(v)[0]: _unmarked(v)[1] for v in axis}
-           for axis in axes.values()]
+  marks = [dict(map(_unmarked, axis)) for axis in axes.values()]
+  values = [list(axis) for axis in marks]
   unknown = {case for case in fast
              if len(case) != len(values) or not all(
                  v in axis for v, axis in zip(case, values))}
   assert not unknown, f'fast cases not in the grid: {unknown}'
-  cases = list(dict.fromkeys(itertools.chain(
-      sorted(fast, key=repr),
-      map(tuple, allpairspy.AllPairs(values, previously_tested=[
-          list(case) for case in sorted(fast, key=repr)]))
-      if len(values) > 2 else itertools.product(*values))))
-  return ','.join(names), [
+  fast_first = sorted(fast, key=repr)
+  pairs = (allpairspy.AllPairs(values, previously_tested=[
+      list(case) for case in fast_first]) if len(values) > 2 else
+           itertools.product(*values))
+  return ','.join(axes), [
       pytest.param(*case, marks=[m for value, axis in zip(case, marks)
                                  for m in axis[value]] +
                    ([] if case in fast else [pytest.mark.slow]))
-      for case in cases]
+      for case in dict.fromkeys([*fast_first, *map(tuple, pairs)])]
 
 
 def _unmarked(value):
