@@ -27,17 +27,18 @@ if __name__ == '__main__':
   signal.signal(signal.SIGTERM, _stop_while_loading)
 
 # TensorFlow reads its C++ log level once, at import: its INFO and WARNING
-# lines stay off unless TF_CPP_MIN_LOG_LEVEL says otherwise. (The CUDA
-# build of TensorFlow 2.21 prints its import notices and, without a GPU, a
-# failed cuInit before it reads it; requirements-cpu.txt's tensorflow-cpu
-# prints neither.)
+# lines stay off unless TF_CPP_MIN_LOG_LEVEL says otherwise.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # jax off the accelerator, and a TPU's runtime (a named pod slice, PJRT):
 # all read once, when TensorFlow or jax loads.
 from sam import environment  # noqa: E402  (no TensorFlow in it)
+from sam import start_up  # noqa: E402
 
 _ENVIRONMENT_SET = environment.prepare(sys.argv)
+# TensorFlow 2.21 prints notices as it loads, before it reads that level
+# (sam/start_up.py): held off the console, kept for the workdir's log.
+_LOADING = start_up.Held()
 
 import contextlib
 
@@ -55,6 +56,8 @@ from sam import stopping
 from sam import train
 from sam import versions
 from sam import workdir as workdir_lib
+
+_HELD_LINES = _LOADING.lines()
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Where checkpoints, summaries and results go (local or '
@@ -100,6 +103,10 @@ def main(argv):
         # Before anything is written there: a second run must change nothing.
         stack.enter_context(lock.hold(workdir))
       log = stack.enter_context(logs.mirror(workdir, chief))
+      if _HELD_LINES:
+        log.write_file_only(''.join(
+            f'Held off the console as TensorFlow loaded: {line}\n'
+            for line in _HELD_LINES))
     except _USER_ERRORS as e:
       raise SystemExit(f'Error: {e}') from None
     except stopping.Stopped as e:

@@ -80,7 +80,10 @@ class WorkdirLog(std_logging.Handler):
 
   def write_traceback(self) -> None:
     """Writes the traceback of the exception being handled (file only)."""
-    text = traceback.format_exc()
+    self.write_file_only(traceback.format_exc())
+
+  def write_file_only(self, text: str) -> None:
+    """Writes `text` into the file, not through the log (nor the console)."""
 
     def write():
       self._file.write(text)

@@ -8,7 +8,9 @@ import shlex
 import subprocess
 import sys
 
+from packaging import version
 import pytest
+import tensorflow as tf
 
 from sam import input_pipeline
 from tests.conftest import ROOT
@@ -17,8 +19,8 @@ from tests.conftest import TINY
 pytestmark = pytest.mark.slow  # Not in the fast subset (pytest.ini).
 
 
-def _main(*args, quiet=True, config='configs/default.py'):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+def _main(*args, quiet=True, config='configs/default.py', **environ):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **environ)
   env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # main.py's own default.
   if not quiet:
     env['TF_CPP_MIN_LOG_LEVEL'] = '0'
@@ -120,17 +122,28 @@ def _loud(stderr: str) -> list[str]:
           if re.match(pattern, line) and not any(k in line for k in known)]
 
 
+# A C++ INFO line as TensorFlow loads, on any CPU where oneDNN is asked for
+# (on its own only where the CPU has AVX512_VNNI, AVX512_BF16 or AMX).
+ONEDNN = {'TF_ENABLE_ONEDNN_OPTS': '1'}
+ONEDNN_LINE = 'oneDNN custom operations are on'
+
+
 def test_console_is_quiet_by_default(tmp_path):
-  run = _main(f'--workdir={tmp_path / "quiet"}', *TINY)
+  run = _main(f'--workdir={tmp_path / "quiet"}', *TINY, **ONEDNN)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'Final test accuracy' in run.stderr
   assert not _loud(run.stderr)
-  # TensorFlow's Python INFO lines (one per checkpoint here) stay out. Its
-  # C++ notices at import obey TF_CPP_MIN_LOG_LEVEL up to TensorFlow 2.20;
-  # 2.21 prints them before it reads the level.
+  # TensorFlow's Python INFO lines (one per checkpoint here) stay out, and
+  # its C++ notices as it loads: 2.21 prints them before it reads
+  # TF_CPP_MIN_LOG_LEVEL (sam/start_up.py holds them).
   assert 'Sharding callback' not in run.stderr
+  assert ONEDNN_LINE not in run.stderr
   # The workdir's log keeps them, for debugging.
-  assert 'Sharding callback' in (tmp_path / 'quiet' / 'log.txt').read_text()
+  log = (tmp_path / 'quiet' / 'log.txt').read_text()
+  assert 'Sharding callback' in log
+  if version.Version(tf.__version__) >= version.Version('2.21'):
+    assert 'Held off the console as TensorFlow loaded: I' in log
+    assert ONEDNN_LINE in log
   loud = _main(f'--workdir={tmp_path / "loud"}', '--tf_info', *TINY,
                quiet=False)
   assert loud.returncode == 0, loud.stderr[-3000:]
