@@ -1,9 +1,9 @@
 """TensorFlow's C++ notices as it loads, held off the console.
 
 TensorFlow reads TF_CPP_MIN_LOG_LEVEL once its log is set up; 2.21 prints
-some INFO lines before that, whatever the level, e.g. on every CPU with
-AVX512_VNNI or AMX (AMD EPYC Genoa, Intel Sapphire Rapids, the hosts of
-recent Cloud TPU VMs):
+some INFO lines before that, whatever the level: e.g. wherever its oneDNN
+operations are on (TF_ENABLE_ONEDNN_OPTS=1, or by default on a CPU with
+AVX512_VNNI, as the AMD EPYC these lines come from):
 
   WARNING: All log messages before absl::InitializeLog() is called are ...
   I0000 00:00:1796631568.941801   25907 port.cc:153] oneDNN custom ...
@@ -38,8 +38,7 @@ def level(line: str) -> int | None:
 
 
 def min_level(environ=None) -> int:
-  """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0 if unset or not a
-  number)."""
+  """TF_CPP_MIN_LOG_LEVEL; 0 if unset or not a number."""
   value = (os.environ if environ is None else environ).get(
       'TF_CPP_MIN_LOG_LEVEL', '0')
   return int(value) if value.strip().isdigit() else 0
@@ -72,9 +71,12 @@ class Held:
     if below <= 0:
       return
     sys.stderr.flush()
-    self._filter = subprocess.Popen(
-        [sys.executable, '-I', '-S', os.path.abspath(__file__), str(below)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+      self._filter = subprocess.Popen(
+          [sys.executable, '-I', '-S', os.path.abspath(__file__), str(below)],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    except OSError:  # No interpreter to start (embedded): nothing held.
+      return
     self._console = os.dup(2)
     os.dup2(self._filter.stdin.fileno(), 2)
 

@@ -9,6 +9,11 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+from sam import start_up  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# TensorFlow's notices as it loads, off the console (as in main.py).
+_LOADING = start_up.Held()
+
 import allpairspy  # pylint: disable=g-import-not-at-top,wrong-import-position
 import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -16,6 +21,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_LOADING.lines()
 
 NUM_VIRTUAL_DEVICES = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
