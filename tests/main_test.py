@@ -29,19 +29,6 @@ def _main(*args, quiet=True, config='configs/default.py', **environ):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_steps_fill_the_workdir(tmp_path):
-  run = _main(f'--workdir={tmp_path}', *TINY)
-  assert run.returncode == 0, run.stderr[-3000:]
-  with open(tmp_path / 'results.json') as f:
-    assert json.load(f)['step'] == 2
-  assert os.path.exists(tmp_path / 'config.json')
-  assert any(n.startswith('events.out.tfevents') for n in os.listdir(tmp_path))
-  assert os.listdir(tmp_path / 'checkpoints')
-  with open(tmp_path / 'log.txt') as f:
-    log = f.read()
-  assert 'Final test accuracy' in log and 'Config:' in log
-
-
 def test_stray_arguments_are_refused(tmp_path):
   run = _main(f'--workdir={tmp_path}', 'extra', *TINY)
   assert run.returncode != 0
@@ -128,24 +115,32 @@ ONEDNN = {'TF_ENABLE_ONEDNN_OPTS': '1'}
 ONEDNN_LINE = 'oneDNN custom operations are on'
 
 
-def test_console_is_quiet_by_default(tmp_path):
-  run = _main(f'--workdir={tmp_path / "quiet"}', *TINY, **ONEDNN)
+def test_two_steps_fill_the_workdir_and_a_quiet_console(tmp_path):
+  run = _main(f'--workdir={tmp_path}', *TINY, **ONEDNN)
   assert run.returncode == 0, run.stderr[-3000:]
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['step'] == 2
+  assert os.path.exists(tmp_path / 'config.json')
+  assert any(n.startswith('events.out.tfevents') for n in os.listdir(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints')
+  log = (tmp_path / 'log.txt').read_text()
+  assert 'Final test accuracy' in log and 'Config:' in log
   assert 'Final test accuracy' in run.stderr
   assert not _loud(run.stderr)
   # TensorFlow's Python INFO lines (one per checkpoint here) stay out, and
   # its C++ notices as it loads: 2.21 prints them before it reads
-  # TF_CPP_MIN_LOG_LEVEL (sam/start_up.py holds them).
+  # TF_CPP_MIN_LOG_LEVEL (sam/start_up.py holds them). The workdir's log
+  # keeps both, for debugging.
   assert 'Sharding callback' not in run.stderr
   assert ONEDNN_LINE not in run.stderr
-  # The workdir's log keeps them, for debugging.
-  log = (tmp_path / 'quiet' / 'log.txt').read_text()
   assert 'Sharding callback' in log
   if version.Version(tf.__version__) >= version.Version('2.21'):
     assert 'Held off the console as TensorFlow loaded: I' in log
     assert ONEDNN_LINE in log
-  loud = _main(f'--workdir={tmp_path / "loud"}', '--tf_info', *TINY,
-               quiet=False)
+
+
+def test_tf_info_brings_tensorflow_lines_back(tmp_path):
+  loud = _main(f'--workdir={tmp_path}', '--tf_info', *TINY, quiet=False)
   assert loud.returncode == 0, loud.stderr[-3000:]
   assert 'Sharding callback' in loud.stderr
 
