@@ -1,8 +1,9 @@
 """TensorFlow's notices as it loads: held off the console (sam/start_up.py).
 
-Whether TensorFlow prints any depends on the CPU (main_test.py's console
-tests see them on AVX512_VNNI machines only), so a process writes the lines
-TensorFlow 2.21 wrote on one such machine into its own stderr.
+Whether TensorFlow prints any depends on the CPU (where oneDNN is on by
+default) or on TF_ENABLE_ONEDNN_OPTS=1, which main_test.py's console test
+sets; here a process writes the lines TensorFlow 2.21 wrote on such a
+machine into its own stderr.
 """
 
 import io
@@ -43,7 +44,7 @@ def test_lines_below_the_level_are_held(below, held, shown):
 
 @pytest.mark.parametrize('value,expected', [
     (None, 0), ('2', 2), (' 1 ', 1), ('', 0), ('x', 0)])
-def test_min_level_is_read_as_tensorflow_does(value, expected):
+def test_min_level_is_0_unless_a_number(value, expected):
   environ = {} if value is None else {'TF_CPP_MIN_LOG_LEVEL': value}
   assert start_up.min_level(environ) == expected
 
